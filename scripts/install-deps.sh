@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the Debian packages hyperjob needs to build, to run real VMs (libvirt + QEMU)
+# and to build the small test guest image. Idempotent; safe to run on every CI start.
+# QEMU and libvirt come from bookworm-backports because the machine's preinstalled
+# qemu-utils is the backports version (see docs/testing.md).
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps.sh: must run as root (it installs Debian packages)" >&2
+    exit 1
+fi
+
+. /etc/os-release
+codename=${VERSION_CODENAME:-bookworm}
+
+backports_list=/etc/apt/sources.list.d/hyperjob-backports.list
+if ! grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian ${codename}-backports main" >"$backports_list"
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt_get() { apt-get -o Dpkg::Use-Pty=0 -o APT::Get::Assume-Yes=true "$@"; }
+
+apt_get update -qq
+apt_get install -qq --no-install-recommends -t "${codename}-backports" \
+    qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu \
+    libvirt-clients libvirt-dev mmdebstrap >/dev/null
+apt_get install -qq --no-install-recommends \
+    libssh2-1-dev libssl-dev pkg-config e2fsprogs openssh-client iproute2 dnsmasq-base \
+    git ca-certificates procps >/dev/null
+echo "install-deps.sh: packages installed"
