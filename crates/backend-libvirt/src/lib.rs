@@ -1,1 +1,293 @@
-//! placeholder
+//! hyperjob's default backend: one transient libvirt domain per job, booted from a per-job
+//! qcow2 overlay of a base image, found again by name alone.
+//!
+//! Domains are *transient* (`virDomainCreateXML`): nothing is ever defined, so destroying the
+//! domain removes it completely and a host reboot cannot leave a defined domain behind.
+
+pub mod config;
+pub mod overlay;
+pub mod xml;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hyperjob_core::plugin::Progress;
+use hyperjob_core::registry::{BackendFactory, PluginContext};
+use hyperjob_core::wait::Backoff;
+use hyperjob_core::{Backend, Endpoint, PluginError, VmRequest};
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+
+pub use config::LibvirtConfig;
+
+/// Lines of the guest console shown when a boot fails.
+const CONSOLE_TAIL_LINES: usize = 25;
+
+inventory::submit! {
+    BackendFactory {
+        name: "libvirt",
+        version: env!("CARGO_PKG_VERSION"),
+        build: build,
+    }
+}
+
+fn build(_ctx: &PluginContext, table: &toml::Table) -> Result<Box<dyn Backend>, PluginError> {
+    // libvirt's default error handler prints every error to stderr; errors are reported
+    // through return values instead.
+    virt::error::clear_error_callback();
+    Ok(Box::new(LibvirtBackend::new(LibvirtConfig::from_table(
+        table,
+    )?)))
+}
+
+/// The libvirt backend.
+#[derive(Debug)]
+pub struct LibvirtBackend {
+    config: LibvirtConfig,
+}
+
+impl LibvirtBackend {
+    pub fn new(config: LibvirtConfig) -> Self {
+        Self { config }
+    }
+
+    fn overlay_path(&self, vm_name: &str) -> PathBuf {
+        self.config.images_dir.join(format!("{vm_name}.qcow2"))
+    }
+
+    fn console_log_path(&self, vm_name: &str) -> PathBuf {
+        self.config
+            .images_dir
+            .join(format!("{vm_name}.console.log"))
+    }
+
+    fn connect(&self) -> Result<Connect, PluginError> {
+        Connect::open(Some(&self.config.uri)).map_err(|err| {
+            PluginError::msg(format!(
+                "cannot connect to libvirt at {}: {} (is libvirtd running?)",
+                self.config.uri,
+                err.message()
+            ))
+        })
+    }
+
+    /// The domain, or `None` when libvirt does not know it.
+    fn lookup(conn: &Connect, vm_name: &str) -> Result<Option<Domain>, PluginError> {
+        match conn.lookup_domain_by_name(vm_name) {
+            Ok(domain) => Ok(Some(domain)),
+            Err(err) if err.code().is_known_and(|c| c == ErrorNumber::NoDomain) => Ok(None),
+            Err(err) => Err(libvirt_error(
+                format!("cannot look up domain {vm_name}"),
+                &err,
+            )),
+        }
+    }
+
+    fn start_domain(&self, request: &VmRequest) -> Result<(), PluginError> {
+        let overlay = self.overlay_path(&request.vm_name);
+        let console_log = self.console_log_path(&request.vm_name);
+        let spec = xml::DomainSpec {
+            name: &request.vm_name,
+            domain_type: self.config.domain_type,
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            overlay: &overlay,
+            network: &self.config.network,
+            direct_boot: self.config.direct_boot.as_ref(),
+            console_log: &console_log,
+            job_id: request.job_id,
+            created_unix: request.created_unix,
+            deadline_unix: request.deadline_unix,
+        };
+        let conn = self.connect()?;
+        conn.create_domain_xml(&xml::domain_xml(&spec), virt::sys::VIR_DOMAIN_NONE)
+            .map(drop)
+            .map_err(|err| {
+                libvirt_error(
+                    format!("libvirt could not start domain {}", request.vm_name),
+                    &err,
+                )
+            })
+    }
+}
+
+impl Backend for LibvirtBackend {
+    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
+        if let Some(boot) = &self.config.direct_boot {
+            for path in std::iter::once(&boot.kernel).chain(boot.initrd.iter()) {
+                if !path.is_file() {
+                    return Err(PluginError::NotFound(format!(
+                        "kernel/initrd {} does not exist",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        let overlay = self.overlay_path(&request.vm_name);
+        overlay::create(&self.config.base_image, &overlay)?;
+        progress.say(&format!(
+            "Overlay {} on {} created; starting domain ({}, {} vCPU, {} MiB)...",
+            overlay.display(),
+            self.config.base_image.display(),
+            self.config.domain_type.as_str(),
+            self.config.vcpus,
+            self.config.memory_mib
+        ));
+        if let Err(err) = self.start_domain(request) {
+            let _ = overlay::remove_file(&overlay);
+            let _ = overlay::remove_file(&self.console_log_path(&request.vm_name));
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn wait_address(
+        &self,
+        vm_name: &str,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<Endpoint, PluginError> {
+        let started = Instant::now();
+        let conn = self.connect()?;
+        let domain = Self::lookup(&conn, vm_name)?
+            .ok_or_else(|| PluginError::msg(format!("domain {vm_name} vanished while booting")))?;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            if !domain.is_active().unwrap_or(false) {
+                return Err(PluginError::msg(format!(
+                    "domain {vm_name} stopped while booting"
+                )));
+            }
+            // Leases come from the libvirt network's DHCP server; an error here just means
+            // "no lease yet" on some libvirt versions.
+            if let Ok(interfaces) =
+                domain.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+            {
+                if let Some(address) = first_ipv4(&interfaces) {
+                    return Ok(Endpoint {
+                        host: address,
+                        port: None,
+                    });
+                }
+            }
+            if !backoff.sleep(deadline, cancel) {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(PluginError::Interrupted(
+                        "while waiting for the guest address".into(),
+                    ));
+                }
+                return Err(PluginError::Timeout {
+                    what: format!(
+                        "waiting for a DHCP lease on network {:?}",
+                        self.config.network
+                    ),
+                    secs: started.elapsed().as_secs(),
+                });
+            }
+        }
+    }
+
+    fn destroy(&self, vm_name: &str) -> Result<(), PluginError> {
+        let domain_result = self.connect().and_then(|conn| {
+            if let Some(domain) = Self::lookup(&conn, vm_name)? {
+                destroy_domain(&domain, vm_name)?;
+            }
+            Ok(())
+        });
+        // Files go even when libvirt cannot be reached: a dead domain's disk is garbage, and
+        // a running one keeps its open file.
+        let overlay_result = overlay::remove_file(&self.overlay_path(vm_name));
+        let log_result = overlay::remove_file(&self.console_log_path(vm_name));
+        domain_result.and(overlay_result).and(log_result)
+    }
+
+    fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
+        let path = self.console_log_path(vm_name);
+        let bytes = std::fs::read(&path)
+            .map_err(|err| PluginError::system(format!("cannot read {}", path.display()), err))?;
+        Ok(tail_lines(
+            &String::from_utf8_lossy(&bytes),
+            CONSOLE_TAIL_LINES,
+        ))
+    }
+}
+
+fn destroy_domain(domain: &Domain, vm_name: &str) -> Result<(), PluginError> {
+    if domain.is_active().unwrap_or(true) {
+        if let Err(err) = domain.destroy() {
+            // Raced with the domain stopping on its own: that is what we wanted.
+            let gone = err.code().is_known_and(|c| {
+                matches!(c, ErrorNumber::OperationInvalid | ErrorNumber::NoDomain)
+            });
+            if !gone {
+                return Err(libvirt_error(
+                    format!("cannot destroy domain {vm_name}"),
+                    &err,
+                ));
+            }
+        }
+    }
+    // A domain defined by someone else under our name would survive destroy; hyperjob never
+    // defines domains, so only undefine what is still persistent.
+    if domain.is_persistent().unwrap_or(false) {
+        domain
+            .undefine()
+            .map_err(|err| libvirt_error(format!("cannot undefine domain {vm_name}"), &err))?;
+    }
+    Ok(())
+}
+
+fn first_ipv4(interfaces: &[virt::domain::Interface]) -> Option<String> {
+    interfaces
+        .iter()
+        .flat_map(|iface| iface.addrs.iter())
+        .find(|addr| addr.typed == i64::from(virt::sys::VIR_IP_ADDR_TYPE_IPV4))
+        .map(|addr| addr.addr.clone())
+}
+
+fn libvirt_error(context: String, err: &virt::error::Error) -> PluginError {
+    PluginError::msg(format!("{context}: {}", err.message()))
+}
+
+/// The last `count` lines of `text`, without terminal control sequences.
+pub fn tail_lines(text: &str, count: usize) -> String {
+    let clean: String = text
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\n')
+        .collect();
+    let lines: Vec<&str> = clean.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines_without_control_characters() {
+        let text = "one\r\ntwo\n\x1b[0mthree\n\nfour\n";
+
+        assert_eq!(tail_lines(text, 2), "[0mthree\nfour");
+        assert_eq!(tail_lines(text, 10), "one\ntwo\n[0mthree\nfour");
+    }
+
+    #[test]
+    fn overlay_and_console_log_live_in_images_dir_named_after_the_vm() {
+        let config = LibvirtConfig::from_table(
+            &toml::from_str("base_image = \"/b.qcow2\"\nimages_dir = \"/images\"").expect("toml"),
+        )
+        .expect("config");
+        let backend = LibvirtBackend::new(config);
+
+        assert_eq!(
+            backend.overlay_path("hyperjob-job-1"),
+            PathBuf::from("/images/hyperjob-job-1.qcow2")
+        );
+        assert_eq!(
+            backend.console_log_path("hyperjob-job-1"),
+            PathBuf::from("/images/hyperjob-job-1.console.log")
+        );
+    }
+}

@@ -1,1 +1,23 @@
-//! placeholder
+//! hyperjob-core: everything hyperjob knows that is not a particular hypervisor or transport.
+//!
+//! The binary (`src/main.rs`) parses the command line and hands over to [`stages`]; stage logic
+//! reads the [`config`] file and the [`job`] context that GitLab Runner provides, builds the
+//! selected plugins through the [`registry`], keeps per-job [`state`] on disk (every runner stage
+//! is a separate process) and finally turns the outcome into an exit code in [`exit`] — the only
+//! place where that happens. The plugin contract lives in [`plugin`]; the core never names a
+//! concrete backend or transport.
+
+pub mod config;
+pub mod exit;
+pub mod job;
+pub mod plugin;
+pub mod progress;
+pub mod registry;
+pub mod stages;
+pub mod state;
+pub mod wait;
+
+pub use plugin::{Backend, Endpoint, PluginError, RemoteExit, ScriptRequest, Transport, VmRequest};
+
+/// Version of hyperjob-core, shown by `config` and `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,218 @@
+//! `[backends.libvirt]`: the serde input and its validated runtime form.
+
+use std::path::PathBuf;
+
+use hyperjob_core::config::parse_plugin_table;
+use hyperjob_core::PluginError;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LibvirtConfigFile {
+    uri: Option<String>,
+    domain_type: Option<String>,
+    base_image: Option<PathBuf>,
+    images_dir: Option<PathBuf>,
+    network: Option<String>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+}
+
+/// Hardware virtualisation (`kvm`) or software emulation (`qemu`, TCG).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainType {
+    Kvm,
+    Qemu,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
+}
+
+/// Direct kernel boot, for images without a bootloader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+/// The validated `[backends.libvirt]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibvirtConfig {
+    pub uri: String,
+    pub domain_type: DomainType,
+    pub base_image: PathBuf,
+    pub images_dir: PathBuf,
+    pub network: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub direct_boot: Option<DirectBoot>,
+}
+
+impl LibvirtConfig {
+    pub fn from_table(table: &toml::Table) -> Result<Self, PluginError> {
+        let file: LibvirtConfigFile = parse_plugin_table(table)?;
+        let invalid = |message: String| PluginError::Config(message);
+        let domain_type = match file.domain_type.as_deref().unwrap_or("kvm") {
+            "kvm" => DomainType::Kvm,
+            "qemu" => DomainType::Qemu,
+            other => {
+                return Err(invalid(format!(
+                    "`domain_type` must be \"kvm\" or \"qemu\", not {other:?}"
+                )))
+            }
+        };
+        let base_image = file
+            .base_image
+            .ok_or_else(|| invalid("`base_image` is required".to_string()))?;
+        let images_dir = file
+            .images_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/libvirt/images"));
+        for (key, path) in [
+            ("base_image", Some(&base_image)),
+            ("images_dir", Some(&images_dir)),
+            ("kernel", file.kernel.as_ref()),
+            ("initrd", file.initrd.as_ref()),
+        ] {
+            if let Some(path) = path {
+                if !path.is_absolute() {
+                    return Err(invalid(format!(
+                        "`{key}` must be an absolute path, not {}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        let vcpus = file.vcpus.unwrap_or(2);
+        if !(1..=1024).contains(&vcpus) {
+            return Err(invalid(format!(
+                "`vcpus` must be between 1 and 1024, not {vcpus}"
+            )));
+        }
+        let memory_mib = file.memory_mib.unwrap_or(2048);
+        if memory_mib < 64 {
+            return Err(invalid(format!(
+                "`memory_mib` must be at least 64, not {memory_mib}"
+            )));
+        }
+        let network = file.network.unwrap_or_else(|| "default".to_string());
+        if network.trim().is_empty() {
+            return Err(invalid("`network` must name a libvirt network".to_string()));
+        }
+        let uri = file.uri.unwrap_or_else(|| "qemu:///system".to_string());
+        if uri.trim().is_empty() || uri.contains('\0') {
+            return Err(invalid(
+                "`uri` must be a libvirt connection URI".to_string(),
+            ));
+        }
+        let direct_boot = match (file.kernel, file.initrd, file.cmdline) {
+            (None, None, None) => None,
+            (Some(kernel), initrd, cmdline) => Some(DirectBoot {
+                kernel,
+                initrd,
+                cmdline,
+            }),
+            (None, _, _) => {
+                return Err(invalid(
+                    "`initrd` and `cmdline` need `kernel` (direct kernel boot)".to_string(),
+                ))
+            }
+        };
+        Ok(Self {
+            uri,
+            domain_type,
+            base_image,
+            images_dir,
+            network,
+            vcpus,
+            memory_mib,
+            direct_boot,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<LibvirtConfig, PluginError> {
+        LibvirtConfig::from_table(&toml::from_str(text).expect("toml"))
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_the_base_image() {
+        let config = parse("base_image = \"/images/base.qcow2\"").expect("valid");
+
+        assert_eq!(config.uri, "qemu:///system");
+        assert_eq!(config.domain_type, DomainType::Kvm);
+        assert_eq!(config.images_dir, PathBuf::from("/var/lib/libvirt/images"));
+        assert_eq!(config.network, "default");
+        assert_eq!((config.vcpus, config.memory_mib), (2, 2048));
+        assert_eq!(config.direct_boot, None);
+    }
+
+    #[test]
+    fn missing_base_image_is_reported() {
+        let err = parse("vcpus = 1").expect_err("no base image");
+
+        assert_eq!(err.to_string(), "`base_image` is required");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("base_image = \"/b\"\nmemory = 5").expect_err("unknown");
+
+        assert!(err.to_string().contains("unknown field `memory`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_domain_type_is_rejected() {
+        let err = parse("base_image = \"/b\"\ndomain_type = \"xen\"").expect_err("xen");
+
+        assert!(err.to_string().contains("\"xen\""), "{err}");
+    }
+
+    #[test]
+    fn cmdline_without_kernel_is_rejected() {
+        let err = parse("base_image = \"/b\"\ncmdline = \"console=ttyS0\"").expect_err("no kernel");
+
+        assert!(err.to_string().contains("need `kernel`"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_rejected() {
+        let err = parse("base_image = \"base.qcow2\"").expect_err("relative");
+
+        assert!(
+            err.to_string()
+                .contains("`base_image` must be an absolute path"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn direct_boot_is_assembled() {
+        let config = parse(
+            "base_image = \"/b\"\nkernel = \"/k\"\ninitrd = \"/i\"\ncmdline = \"root=/dev/vda\"",
+        )
+        .expect("valid");
+
+        assert_eq!(
+            config.direct_boot,
+            Some(DirectBoot {
+                kernel: PathBuf::from("/k"),
+                initrd: Some(PathBuf::from("/i")),
+                cmdline: Some("root=/dev/vda".to_string()),
+            })
+        );
+    }
+}

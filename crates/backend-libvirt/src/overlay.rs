@@ -1,0 +1,217 @@
+//! Per-job copy-on-write disks: a qcow2 overlay whose backing file is the base image.
+//!
+//! The overlay is created with `qemu-img` (the tool libvirt's own storage code uses), never a
+//! full copy: creating it is O(1) whatever the size of the base image.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use hyperjob_core::PluginError;
+
+/// Disk image formats a base image can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
+
+    /// Detects the format from the first bytes of an image: qcow2 has a magic number,
+    /// anything else is taken as raw.
+    pub fn detect(header: &[u8]) -> Self {
+        if header.starts_with(b"QFI\xfb") {
+            ImageFormat::Qcow2
+        } else {
+            ImageFormat::Raw
+        }
+    }
+}
+
+/// Reads the base image's format, with clear errors for a missing or unreadable file.
+pub fn base_image_format(base: &Path) -> Result<ImageFormat, PluginError> {
+    let mut file = File::open(base).map_err(|err| match err.kind() {
+        ErrorKind::NotFound => {
+            PluginError::NotFound(format!("base image {} does not exist", base.display()))
+        }
+        _ => PluginError::system(format!("cannot read base image {}", base.display()), err),
+    })?;
+    if !file
+        .metadata()
+        .map_err(|err| {
+            PluginError::system(format!("cannot stat base image {}", base.display()), err)
+        })?
+        .is_file()
+    {
+        return Err(PluginError::NotFound(format!(
+            "base image {} is not a regular file",
+            base.display()
+        )));
+    }
+    let mut header = [0u8; 4];
+    let read = file.read(&mut header).map_err(|err| {
+        PluginError::system(format!("cannot read base image {}", base.display()), err)
+    })?;
+    Ok(ImageFormat::detect(&header[..read]))
+}
+
+/// The `qemu-img` arguments that create `overlay` on top of `base`.
+pub fn create_args(base: &Path, format: ImageFormat, overlay: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "create".into(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-F".into(),
+        format.as_str().into(),
+        "-b".into(),
+        base.as_os_str().to_os_string(),
+        overlay.as_os_str().to_os_string(),
+    ]
+}
+
+/// Creates the overlay. On failure nothing is left behind.
+pub fn create(base: &Path, overlay: &Path) -> Result<(), PluginError> {
+    let format = base_image_format(base)?;
+    let output = Command::new("qemu-img")
+        .args(create_args(base, format, overlay))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|err| {
+            PluginError::system("cannot run qemu-img (is qemu-utils installed?)", err)
+        })?;
+    if !output.status.success() {
+        let _ = remove_file(overlay);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(PluginError::msg(format!(
+            "qemu-img could not create overlay {}: {}",
+            overlay.display(),
+            stderr.split_whitespace().collect::<Vec<_>>().join(" ")
+        )));
+    }
+    Ok(())
+}
+
+/// Removes a file; an absent file is fine.
+pub fn remove_file(path: &Path) -> Result<(), PluginError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(PluginError::system(
+            format!("cannot remove {}", path.display()),
+            err,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn qcow2_magic_is_detected() {
+        assert_eq!(
+            ImageFormat::detect(b"QFI\xfb\0\0\0\x03"),
+            ImageFormat::Qcow2
+        );
+    }
+
+    #[test]
+    fn anything_else_is_raw() {
+        assert_eq!(ImageFormat::detect(b"\x7fELF"), ImageFormat::Raw);
+        assert_eq!(ImageFormat::detect(b""), ImageFormat::Raw);
+    }
+
+    #[test]
+    fn create_args_name_the_backing_format_explicitly() {
+        let args = create_args(
+            Path::new("/img/base.qcow2"),
+            ImageFormat::Qcow2,
+            Path::new("/img/job.qcow2"),
+        );
+
+        let args: Vec<_> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                "/img/base.qcow2",
+                "/img/job.qcow2"
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_base_image_is_not_found() {
+        let err =
+            base_image_format(&PathBuf::from("/nonexistent/base.qcow2")).expect_err("missing");
+
+        assert!(matches!(err, PluginError::NotFound(_)));
+        assert_eq!(
+            err.to_string(),
+            "base image /nonexistent/base.qcow2 does not exist"
+        );
+    }
+
+    #[test]
+    fn overlay_on_a_real_base_is_small_and_backed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).expect("base");
+        let overlay = dir.path().join("job.qcow2");
+
+        create(&base, &overlay).expect("overlay");
+
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&overlay)
+            .output()
+            .expect("qemu-img info");
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(
+            info.contains("\"backing-filename-format\": \"raw\""),
+            "{info}"
+        );
+        assert!(
+            info.contains(&format!("\"backing-filename\": \"{}\"", base.display())),
+            "{info}"
+        );
+        assert!(std::fs::metadata(&overlay).expect("meta").len() < (1 << 20));
+    }
+
+    #[test]
+    fn failed_create_leaves_no_overlay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, b"x").expect("base");
+        let overlay = dir.path().join("no-such-dir").join("job.qcow2");
+
+        let err = create(&base, &overlay).expect_err("no dir");
+
+        assert!(
+            err.to_string()
+                .contains("qemu-img could not create overlay"),
+            "{err}"
+        );
+        assert!(!overlay.exists());
+    }
+}

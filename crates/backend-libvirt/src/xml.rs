@@ -1,0 +1,213 @@
+//! The libvirt domain XML for one job's VM, built as a pure function of its inputs.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::{DirectBoot, DomainType};
+
+/// XML namespace of hyperjob's `<metadata>` element on every domain it creates.
+pub const METADATA_NS: &str = "http://hyperjob.dev/xmlns/job/1";
+
+/// Everything the domain XML is made of.
+#[derive(Debug, Clone)]
+pub struct DomainSpec<'a> {
+    pub name: &'a str,
+    pub domain_type: DomainType,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub overlay: &'a Path,
+    pub network: &'a str,
+    pub direct_boot: Option<&'a DirectBoot>,
+    pub console_log: &'a Path,
+    pub job_id: u64,
+    pub created_unix: u64,
+    pub deadline_unix: u64,
+}
+
+/// Renders the domain XML. Every value from outside is escaped.
+pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
+    let mut xml = String::new();
+    // Writing to a String cannot fail; the results are ignored for that reason.
+    let _ = writeln!(xml, "<domain type='{}'>", spec.domain_type.as_str());
+    let _ = writeln!(xml, "  <name>{}</name>", escape(spec.name));
+    let _ = writeln!(xml, "  <metadata>");
+    let _ = writeln!(xml, "    <hyperjob:job xmlns:hyperjob='{METADATA_NS}'>");
+    let _ = writeln!(xml, "      <hyperjob:id>{}</hyperjob:id>", spec.job_id);
+    let _ = writeln!(
+        xml,
+        "      <hyperjob:created>{}</hyperjob:created>",
+        spec.created_unix
+    );
+    let _ = writeln!(
+        xml,
+        "      <hyperjob:deadline>{}</hyperjob:deadline>",
+        spec.deadline_unix
+    );
+    let _ = writeln!(xml, "    </hyperjob:job>");
+    let _ = writeln!(xml, "  </metadata>");
+    let _ = writeln!(xml, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
+    let _ = writeln!(xml, "  <vcpu>{}</vcpu>", spec.vcpus);
+    let _ = writeln!(xml, "  <os>");
+    let _ = writeln!(xml, "    <type arch='x86_64'>hvm</type>");
+    match spec.direct_boot {
+        Some(boot) => {
+            let _ = writeln!(xml, "    <kernel>{}</kernel>", escape_path(&boot.kernel));
+            if let Some(initrd) = &boot.initrd {
+                let _ = writeln!(xml, "    <initrd>{}</initrd>", escape_path(initrd));
+            }
+            if let Some(cmdline) = &boot.cmdline {
+                let _ = writeln!(xml, "    <cmdline>{}</cmdline>", escape(cmdline));
+            }
+        }
+        None => {
+            let _ = writeln!(xml, "    <boot dev='hd'/>");
+        }
+    }
+    let _ = writeln!(xml, "  </os>");
+    let _ = writeln!(xml, "  <features><acpi/><apic/></features>");
+    let _ = writeln!(xml, "  <on_poweroff>destroy</on_poweroff>");
+    let _ = writeln!(xml, "  <on_reboot>restart</on_reboot>");
+    let _ = writeln!(xml, "  <on_crash>destroy</on_crash>");
+    let _ = writeln!(xml, "  <devices>");
+    let _ = writeln!(xml, "    <disk type='file' device='disk'>");
+    let _ = writeln!(
+        xml,
+        "      <driver name='qemu' type='qcow2' discard='unmap'/>"
+    );
+    let _ = writeln!(xml, "      <source file='{}'/>", escape_path(spec.overlay));
+    let _ = writeln!(xml, "      <target dev='vda' bus='virtio'/>");
+    let _ = writeln!(xml, "    </disk>");
+    let _ = writeln!(xml, "    <interface type='network'>");
+    let _ = writeln!(xml, "      <source network='{}'/>", escape(spec.network));
+    let _ = writeln!(xml, "      <model type='virtio'/>");
+    let _ = writeln!(xml, "    </interface>");
+    let _ = writeln!(xml, "    <serial type='pty'>");
+    let _ = writeln!(
+        xml,
+        "      <log file='{}' append='off'/>",
+        escape_path(spec.console_log)
+    );
+    let _ = writeln!(xml, "    </serial>");
+    let _ = writeln!(xml, "    <console type='pty'/>");
+    let _ = writeln!(
+        xml,
+        "    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"
+    );
+    let _ = writeln!(xml, "    <memballoon model='none'/>");
+    let _ = writeln!(xml, "  </devices>");
+    let _ = writeln!(xml, "</domain>");
+    xml
+}
+
+fn escape_path(path: &Path) -> String {
+    escape(&path.to_string_lossy())
+}
+
+/// Escapes text for XML element content and single- or double-quoted attributes.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            // XML 1.0 cannot carry other control characters at all, escaped or not.
+            c if c.is_control() && !matches!(c, '\t' | '\n' | '\r') => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn spec<'a>(overlay: &'a Path, log: &'a Path, boot: Option<&'a DirectBoot>) -> DomainSpec<'a> {
+        DomainSpec {
+            name: "hyperjob-job-42",
+            domain_type: DomainType::Qemu,
+            vcpus: 2,
+            memory_mib: 512,
+            overlay,
+            network: "default",
+            direct_boot: boot,
+            console_log: log,
+            job_id: 42,
+            created_unix: 1000,
+            deadline_unix: 8200,
+        }
+    }
+
+    #[test]
+    fn bootloader_image_boots_from_disk() {
+        let overlay = PathBuf::from("/images/hyperjob-job-42.qcow2");
+        let log = PathBuf::from("/images/hyperjob-job-42.console.log");
+
+        let xml = domain_xml(&spec(&overlay, &log, None));
+
+        assert!(xml.starts_with("<domain type='qemu'>\n  <name>hyperjob-job-42</name>"));
+        assert!(xml.contains("<boot dev='hd'/>"));
+        assert!(!xml.contains("<kernel>"));
+        assert!(xml.contains("<source file='/images/hyperjob-job-42.qcow2'/>"));
+        assert!(xml.contains("<target dev='vda' bus='virtio'/>"));
+        assert!(xml.contains("<source network='default'/>"));
+        assert!(xml.contains("<memory unit='MiB'>512</memory>"));
+        assert!(xml.contains("<vcpu>2</vcpu>"));
+        assert!(xml.contains("<features><acpi/><apic/></features>"));
+    }
+
+    #[test]
+    fn direct_kernel_boot_sets_kernel_initrd_and_cmdline() {
+        let overlay = PathBuf::from("/o.qcow2");
+        let log = PathBuf::from("/o.log");
+        let boot = DirectBoot {
+            kernel: PathBuf::from("/boot/vmlinuz"),
+            initrd: Some(PathBuf::from("/boot/initrd.img")),
+            cmdline: Some("root=/dev/vda rw console=ttyS0".to_string()),
+        };
+
+        let xml = domain_xml(&spec(&overlay, &log, Some(&boot)));
+
+        assert!(xml.contains("<kernel>/boot/vmlinuz</kernel>"));
+        assert!(xml.contains("<initrd>/boot/initrd.img</initrd>"));
+        assert!(xml.contains("<cmdline>root=/dev/vda rw console=ttyS0</cmdline>"));
+        assert!(!xml.contains("<boot dev='hd'/>"));
+    }
+
+    #[test]
+    fn metadata_records_job_creation_and_deadline() {
+        let overlay = PathBuf::from("/o.qcow2");
+        let log = PathBuf::from("/o.log");
+
+        let xml = domain_xml(&spec(&overlay, &log, None));
+
+        assert!(xml.contains(&format!("<hyperjob:job xmlns:hyperjob='{METADATA_NS}'>")));
+        assert!(xml.contains("<hyperjob:id>42</hyperjob:id>"));
+        assert!(xml.contains("<hyperjob:created>1000</hyperjob:created>"));
+        assert!(xml.contains("<hyperjob:deadline>8200</hyperjob:deadline>"));
+    }
+
+    #[test]
+    fn hostile_values_cannot_break_out_of_the_xml() {
+        let overlay = PathBuf::from("/images/a'b<c>&\"d.qcow2");
+        let log = PathBuf::from("/o.log");
+        let mut spec = spec(&overlay, &log, None);
+        spec.network = "net'/><evil/>";
+
+        let xml = domain_xml(&spec);
+
+        assert!(xml.contains("<source file='/images/a&apos;b&lt;c&gt;&amp;&quot;d.qcow2'/>"));
+        assert!(xml.contains("<source network='net&apos;/&gt;&lt;evil/&gt;'/>"));
+        assert!(!xml.contains("<evil/>"));
+    }
+
+    #[test]
+    fn control_characters_are_replaced() {
+        assert_eq!(escape("a\u{1}b\tc"), "a\u{FFFD}b\tc");
+    }
+}

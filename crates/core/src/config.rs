@@ -1,0 +1,296 @@
+//! The TOML config file: which backend and transport to use, where state lives, and one table
+//! per plugin (`[backends.<name>]`, `[transports.<name>]`) that the plugin parses itself.
+//!
+//! `ConfigFile` is the serde input; [`Config`] is the validated runtime object.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::plugin::PluginError;
+
+/// Where the config file is looked for when neither `--config` nor `$HYPERJOB_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hyperjob/config.toml";
+/// Environment variable naming the config file.
+pub const CONFIG_ENV: &str = "HYPERJOB_CONFIG";
+const DEFAULT_STATE_DIR: &str = "/var/lib/hyperjob";
+const DEFAULT_BUILDS_DIR: &str = "/home/gitlab-runner/builds";
+const DEFAULT_CACHE_DIR: &str = "/home/gitlab-runner/cache";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}{location}: {message}")]
+    Invalid {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    backend: String,
+    transport: String,
+    state_dir: Option<PathBuf>,
+    builds_dir: Option<String>,
+    cache_dir: Option<String>,
+    #[serde(default)]
+    backends: toml::Table,
+    #[serde(default)]
+    transports: toml::Table,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, for error messages.
+    pub path: PathBuf,
+    pub backend: String,
+    pub transport: String,
+    /// Per-job state files (0700 directory, 0600 files).
+    pub state_dir: PathBuf,
+    /// `builds_dir` reported to the runner: a path inside the guest.
+    pub builds_dir: String,
+    /// `cache_dir` reported to the runner: a path inside the guest.
+    pub cache_dir: String,
+    /// `[backends.<backend>]`, empty when absent.
+    pub backend_table: toml::Table,
+    /// `[transports.<transport>]`, empty when absent.
+    pub transport_table: toml::Table,
+}
+
+/// The config path: the command-line value, else `$HYPERJOB_CONFIG`, else the default.
+pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
+    if let Some(path) = cli {
+        return path.to_path_buf();
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(value) if !value.is_empty() => PathBuf::from(value),
+        _ => PathBuf::from(DEFAULT_CONFIG_PATH),
+    }
+}
+
+impl Config {
+    /// Reads and validates the config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates config text; `path` only names the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|err| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            location: err
+                .span()
+                .map(|span| format!(" line {}", line_of(text, span.start)))
+                .unwrap_or_default(),
+            message: one_line(err.message()),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            location: String::new(),
+            message,
+        };
+        for (key, value) in [("backend", &file.backend), ("transport", &file.transport)] {
+            if value.trim().is_empty() {
+                return Err(invalid(format!("`{key}` must name a plugin")));
+            }
+        }
+        let state_dir = file
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(invalid(format!(
+                "`state_dir` must be an absolute path, not {}",
+                state_dir.display()
+            )));
+        }
+        let builds_dir =
+            guest_dir(file.builds_dir, DEFAULT_BUILDS_DIR, "builds_dir").map_err(invalid)?;
+        let cache_dir =
+            guest_dir(file.cache_dir, DEFAULT_CACHE_DIR, "cache_dir").map_err(invalid)?;
+        let backend_table =
+            plugin_table(&file.backends, "backends", &file.backend).map_err(invalid)?;
+        let transport_table =
+            plugin_table(&file.transports, "transports", &file.transport).map_err(invalid)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            backend: file.backend,
+            transport: file.transport,
+            state_dir,
+            builds_dir,
+            cache_dir,
+            backend_table,
+            transport_table,
+        })
+    }
+
+    /// Wraps a plugin's config error with the file and table it came from.
+    pub fn plugin_error(&self, section: &str, name: &str, err: PluginError) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            location: format!(" [{section}.{name}]"),
+            message: err.to_string(),
+        }
+    }
+}
+
+fn guest_dir(value: Option<String>, default: &str, key: &str) -> Result<String, String> {
+    let dir = value.unwrap_or_else(|| default.to_string());
+    if !dir.starts_with('/') {
+        return Err(format!(
+            "`{key}` must be an absolute path inside the guest, not {dir:?}"
+        ));
+    }
+    if dir.chars().any(char::is_control) {
+        return Err(format!("`{key}` contains a control character"));
+    }
+    Ok(dir)
+}
+
+fn plugin_table(tables: &toml::Table, section: &str, name: &str) -> Result<toml::Table, String> {
+    match tables.get(name) {
+        None => Ok(toml::Table::new()),
+        Some(toml::Value::Table(table)) => Ok(table.clone()),
+        Some(_) => Err(format!("`{section}.{name}` must be a table")),
+    }
+}
+
+/// Parses a plugin's table into its serde config type (which should `deny_unknown_fields`).
+pub fn parse_plugin_table<T: DeserializeOwned>(table: &toml::Table) -> Result<T, PluginError> {
+    toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|err: toml::de::Error| PluginError::Config(one_line(err.message())))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |head| head.bytes().filter(|b| *b == b'\n').count() + 1)
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "backend = \"libvirt\"\ntransport = \"ssh\"\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/hyperjob/test.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL).expect("minimal config is valid");
+
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/hyperjob"));
+        assert_eq!(config.builds_dir, "/home/gitlab-runner/builds");
+        assert_eq!(config.cache_dir, "/home/gitlab-runner/cache");
+        assert!(config.backend_table.is_empty());
+    }
+
+    #[test]
+    fn selected_plugin_tables_are_handed_over() {
+        let text =
+            format!("{MINIMAL}[backends.libvirt]\nvcpus = 4\n[transports.ssh]\nport = 2222\n");
+
+        let config = parse(&text).expect("valid");
+
+        assert_eq!(
+            config.backend_table.get("vcpus"),
+            Some(&toml::Value::Integer(4))
+        );
+        assert_eq!(
+            config.transport_table.get("port"),
+            Some(&toml::Value::Integer(2222))
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_key_file_and_line() {
+        let text = format!("{MINIMAL}colour = \"blue\"\n");
+
+        let message = parse(&text).expect_err("unknown key").to_string();
+
+        assert!(message.contains("colour"), "{message}");
+        assert!(
+            message.contains("/etc/hyperjob/test.toml line 3"),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn missing_backend_is_an_error() {
+        let message = parse("transport = \"ssh\"\n")
+            .expect_err("no backend")
+            .to_string();
+
+        assert!(message.contains("backend"), "{message}");
+    }
+
+    #[test]
+    fn relative_state_dir_is_rejected() {
+        let message = parse(&format!("{MINIMAL}state_dir = \"state\"\n"))
+            .expect_err("relative")
+            .to_string();
+
+        assert!(message.contains("state_dir"), "{message}");
+    }
+
+    #[test]
+    fn relative_builds_dir_is_rejected() {
+        let message = parse(&format!("{MINIMAL}builds_dir = \"builds\"\n"))
+            .expect_err("relative")
+            .to_string();
+
+        assert!(message.contains("builds_dir"), "{message}");
+    }
+
+    #[test]
+    fn malformed_toml_is_a_one_line_error() {
+        let message = parse("backend = \n").expect_err("malformed").to_string();
+
+        assert!(
+            message.starts_with("config file /etc/hyperjob/test.toml line 1:"),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn plugin_table_with_unknown_key_is_reported_by_the_plugin_parser() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Demo {
+            port: u16,
+        }
+        let table: toml::Table = toml::from_str("port = 22\nprot = 23\n").expect("toml");
+
+        let err = parse_plugin_table::<Demo>(&table).expect_err("unknown key");
+
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn config_path_prefers_the_command_line() {
+        let path = resolve_path(Some(Path::new("/tmp/x.toml")));
+
+        assert_eq!(path, PathBuf::from("/tmp/x.toml"));
+    }
+}

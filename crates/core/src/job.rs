@@ -1,0 +1,214 @@
+//! What GitLab Runner tells a driver about the job: the trusted job identity from
+//! `JOB_RESPONSE_FILE`, the exit codes to use and the `BUILD_EXIT_CODE_FILE` path.
+//!
+//! `CUSTOM_ENV_*` variables are set by the pipeline and are never used for identity. The
+//! response file holds secrets (the job token, variables): only the few fields needed are read,
+//! and no value from it ever appears in an error message.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// Environment variables the runner sets for every driver invocation.
+pub const JOB_RESPONSE_FILE: &str = "JOB_RESPONSE_FILE";
+pub const BUILD_FAILURE_EXIT_CODE: &str = "BUILD_FAILURE_EXIT_CODE";
+pub const SYSTEM_FAILURE_EXIT_CODE: &str = "SYSTEM_FAILURE_EXIT_CODE";
+pub const BUILD_EXIT_CODE_FILE: &str = "BUILD_EXIT_CODE_FILE";
+
+/// Extra lifetime granted beyond the job timeout before a VM counts as abandoned.
+const DEADLINE_MARGIN_SECS: u64 = 3600;
+/// The runner's default job timeout, used when the response file has none.
+const DEFAULT_JOB_TIMEOUT_SECS: u64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(
+        "JOB_RESPONSE_FILE is not set: hyperjob must be started by GitLab Runner's Custom executor"
+    )]
+    MissingResponseFile,
+    #[error("cannot read JOB_RESPONSE_FILE {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("JOB_RESPONSE_FILE {path} is not valid JSON (line {line}, column {column})")]
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    #[error("JOB_RESPONSE_FILE {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+/// The exit codes the runner asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitCodes {
+    pub build_failure: u8,
+    pub system_failure: u8,
+}
+
+impl ExitCodes {
+    /// Reads the codes from the environment, falling back to the runner's constants (1 and 2).
+    pub fn from_env() -> Self {
+        Self {
+            build_failure: code_from_env(BUILD_FAILURE_EXIT_CODE, 1),
+            system_failure: code_from_env(SYSTEM_FAILURE_EXIT_CODE, 2),
+        }
+    }
+}
+
+fn code_from_env(name: &str, fallback: u8) -> u8 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(fallback)
+}
+
+/// The job identity hyperjob trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobIdentity {
+    /// `id` from the response file: positive, unique per GitLab instance.
+    pub job_id: u64,
+    /// `runner_info.timeout`, the job timeout in seconds.
+    pub timeout_secs: u64,
+}
+
+impl JobIdentity {
+    /// Reads the response file named by `$JOB_RESPONSE_FILE`.
+    pub fn from_env() -> Result<Self, JobError> {
+        let path = std::env::var_os(JOB_RESPONSE_FILE)
+            .filter(|value| !value.is_empty())
+            .map(PathBuf::from)
+            .ok_or(JobError::MissingResponseFile)?;
+        Self::from_file(&path)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, JobError> {
+        let text = std::fs::read(path).map_err(|source| JobError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses response-file bytes; `path` only names the file in errors.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, JobError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|err| JobError::Malformed {
+            path: path.to_path_buf(),
+            line: err.line(),
+            column: err.column(),
+        })?;
+        let invalid = |problem: &str| JobError::Invalid {
+            path: path.to_path_buf(),
+            problem: problem.to_string(),
+        };
+        let job_id = match value.get("id") {
+            None | Some(Value::Null) => return Err(invalid("has no job `id`")),
+            Some(id) => id
+                .as_u64()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| invalid("job `id` is not a positive integer"))?,
+        };
+        let timeout_secs = match value.pointer("/runner_info/timeout") {
+            None | Some(Value::Null) => DEFAULT_JOB_TIMEOUT_SECS,
+            Some(timeout) => timeout
+                .as_u64()
+                .ok_or_else(|| invalid("`runner_info.timeout` is not a non-negative integer"))?,
+        };
+        Ok(Self {
+            job_id,
+            timeout_secs,
+        })
+    }
+
+    /// The name of the job's VM and the key of all its state. Digits only after a fixed
+    /// prefix, so it is safe in XML, file names and shell words.
+    pub fn vm_name(&self) -> String {
+        format!("hyperjob-job-{}", self.job_id)
+    }
+
+    /// Unix time after which this job's resources are certainly abandoned.
+    pub fn deadline_unix(&self, created_unix: u64) -> u64 {
+        created_unix
+            .saturating_add(self.timeout_secs)
+            .saturating_add(DEADLINE_MARGIN_SECS)
+    }
+}
+
+/// `BUILD_EXIT_CODE_FILE`, when the runner set it (17.9+).
+pub fn build_exit_code_file() -> Option<PathBuf> {
+    std::env::var_os(BUILD_EXIT_CODE_FILE)
+        .filter(|value| !value.is_empty())
+        .map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<JobIdentity, JobError> {
+        JobIdentity::parse(Path::new("/tmp/response.json"), json.as_bytes())
+    }
+
+    #[test]
+    fn reads_id_and_timeout() {
+        let job = parse(r#"{"id":4242,"token":"glcbt-secret","runner_info":{"timeout":600}}"#)
+            .expect("valid");
+
+        assert_eq!(
+            job,
+            JobIdentity {
+                job_id: 4242,
+                timeout_secs: 600
+            }
+        );
+        assert_eq!(job.vm_name(), "hyperjob-job-4242");
+    }
+
+    #[test]
+    fn missing_timeout_uses_the_runner_default() {
+        let job = parse(r#"{"id":7}"#).expect("valid");
+
+        assert_eq!(job.timeout_secs, 3600);
+    }
+
+    #[test]
+    fn string_id_is_rejected_without_echoing_it() {
+        let err = parse(r#"{"id":"../../etc/passwd<x>"}"#).expect_err("string id");
+
+        let message = err.to_string();
+        assert!(message.contains("positive integer"), "{message}");
+        assert!(!message.contains("passwd"), "{message}");
+    }
+
+    #[test]
+    fn zero_and_negative_ids_are_rejected() {
+        assert!(parse(r#"{"id":0}"#).is_err());
+        assert!(parse(r#"{"id":-5}"#).is_err());
+    }
+
+    #[test]
+    fn missing_id_is_rejected() {
+        let message = parse(r#"{"token":"x"}"#).expect_err("no id").to_string();
+
+        assert!(message.contains("no job `id`"), "{message}");
+    }
+
+    #[test]
+    fn malformed_json_names_the_position_not_the_content() {
+        let message = parse("{\"token\":\"glcbt-secret\", oops")
+            .expect_err("bad")
+            .to_string();
+
+        assert!(message.contains("not valid JSON"), "{message}");
+        assert!(!message.contains("glcbt"), "{message}");
+    }
+
+    #[test]
+    fn deadline_is_creation_plus_timeout_plus_margin() {
+        let job = parse(r#"{"id":1,"runner_info":{"timeout":100}}"#).expect("valid");
+
+        assert_eq!(job.deadline_unix(1_000), 1_000 + 100 + 3600);
+    }
+}

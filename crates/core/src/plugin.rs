@@ -1,0 +1,165 @@
+//! The plugin contract: a [`Backend`] owns the VM lifecycle, a [`Transport`] reaches the guest.
+//!
+//! Both traits are synchronous and object-safe: every runner stage is a short-lived process and
+//! the libraries underneath (libvirt, libssh2) block, so async would buy nothing. Optional
+//! operations are default methods returning [`PluginError::Unsupported`] instead of growing the
+//! required surface.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// The error every plugin operation returns. Its variant is its class; the stage logic turns all
+/// of them into a system failure, with the message as the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The plugin's configuration table is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// Something the operation needs does not exist (a base image, a domain, a key file).
+    #[error("{0}")]
+    NotFound(String),
+    /// The plugin does not implement this optional operation.
+    #[error("{0} is not supported by this plugin")]
+    Unsupported(&'static str),
+    /// A bounded wait ran out.
+    #[error("timed out after {secs} s {what}")]
+    Timeout { what: String, secs: u64 },
+    /// The work was interrupted on request (SIGTERM/SIGINT).
+    #[error("interrupted {0}")]
+    Interrupted(String),
+    /// Any other infrastructure fault.
+    #[error("{message}")]
+    System {
+        message: String,
+        #[source]
+        source: Option<Box<dyn StdError + Send + Sync>>,
+    },
+}
+
+impl PluginError {
+    /// A system error with an underlying cause (kept in the error chain, not in the message).
+    pub fn system(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        Self::System {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A system error without an underlying cause.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self::System {
+            message: message.into(),
+            source: None,
+        }
+    }
+}
+
+/// Where the transport reaches a guest: an address the backend discovered, and optionally a port
+/// (a backend that forwards the guest's port to the host, for example, sets it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) if self.host.contains(':') => write!(f, "[{}]:{port}", self.host),
+            Some(port) => write!(f, "{}:{port}", self.host),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+/// What a backend needs to create one job's VM.
+#[derive(Debug, Clone)]
+pub struct VmRequest {
+    /// Stable name derived from the trusted job id; also the key of everything the VM owns.
+    pub vm_name: String,
+    /// GitLab job id from `JOB_RESPONSE_FILE`.
+    pub job_id: u64,
+    /// Unix time (seconds) the VM was requested.
+    pub created_unix: u64,
+    /// Unix time (seconds) after which the VM is certainly abandoned (job timeout plus margin).
+    pub deadline_unix: u64,
+}
+
+/// Reports progress to the job log. Implemented by the core; plugins only call it.
+pub trait Progress {
+    fn say(&self, message: &str);
+}
+
+/// VM lifecycle, keyed by a stable VM name.
+pub trait Backend: Send + Sync {
+    /// Creates and boots the VM. On error the backend removes whatever it created.
+    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError>;
+
+    /// Waits until the guest has an address, or `deadline` passes.
+    fn wait_address(
+        &self,
+        vm_name: &str,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<Endpoint, PluginError>;
+
+    /// Destroys the VM and everything it owns. Idempotent: "already gone" is success, and it
+    /// must work from the name alone (prepare may have died before recording anything).
+    fn destroy(&self, vm_name: &str) -> Result<(), PluginError>;
+
+    /// Optional: the last lines the guest printed on its console, to explain a failed boot.
+    fn console_tail(&self, _vm_name: &str) -> Result<String, PluginError> {
+        Err(PluginError::Unsupported("console_tail"))
+    }
+}
+
+/// A script to run in the guest.
+#[derive(Debug)]
+pub struct ScriptRequest<'a> {
+    /// Interpreter that reads the script from stdin (`bash`, `sh`).
+    pub interpreter: &'a str,
+    /// The script itself. It contains job secrets: never log it.
+    pub script: &'a [u8],
+    /// Set when the driver was asked to stop (SIGTERM/SIGINT).
+    pub cancel: &'a AtomicBool,
+}
+
+/// How the remote script ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteExit {
+    Code(i32),
+    /// Killed by a signal, by name as the remote side reports it (`TERM`, `KILL`, ...).
+    Signal(String),
+}
+
+/// Reaches a guest at an [`Endpoint`].
+pub trait Transport: Send + Sync {
+    /// How long prepare may wait, from VM creation, until [`Transport::wait_ready`] succeeds.
+    fn ready_timeout(&self) -> std::time::Duration;
+
+    /// Waits until the guest accepts a login and runs a command, or `deadline` passes.
+    fn wait_ready(
+        &self,
+        endpoint: &Endpoint,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError>;
+
+    /// Runs a script, streaming its stdout and stderr live and separately.
+    fn run_script(
+        &self,
+        endpoint: &Endpoint,
+        request: &ScriptRequest<'_>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<RemoteExit, PluginError>;
+}

@@ -1,0 +1,336 @@
+//! The four runner stages: `config`, `prepare`, `run` and `cleanup`.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::exit::StageOutcome;
+use crate::job::{build_exit_code_file, JobIdentity};
+use crate::plugin::{Backend, Progress, RemoteExit, ScriptRequest, Transport, VmRequest};
+use crate::progress::StdoutProgress;
+use crate::registry::{PluginContext, Registry};
+use crate::state::{JobState, StateStore};
+
+/// Everything a stage needs: the config, the registry and the trusted job identity.
+#[derive(Debug)]
+pub struct StageContext<'a> {
+    pub config: &'a Config,
+    pub registry: &'a Registry,
+    pub job: &'a JobIdentity,
+    /// Set by the binary's SIGTERM/SIGINT handler.
+    pub cancel: &'a AtomicBool,
+}
+
+impl StageContext<'_> {
+    fn plugin_context(&self) -> PluginContext {
+        PluginContext {
+            state_dir: self.config.state_dir.clone(),
+        }
+    }
+
+    fn backend(&self) -> anyhow::Result<Box<dyn Backend>> {
+        let entry = self.registry.backend(&self.config.backend)?;
+        (entry.build)(&self.plugin_context(), &self.config.backend_table).map_err(|err| match err {
+            crate::PluginError::Config(_) => self
+                .config
+                .plugin_error("backends", &self.config.backend, err)
+                .into(),
+            other => anyhow::Error::new(other)
+                .context(format!("cannot start backend {:?}", self.config.backend)),
+        })
+    }
+
+    fn transport(&self) -> anyhow::Result<Box<dyn Transport>> {
+        let entry = self.registry.transport(&self.config.transport)?;
+        (entry.build)(&self.plugin_context(), &self.config.transport_table).map_err(|err| match err
+        {
+            crate::PluginError::Config(_) => self
+                .config
+                .plugin_error("transports", &self.config.transport, err)
+                .into(),
+            other => anyhow::Error::new(other).context(format!(
+                "cannot start transport {:?}",
+                self.config.transport
+            )),
+        })
+    }
+
+    fn store(&self) -> StateStore {
+        StateStore::new(&self.config.state_dir)
+    }
+}
+
+/// `config_exec`: the JSON document GitLab Runner reads from stdout.
+pub fn config(ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+    // Validate the plugin selection now, so a broken config fails before a VM is asked for.
+    ctx.registry.backend(&ctx.config.backend)?;
+    ctx.registry.transport(&ctx.config.transport)?;
+    Ok(json!({
+        "driver": { "name": "hyperjob", "version": crate::VERSION },
+        "builds_dir": ctx.config.builds_dir,
+        "cache_dir": ctx.config.cache_dir,
+        "builds_dir_is_shared": false,
+        "hostname": ctx.job.vm_name(),
+    }))
+}
+
+/// `prepare_exec`: creates the VM and returns once the transport can run commands in it.
+pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
+    let backend = ctx.backend()?;
+    let transport = ctx.transport()?;
+    let progress = StdoutProgress;
+    let vm_name = ctx.job.vm_name();
+    let store = ctx.store();
+
+    // A retried prepare (the runner tries up to three times) may find what an earlier, failed
+    // or killed attempt of the same job left behind: start from nothing.
+    backend
+        .destroy(&vm_name)
+        .with_context(|| format!("cannot remove leftovers of an earlier attempt for {vm_name}"))?;
+    store.remove(ctx.job.job_id)?;
+
+    let started = Instant::now();
+    let created_unix = unix_now();
+    let request = VmRequest {
+        vm_name: vm_name.clone(),
+        job_id: ctx.job.job_id,
+        created_unix,
+        deadline_unix: ctx.job.deadline_unix(created_unix),
+    };
+    progress.say(&format!(
+        "Creating VM {vm_name} with the {} backend...",
+        ctx.config.backend
+    ));
+    let result = boot(
+        ctx,
+        backend.as_ref(),
+        transport.as_ref(),
+        &request,
+        &progress,
+        started,
+    );
+    match result {
+        Ok(state) => {
+            progress.say(&format!(
+                "Guest ready at {} after {:.1} s",
+                state.endpoint,
+                started.elapsed().as_secs_f64()
+            ));
+            Ok(StageOutcome::Success)
+        }
+        Err(err) => {
+            if let Ok(tail) = backend.console_tail(&vm_name) {
+                if !tail.trim().is_empty() {
+                    report_console_tail(&tail);
+                }
+            }
+            if let Err(destroy_err) = backend.destroy(&vm_name) {
+                tracing::warn!(
+                    "removing the VM after a failed prepare failed too: {destroy_err:#}"
+                );
+            }
+            let _ = store.remove(ctx.job.job_id);
+            Err(err)
+        }
+    }
+}
+
+fn boot(
+    ctx: &StageContext<'_>,
+    backend: &dyn Backend,
+    transport: &dyn Transport,
+    request: &VmRequest,
+    progress: &dyn Progress,
+    started: Instant,
+) -> anyhow::Result<JobState> {
+    let deadline = started + transport.ready_timeout();
+    backend
+        .create(request, progress)
+        .with_context(|| format!("cannot create VM {}", request.vm_name))?;
+    progress.say("Waiting for the guest address...");
+    let endpoint = backend
+        .wait_address(&request.vm_name, deadline, ctx.cancel)
+        .with_context(|| format!("VM {} got no address", request.vm_name))?;
+    progress.say(&format!(
+        "Guest address {endpoint} after {:.1} s; waiting for the {} transport...",
+        started.elapsed().as_secs_f64(),
+        ctx.config.transport
+    ));
+    transport
+        .wait_ready(&endpoint, deadline, ctx.cancel)
+        .with_context(|| format!("guest of VM {} never became reachable", request.vm_name))?;
+    let state = JobState::new(
+        ctx.job.job_id,
+        request.vm_name.clone(),
+        (&ctx.config.backend, &ctx.config.transport),
+        endpoint,
+        (request.created_unix, request.deadline_unix),
+    );
+    ctx.store().save(&state)?;
+    Ok(state)
+}
+
+fn report_console_tail(tail: &str) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "Last lines of the guest console:");
+    for line in tail.lines() {
+        let _ = writeln!(stderr, "  | {line}");
+    }
+    let _ = stderr.flush();
+}
+
+/// `run_exec`: runs one stage script inside the VM, whatever the stage is called.
+pub fn run(
+    ctx: &StageContext<'_>,
+    script_path: &Path,
+    stage_name: &str,
+) -> anyhow::Result<StageOutcome> {
+    // The runner never clears this file between stages; a stale code must not be reported
+    // for a later failure.
+    if let Some(path) = build_exit_code_file() {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!(
+                        "cannot remove stale BUILD_EXIT_CODE_FILE {}",
+                        path.display()
+                    )
+                })
+            }
+        }
+    }
+    let script = std::fs::read(script_path)
+        .with_context(|| format!("cannot read script {}", script_path.display()))?;
+    let interpreter = interpreter_for(&script)?;
+    let state = ctx.store().load(ctx.job.job_id)?.with_context(|| {
+        format!(
+            "no VM is prepared for job {} (prepare did not run or did not succeed)",
+            ctx.job.job_id
+        )
+    })?;
+    let transport = ctx.transport()?;
+    tracing::debug!(stage = stage_name, vm = %state.vm_name, "running stage script");
+    let request = ScriptRequest {
+        interpreter,
+        script: &script,
+        cancel: ctx.cancel,
+    };
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let exit = transport
+        .run_script(&state.endpoint, &request, &mut stdout, &mut stderr)
+        .with_context(|| format!("stage {stage_name} could not run in VM {}", state.vm_name))?;
+    Ok(match exit {
+        RemoteExit::Code(0) => StageOutcome::Success,
+        RemoteExit::Code(exit_code) => StageOutcome::ScriptFailed { exit_code },
+        RemoteExit::Signal(signal) => StageOutcome::ScriptFailed {
+            exit_code: 128 + signal_number(&signal),
+        },
+    })
+}
+
+/// `cleanup_exec`: destroys the VM and the job's state. Idempotent.
+pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
+    let backend = ctx.backend()?;
+    let vm_name = ctx.job.vm_name();
+    backend
+        .destroy(&vm_name)
+        .with_context(|| format!("cannot destroy VM {vm_name}"))?;
+    ctx.store().remove(ctx.job.job_id)?;
+    Ok(StageOutcome::Success)
+}
+
+/// The interpreter named by the script's `#!` line: `bash` (also without a `#!` line) or `sh`.
+pub fn interpreter_for(script: &[u8]) -> anyhow::Result<&'static str> {
+    let Some(rest) = script.strip_prefix(b"#!") else {
+        return Ok("bash");
+    };
+    let line = rest.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let program = words.next().unwrap_or_default();
+    let name = match program.rsplit('/').next() {
+        Some("env") => words.next().unwrap_or_default(),
+        Some(name) => name,
+        None => "",
+    };
+    match name {
+        "bash" => Ok("bash"),
+        "sh" => Ok("sh"),
+        "pwsh" | "powershell" => {
+            bail!("PowerShell scripts are not supported; set shell = \"bash\" for this runner")
+        }
+        other => bail!("unsupported script interpreter {other:?} in the script's #! line"),
+    }
+}
+
+fn signal_number(name: &str) -> i32 {
+    match name.trim_start_matches("SIG") {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "ABRT" => 6,
+        "FPE" => 8,
+        "KILL" => 9,
+        "SEGV" => 11,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        _ => 0,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_bash_shebang_selects_bash() {
+        assert_eq!(
+            interpreter_for(b"#!/usr/bin/env bash\n\ntrap").expect("ok"),
+            "bash"
+        );
+    }
+
+    #[test]
+    fn runner_sh_shebang_selects_sh() {
+        assert_eq!(
+            interpreter_for(b"#!/usr/bin/env sh\nset -e").expect("ok"),
+            "sh"
+        );
+        assert_eq!(interpreter_for(b"#!/bin/sh\n").expect("ok"), "sh");
+    }
+
+    #[test]
+    fn script_without_shebang_runs_with_bash() {
+        assert_eq!(interpreter_for(b"echo hi\n").expect("ok"), "bash");
+    }
+
+    #[test]
+    fn powershell_is_refused_with_a_reason() {
+        let err = interpreter_for(b"#!/usr/bin/env pwsh\n").expect_err("pwsh");
+
+        assert!(err.to_string().contains("PowerShell"), "{err}");
+    }
+
+    #[test]
+    fn killed_script_reports_128_plus_signal() {
+        assert_eq!(128 + signal_number("KILL"), 137);
+        assert_eq!(128 + signal_number("SIGTERM"), 143);
+    }
+}
