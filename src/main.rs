@@ -1,1 +1,125 @@
-fn main() {}
+//! The `hyperjob` binary: GitLab Runner's Custom executor calls it once per stage
+//! (`config`, `prepare`, `run <script> <stage>`, `cleanup`). It parses the command line,
+//! installs signal handling and hands over to `hyperjob_core::stages`; the exit code is decided
+//! in one place, `hyperjob_core::exit::finish`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use hyperjob_core::config::{self, Config};
+use hyperjob_core::exit::{self, StageOutcome};
+use hyperjob_core::job::JobIdentity;
+use hyperjob_core::registry::Registry;
+use hyperjob_core::stages::{self, StageContext};
+
+// Built-in plugins register themselves with `inventory`; naming the crates keeps the linker
+// from dropping those registrations.
+use hyperjob_backend_libvirt as _;
+use hyperjob_transport_ssh as _;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hyperjob",
+    version,
+    about = "GitLab Runner Custom executor driver: every CI job in a fresh, throw-away VM",
+    long_about = None
+)]
+struct Cli {
+    /// Config file [default: $HYPERJOB_CONFIG, else /etc/hyperjob/config.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// config_exec: print the driver's JSON settings for the runner
+    Config,
+    /// prepare_exec: create the job's VM and wait until it is reachable
+    Prepare,
+    /// run_exec: run one stage script inside the job's VM
+    Run {
+        /// The script file the runner generated
+        script: PathBuf,
+        /// The stage name (prepare_script, get_sources, build_script, step_*, ...)
+        stage: String,
+    },
+    /// cleanup_exec: destroy the job's VM, disk and state (idempotent)
+    Cleanup,
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Config => "config",
+            Command::Prepare => "prepare",
+            Command::Run { .. } => "run",
+            Command::Cleanup => "cleanup",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let cancel = install_signal_handlers();
+    let result = run(&cli, &cancel);
+    exit::finish(cli.command.name(), result)
+}
+
+fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
+    let config_path = config::resolve_path(cli.config.as_deref());
+    let config = Config::load(&config_path)?;
+    let registry = Registry::builtin()?;
+    let job = JobIdentity::from_env()?;
+    let ctx = StageContext {
+        config: &config,
+        registry: &registry,
+        job: &job,
+        cancel,
+    };
+    match &cli.command {
+        Command::Config => {
+            let document = stages::config(&ctx)?;
+            let mut stdout = std::io::stdout().lock();
+            serde_json::to_writer(&mut stdout, &document).context("cannot write the config JSON")?;
+            stdout.flush().context("cannot write the config JSON")?;
+            Ok(StageOutcome::Success)
+        }
+        Command::Prepare => stages::prepare(&ctx),
+        Command::Run { script, stage } => stages::run(&ctx, script, stage),
+        Command::Cleanup => stages::cleanup(&ctx),
+    }
+}
+
+/// Logs go to stderr (the job log for prepare and run); `HYPERJOB_LOG` sets the filter.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERJOB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// The first SIGTERM/SIGINT asks the running stage to stop cleanly; a second one ends the
+/// process at once.
+fn install_signal_handlers() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // Registration only fails for forbidden signals, which these are not; without a
+        // handler the default action (terminate) still applies, so carry on.
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&cancel));
+        let _ = signal_hook::flag::register(signal, Arc::clone(&cancel));
+    }
+    cancel
+}

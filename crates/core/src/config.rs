@@ -20,7 +20,7 @@ const DEFAULT_CACHE_DIR: &str = "/home/gitlab-runner/cache";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

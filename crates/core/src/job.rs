@@ -26,7 +26,7 @@ pub enum JobError {
         "JOB_RESPONSE_FILE is not set: hyperjob must be started by GitLab Runner's Custom executor"
     )]
     MissingResponseFile,
-    #[error("cannot read JOB_RESPONSE_FILE {path}: {source}")]
+    #[error("cannot read JOB_RESPONSE_FILE {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -15,27 +15,27 @@ const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("cannot create state directory {path}")]
     CreateDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write state file {path}: {source}")]
+    #[error("cannot write state file {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read state file {path}: {source}")]
+    #[error("cannot read state file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("state file {path} is corrupt: {source}")]
+    #[error("state file {path} is corrupt")]
     Corrupt {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("cannot remove state file {path}: {source}")]
+    #[error("cannot remove state file {path}")]
     Remove {
         path: PathBuf,
         source: std::io::Error,

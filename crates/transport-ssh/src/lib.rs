@@ -1,1 +1,371 @@
-//! placeholder
+//! hyperjob's default transport: SSH through libssh2 (the `ssh2` crate), with the guest's host
+//! key verified against pinned keys, a bounded backoff wait for readiness, and scripts fed to
+//! the guest shell on stdin with stdout and stderr relayed live and separately.
+
+pub mod config;
+pub mod known_hosts;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use hyperjob_core::registry::{PluginContext, TransportFactory};
+use hyperjob_core::wait::Backoff;
+use hyperjob_core::{Endpoint, PluginError, RemoteExit, ScriptRequest, Transport};
+use ssh2::Session;
+
+pub use config::{HostKeyPolicy, SshConfig};
+
+const READ_CHUNK: usize = 32 * 1024;
+/// How long the relay loop waits for the socket before checking for cancellation again.
+const POLL_INTERVAL_MS: i32 = 200;
+/// Keepalive interval while a script runs, so NAT and firewalls keep quiet connections.
+const KEEPALIVE_SECS: u32 = 30;
+
+inventory::submit! {
+    TransportFactory {
+        name: "ssh",
+        version: env!("CARGO_PKG_VERSION"),
+        build: build,
+    }
+}
+
+fn build(_ctx: &PluginContext, table: &toml::Table) -> Result<Box<dyn Transport>, PluginError> {
+    Ok(Box::new(SshTransport::new(SshConfig::from_table(table)?)?))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SshError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("TCP connection to {addr} failed: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("SSH handshake with {addr} failed: {message}")]
+    Handshake { addr: String, message: String },
+    #[error("host key of {addr} ({key_type} {fingerprint}) is not in {known_hosts}")]
+    HostKeyMismatch {
+        addr: String,
+        key_type: String,
+        fingerprint: String,
+        known_hosts: String,
+    },
+    #[error("login as {user} at {addr} failed: {message}")]
+    Auth {
+        addr: String,
+        user: String,
+        message: String,
+    },
+    #[error("{what} failed: {message}")]
+    Channel { what: &'static str, message: String },
+}
+
+impl SshError {
+    /// A wrong host key will not fix itself by waiting.
+    fn is_permanent(&self) -> bool {
+        matches!(self, SshError::HostKeyMismatch { .. })
+    }
+}
+
+fn channel_error(what: &'static str, err: &ssh2::Error) -> SshError {
+    SshError::Channel {
+        what,
+        message: err.message().to_string(),
+    }
+}
+
+/// The SSH transport.
+#[derive(Debug)]
+pub struct SshTransport {
+    config: SshConfig,
+    pinned: Vec<known_hosts::HostKey>,
+}
+
+impl SshTransport {
+    pub fn new(config: SshConfig) -> Result<Self, PluginError> {
+        if !config.identity_file.is_file() {
+            return Err(PluginError::NotFound(format!(
+                "identity_file {} does not exist",
+                config.identity_file.display()
+            )));
+        }
+        let pinned = match &config.host_keys {
+            HostKeyPolicy::KnownHosts(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| match err.kind() {
+                    ErrorKind::NotFound => PluginError::NotFound(format!(
+                        "known_hosts file {} does not exist",
+                        path.display()
+                    )),
+                    _ => PluginError::system(format!("cannot read known_hosts file {}", path.display()), err),
+                })?;
+                let keys = known_hosts::parse(&text);
+                if keys.is_empty() {
+                    return Err(PluginError::Config(format!(
+                        "known_hosts file {} contains no host keys",
+                        path.display()
+                    )));
+                }
+                keys
+            }
+            HostKeyPolicy::InsecureIgnore => Vec::new(),
+        };
+        Ok(Self { config, pinned })
+    }
+
+    fn port(&self, endpoint: &Endpoint) -> u16 {
+        endpoint.port.unwrap_or(self.config.port)
+    }
+
+    /// Connects, verifies the host key and logs in. Every blocking step is bounded by
+    /// `timeout`, so a port that accepts TCP but never speaks SSH cannot hang us.
+    fn open_session(&self, endpoint: &Endpoint, timeout: Duration) -> Result<Session, SshError> {
+        let port = self.port(endpoint);
+        let addr_text = format!("{}:{port}", endpoint.host);
+        let addr = (endpoint.host.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| SshError::Resolve(addr_text.clone()))?;
+        let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|source| SshError::Connect {
+            addr: addr_text.clone(),
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let mut session = Session::new().map_err(|err| SshError::Handshake {
+            addr: addr_text.clone(),
+            message: err.message().to_string(),
+        })?;
+        session.set_tcp_stream(tcp);
+        session.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
+        session.handshake().map_err(|err| SshError::Handshake {
+            addr: addr_text.clone(),
+            message: err.message().to_string(),
+        })?;
+        self.verify_host_key(&session, &addr_text)?;
+        session
+            .userauth_pubkey_file(&self.config.user, None, &self.config.identity_file, None)
+            .map_err(|err| SshError::Auth {
+                addr: addr_text.clone(),
+                user: self.config.user.clone(),
+                message: err.message().to_string(),
+            })?;
+        Ok(session)
+    }
+
+    fn verify_host_key(&self, session: &Session, addr: &str) -> Result<(), SshError> {
+        let HostKeyPolicy::KnownHosts(path) = &self.config.host_keys else {
+            warn_insecure_once();
+            return Ok(());
+        };
+        let (blob, key_type) = session.host_key().ok_or_else(|| SshError::Handshake {
+            addr: addr.to_string(),
+            message: "the server sent no host key".to_string(),
+        })?;
+        if self.pinned.iter().any(|key| key.blob == blob) {
+            return Ok(());
+        }
+        Err(SshError::HostKeyMismatch {
+            addr: addr.to_string(),
+            key_type: format!("{key_type:?}"),
+            fingerprint: known_hosts::fingerprint(blob),
+            known_hosts: path.display().to_string(),
+        })
+    }
+
+    /// Runs `true` to prove the guest executes commands for us.
+    fn probe(session: &Session) -> Result<(), SshError> {
+        let mut channel = session
+            .channel_session()
+            .map_err(|e| channel_error("opening a channel", &e))?;
+        channel.exec("true").map_err(|e| channel_error("running a probe command", &e))?;
+        let mut sink = Vec::new();
+        let _ = channel.read_to_end(&mut sink);
+        channel.wait_close().map_err(|e| channel_error("closing the probe channel", &e))?;
+        match channel.exit_status() {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(SshError::Channel {
+                what: "the probe command",
+                message: format!("exited with {code}"),
+            }),
+            Err(e) => Err(channel_error("reading the probe's exit status", &e)),
+        }
+    }
+}
+
+fn warn_insecure_once() {
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| {
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(
+            stderr,
+            "WARNING: hyperjob does not verify the guest's SSH host key (insecure_ignore_host_key = true)"
+        );
+        let _ = stderr.flush();
+    });
+}
+
+impl Transport for SshTransport {
+    fn ready_timeout(&self) -> Duration {
+        self.config.ready_timeout
+    }
+
+    fn wait_ready(
+        &self,
+        endpoint: &Endpoint,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError> {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let attempt_timeout = remaining
+                .min(self.config.connect_timeout)
+                .max(Duration::from_millis(100));
+            let attempt = self
+                .open_session(endpoint, attempt_timeout)
+                .and_then(|session| Self::probe(&session));
+            let err = match attempt {
+                Ok(()) => return Ok(()),
+                Err(err) if err.is_permanent() => return Err(PluginError::msg(err.to_string())),
+                Err(err) => err,
+            };
+            tracing::debug!("guest not ready yet: {err}");
+            if !backoff.sleep(deadline, cancel) {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(PluginError::Interrupted("while waiting for SSH".into()));
+                }
+                return Err(PluginError::Timeout {
+                    what: format!("waiting for SSH at {endpoint} (last error: {err})"),
+                    secs: started.elapsed().as_secs(),
+                });
+            }
+        }
+    }
+
+    fn run_script(
+        &self,
+        endpoint: &Endpoint,
+        request: &ScriptRequest<'_>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<RemoteExit, PluginError> {
+        let session = self
+            .open_session(endpoint, self.config.connect_timeout)
+            .map_err(|err| PluginError::msg(err.to_string()))?;
+        relay(&session, request, stdout, stderr).map_err(|err| match err {
+            RelayError::Ssh(err) => PluginError::msg(err.to_string()),
+            RelayError::Interrupted => PluginError::Interrupted("while the script was running".into()),
+        })
+    }
+}
+
+#[derive(Debug)]
+enum RelayError {
+    Ssh(SshError),
+    Interrupted,
+}
+
+impl From<SshError> for RelayError {
+    fn from(err: SshError) -> Self {
+        RelayError::Ssh(err)
+    }
+}
+
+/// Starts the interpreter, feeds it the script on stdin and relays its output until it exits.
+fn relay(
+    session: &Session,
+    request: &ScriptRequest<'_>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<RemoteExit, RelayError> {
+    let mut channel = session
+        .channel_session()
+        .map_err(|e| channel_error("opening a channel", &e))?;
+    channel
+        .exec(request.interpreter)
+        .map_err(|e| channel_error("starting the guest shell", &e))?;
+    channel
+        .write_all(request.script)
+        .map_err(|e| SshError::Channel {
+            what: "sending the script",
+            message: e.to_string(),
+        })?;
+    channel.send_eof().map_err(|e| channel_error("closing the script's stdin", &e))?;
+
+    // Blocking calls are bounded by the session timeout, which a long quiet script would hit:
+    // relay in non-blocking mode and wait on the socket instead.
+    session.set_timeout(0);
+    session.set_keepalive(false, KEEPALIVE_SECS);
+    session.set_blocking(false);
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut stderr_stream = channel.stderr();
+    loop {
+        if request.cancel.load(Ordering::Relaxed) {
+            return Err(RelayError::Interrupted);
+        }
+        let mut progressed = false;
+        progressed |= pump(&mut channel, &mut buf, stdout)?;
+        progressed |= pump(&mut stderr_stream, &mut buf, stderr)?;
+        if channel.eof() && !progressed {
+            break;
+        }
+        if !progressed {
+            let _ = session.keepalive_send();
+            wait_readable(session);
+        }
+    }
+    session.set_blocking(true);
+    channel
+        .wait_close()
+        .map_err(|e| channel_error("closing the channel", &e))?;
+    let signal = channel
+        .exit_signal()
+        .map_err(|e| channel_error("reading the exit signal", &e))?;
+    if let Some(name) = signal.exit_signal {
+        return Ok(RemoteExit::Signal(name));
+    }
+    let code = channel
+        .exit_status()
+        .map_err(|e| channel_error("reading the exit status", &e))?;
+    Ok(RemoteExit::Code(code))
+}
+
+/// Moves what is available from `from` to `to`; true when something moved.
+fn pump(from: &mut dyn Read, buf: &mut [u8], to: &mut dyn Write) -> Result<bool, SshError> {
+    match from.read(buf) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            // Output the job log cannot take is dropped rather than failing the job.
+            let _ = to.write_all(&buf[..n]);
+            let _ = to.flush();
+            Ok(true)
+        }
+        Err(err) if err.kind() == ErrorKind::WouldBlock => Ok(false),
+        Err(err) => Err(SshError::Channel {
+            what: "reading the script's output",
+            message: err.to_string(),
+        }),
+    }
+}
+
+/// Waits until the session's socket is readable (or a short interval passes).
+fn wait_readable(session: &Session) {
+    let fd = session.as_raw_fd();
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is a valid, exclusively borrowed array of one element for the duration
+    // of the call, and `fd` belongs to the session, which outlives the call.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::poll(&mut pollfd, 1, POLL_INTERVAL_MS);
+    }
+}
