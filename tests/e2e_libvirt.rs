@@ -1,0 +1,334 @@
+//! End-to-end: the real `hyperjob` binary, driven exactly as GitLab Runner drives a Custom
+//! executor (tests/harness), against a real libvirtd, real TCG guests and a real SSH server.
+//! Run with scripts/test.sh, which provides the namespaced test environment.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use hyperjob_test_harness::{
+    run_job, Driver, Job, JobReport, JobResult, JobVariable, RunnerSettings, Step,
+};
+use support::{unique_job_id, GitServer, TestEnv, Workspace};
+
+fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
+    Driver::single_binary(&env.hyperjob)
+        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+}
+
+/// The runner's settings, with the 3 s pause between preparation attempts shortened.
+fn settings() -> RunnerSettings {
+    RunnerSettings {
+        preparation_retry_interval: Duration::from_millis(200),
+        ..RunnerSettings::default()
+    }
+}
+
+fn vm_name(job_id: i64) -> String {
+    format!("hyperjob-job-{job_id}")
+}
+
+fn system_failure_message(report: &JobReport) -> String {
+    match &report.result {
+        JobResult::SystemFailure { message } => message.clone(),
+        other => panic!(
+            "expected a system failure, got {other:?}\n{}",
+            report.log_text()
+        ),
+    }
+}
+
+/// Runs one hyperjob command by hand with the runner's fixed environment.
+fn hyperjob(env: &TestEnv, ws: &Workspace, job_id: i64, args: &[&str]) -> Output {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let response = tmp.path().join("response.json");
+    std::fs::write(
+        &response,
+        format!("{{\"id\":{job_id},\"token\":\"glcbt-not-a-real-token\"}}\n"),
+    )
+    .expect("response file");
+    Command::new(&env.hyperjob)
+        .args(args)
+        .current_dir(tmp.path())
+        .env("HYPERJOB_CONFIG", &ws.config_path)
+        .env("JOB_RESPONSE_FILE", &response)
+        .env("BUILD_FAILURE_EXIT_CODE", "1")
+        .env("SYSTEM_FAILURE_EXIT_CODE", "2")
+        .env("BUILD_EXIT_CODE_FILE", tmp.path().join("build_exit_code"))
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("run hyperjob")
+}
+
+#[test]
+fn job_runs_every_stage_inside_a_fresh_vm_and_cleanup_removes_it() {
+    let env = TestEnv::load();
+    let ws = env.workspace("full-job");
+    let git = GitServer::start(
+        &env.bridge_ip,
+        "demo",
+        &[("hello.txt", "hello from the repository\n")],
+    );
+    let id = unique_job_id();
+    let mut job = Job::new(
+        id,
+        "group/demo",
+        &git.repo_url,
+        &git.sha,
+        &[
+            "cat hello.txt",
+            "echo \"build runs as $(id -un) in $(pwd)\"",
+            "echo build-stderr >&2",
+        ],
+    );
+    job.steps.push(Step::new(
+        "release",
+        &["echo \"release step on $(hostname)\""],
+    ));
+    job.after_script = vec!["echo \"after_script sees $CI_JOB_STATUS\"".to_string()];
+    job.variables.push(JobVariable::new("GREETING", "it's me"));
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    assert_eq!(
+        report.run_stages(),
+        [
+            "prepare_script",
+            "get_sources",
+            "build_script",
+            "step_release",
+            "after_script",
+            "cleanup_file_variables"
+        ]
+    );
+    assert!(log.contains("Creating VM"), "{log}");
+    assert!(log.contains("Guest ready at"), "{log}");
+    assert!(log.contains(&format!("via {}...", vm_name(id))), "{log}");
+    assert!(log.contains("hello from the repository"), "{log}");
+    assert!(
+        log.contains("build runs as gitlab-runner in /home/gitlab-runner/builds/demo"),
+        "{log}"
+    );
+    assert!(log.contains("build-stderr"), "{log}");
+    assert!(log.contains("release step on "), "{log}");
+    assert!(log.contains("after_script sees success"), "{log}");
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn failing_script_is_a_build_failure_carrying_its_exit_code() {
+    let env = TestEnv::load();
+    let ws = env.workspace("exit-42");
+    let id = unique_job_id();
+    let mut job = Job::new(
+        id,
+        "group/fails",
+        "",
+        "",
+        &["echo before the failure", "exit 42", "echo never printed"],
+    );
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+    job.after_script = vec!["echo \"after_script sees $CI_JOB_STATUS\"".to_string()];
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(
+        report.result,
+        JobResult::BuildFailure { exit_code: 42 },
+        "{log}"
+    );
+    assert!(log.contains("before the failure"), "{log}");
+    assert!(!log.contains("never printed"), "{log}");
+    assert!(log.contains("after_script sees failed"), "{log}");
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn missing_base_image_fails_every_prepare_attempt_as_a_system_failure_leaving_nothing() {
+    let env = TestEnv::load();
+    let ws = env.workspace("no-base-image");
+    let missing = ws.dir.join("missing.qcow2");
+    ws.write_config(&ws.default_config().replace(
+        &format!("base_image = \"{}\"", env.base_image.display()),
+        &format!("base_image = \"{}\"", missing.display()),
+    ));
+    let id = unique_job_id();
+    let job = Job::new(id, "group/p", "", "", &["true"]);
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    system_failure_message(&report);
+    assert_eq!(report.invocations_of("prepare").len(), 3);
+    assert_eq!(report.invocations_of("cleanup").len(), 3);
+    assert!(report.run_stages().is_empty());
+    let log = report.log_text();
+    assert!(
+        log.contains(&format!("base image {} does not exist", missing.display())),
+        "{log}"
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn unknown_config_key_fails_config_exec_naming_key_and_file() {
+    let env = TestEnv::load();
+    let ws = env.workspace("bad-config");
+    ws.write_config(&ws.default_config().replacen(
+        "[backends.libvirt]",
+        "colour = \"blue\"\n[backends.libvirt]",
+        1,
+    ));
+    let id = unique_job_id();
+    let job = Job::new(id, "group/p", "", "", &["true"]);
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    system_failure_message(&report);
+    assert_eq!(report.invocations_of("config").len(), 3);
+    assert!(report.invocations_of("prepare").is_empty());
+    let log = report.log_text();
+    assert!(log.contains("unknown field `colour`"), "{log}");
+    assert!(log.contains(&ws.config_path.display().to_string()), "{log}");
+}
+
+#[test]
+fn guest_whose_ssh_never_answers_fails_prepare_within_ready_timeout_and_is_removed() {
+    let env = TestEnv::load();
+    let ws = env.workspace("never-ready");
+    // Nothing listens on this port in the guest.
+    ws.write_config(&ws.default_config().replace(
+        "ready_timeout_secs = 180",
+        "ready_timeout_secs = 25\nport = 2222",
+    ));
+    let id = unique_job_id();
+    let job = Job::new(id, "group/p", "", "", &["true"]);
+    let settings = RunnerSettings {
+        preparation_retries: 1,
+        ..settings()
+    };
+
+    let report = run_job(&driver(&env, &ws), &job, &settings);
+
+    let message = system_failure_message(&report);
+    let prepare = report.invocations_of("prepare");
+    assert_eq!(prepare.len(), 1, "{message}");
+    assert!(
+        prepare[0].duration < Duration::from_secs(25 + 15),
+        "prepare took {:?}",
+        prepare[0].duration
+    );
+    let log = report.log_text();
+    assert!(log.contains("timed out after"), "{log}");
+    assert!(log.contains("waiting for SSH at"), "{log}");
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn guest_with_an_unpinned_host_key_is_refused_at_once() {
+    let env = TestEnv::load();
+    let ws = env.workspace("wrong-host-key");
+    let pinned = ws.dir.join("other_known_hosts");
+    std::fs::write(
+        &pinned,
+        "* ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGh5cGVyam9iLXRlc3Qta2V5LTAxMjM0NTY3ODlhYmNk\n",
+    )
+    .expect("known_hosts");
+    ws.write_config(&ws.default_config().replace(
+        &format!("known_hosts = \"{}\"", env.known_hosts.display()),
+        &format!("known_hosts = \"{}\"", pinned.display()),
+    ));
+    let id = unique_job_id();
+    let job = Job::new(id, "group/p", "", "", &["true"]);
+    let settings = RunnerSettings {
+        preparation_retries: 1,
+        ..settings()
+    };
+
+    let report = run_job(&driver(&env, &ws), &job, &settings);
+
+    system_failure_message(&report);
+    let log = report.log_text();
+    assert!(
+        log.contains(&format!("is not in {}", pinned.display())),
+        "{log}"
+    );
+    assert!(log.contains("SHA256:"), "{log}");
+    assert!(report.run_stages().is_empty());
+    std::fs::remove_file(&pinned).expect("remove known_hosts");
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn cleanup_succeeds_when_prepare_never_ran_and_when_repeated() {
+    let env = TestEnv::load();
+    let ws = env.workspace("cleanup-only");
+    let id = unique_job_id();
+
+    let first = hyperjob(&env, &ws, id, &["cleanup"]);
+    let second = hyperjob(&env, &ws, id, &["cleanup"]);
+
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn run_without_a_prepared_vm_is_a_system_failure_with_a_reason() {
+    let env = TestEnv::load();
+    let ws = env.workspace("run-unprepared");
+    let id = unique_job_id();
+    let script = ws.dir.join("script");
+    std::fs::write(&script, "#!/usr/bin/env bash\necho hi\n").expect("script");
+
+    let output = hyperjob(
+        &env,
+        &ws,
+        id,
+        &["run", script.to_str().expect("utf-8"), "build_script"],
+    );
+
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("no VM is prepared for job {id}")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    std::fs::remove_file(&script).expect("remove script");
+}
+
+#[test]
+fn config_prints_only_the_runner_json() {
+    let env = TestEnv::load();
+    let ws = env.workspace("config-json");
+    let id = unique_job_id();
+
+    let output = hyperjob(&env, &ws, id, &["config"]);
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is exactly one JSON document");
+    assert_eq!(json["driver"]["name"], "hyperjob");
+    assert_eq!(json["builds_dir"], "/home/gitlab-runner/builds");
+    assert_eq!(json["cache_dir"], "/home/gitlab-runner/cache");
+    assert_eq!(json["builds_dir_is_shared"], false);
+    assert_eq!(json["hostname"], vm_name(id));
+    assert!(Path::new(&env.hyperjob).exists());
+}

@@ -1,0 +1,371 @@
+//! Fixtures for the end-to-end tests: the namespaced libvirt test environment that
+//! `scripts/test.sh` starts, a per-test workspace with its own hyperjob config, a git server
+//! the guest can clone from, and checks that nothing was left behind.
+//!
+//! The tests need that environment and fail, loudly, without it: a real-VM test must never
+//! pass by skipping.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const HOW_TO_RUN: &str = "the end-to-end tests need the namespaced libvirt test environment: run them with scripts/test.sh (as root)";
+
+/// Facts about the running test environment and the guest image.
+#[derive(Debug, Clone)]
+pub struct TestEnv {
+    pub libvirt_uri: String,
+    pub network: String,
+    pub bridge_ip: String,
+    pub base_image: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub identity_file: PathBuf,
+    pub known_hosts: PathBuf,
+    pub guest_user: String,
+    pub hyperjob: PathBuf,
+    pub work_root: PathBuf,
+}
+
+impl TestEnv {
+    /// Loads the environment `scripts/test.sh` describes; panics with instructions without it.
+    pub fn load() -> Self {
+        let env_file = std::env::var("HYPERJOB_TEST_ENV_FILE").expect(HOW_TO_RUN);
+        let image_file = std::env::var("HYPERJOB_TEST_IMAGE_ENV").expect(HOW_TO_RUN);
+        let env = parse_env_file(Path::new(&env_file));
+        let image = parse_env_file(Path::new(&image_file));
+        let get = |map: &HashMap<String, String>, key: &str| -> String {
+            map.get(key)
+                .unwrap_or_else(|| panic!("{key} missing from the test environment; {HOW_TO_RUN}"))
+                .clone()
+        };
+        let hyperjob = std::env::var_os("HYPERJOB_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hyperjob")));
+        let work_root = std::env::var_os("HYPERJOB_TEST_WORK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/hyperjob-test/work"));
+        Self {
+            libvirt_uri: get(&env, "LIBVIRT_URI"),
+            network: get(&env, "NETWORK"),
+            bridge_ip: get(&env, "BRIDGE_IP"),
+            base_image: get(&image, "BASE_IMAGE").into(),
+            kernel: get(&image, "KERNEL").into(),
+            initrd: get(&image, "INITRD").into(),
+            cmdline: get(&image, "CMDLINE"),
+            identity_file: get(&image, "IDENTITY_FILE").into(),
+            known_hosts: get(&image, "KNOWN_HOSTS").into(),
+            guest_user: get(&image, "GUEST_USER"),
+            hyperjob,
+            work_root,
+        }
+    }
+
+    /// A fresh workspace (images dir, state dir, config file) for one test.
+    pub fn workspace(&self, name: &str) -> Workspace {
+        Workspace::new(self, name)
+    }
+}
+
+/// Reads a shell-sourceable `KEY=value` file (values optionally in single or double quotes).
+pub fn parse_env_file(path: &Path) -> HashMap<String, String> {
+    let text = fs::read_to_string(path)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}; {HOW_TO_RUN}", path.display()));
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| {
+            let value = value.trim();
+            let unquoted = value
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .or_else(|| value.strip_prefix('"').and_then(|v| v.strip_suffix('"')))
+                .unwrap_or(value);
+            (key.trim().to_string(), unquoted.to_string())
+        })
+        .collect()
+}
+
+/// One test's private directory tree and hyperjob config.
+#[derive(Debug)]
+pub struct Workspace {
+    pub dir: PathBuf,
+    pub images_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub config_path: PathBuf,
+    env: TestEnv,
+}
+
+impl Workspace {
+    fn new(env: &TestEnv, name: &str) -> Self {
+        let dir = env.work_root.join(format!("{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let images_dir = dir.join("images");
+        let state_dir = dir.join("state");
+        fs::create_dir_all(&images_dir).expect("create images dir");
+        // libvirt's QEMU runs as libvirt-qemu: every directory on the way must be searchable.
+        for path in [&env.work_root, &dir, &images_dir] {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let config_path = dir.join("config.toml");
+        let workspace = Self {
+            dir,
+            images_dir,
+            state_dir,
+            config_path,
+            env: env.clone(),
+        };
+        workspace.write_config(&workspace.default_config());
+        workspace
+    }
+
+    /// The config every test starts from: TCG guests from the test image, small and quick.
+    pub fn default_config(&self) -> String {
+        let env = &self.env;
+        format!(
+            r#"backend = "libvirt"
+transport = "ssh"
+state_dir = "{state}"
+
+[backends.libvirt]
+uri = "{uri}"
+domain_type = "qemu"
+base_image = "{base}"
+images_dir = "{images}"
+network = "{network}"
+vcpus = 1
+memory_mib = 512
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{cmdline}"
+
+[transports.ssh]
+user = "{user}"
+identity_file = "{identity}"
+known_hosts = "{known_hosts}"
+ready_timeout_secs = 180
+"#,
+            state = self.state_dir.display(),
+            uri = env.libvirt_uri,
+            base = env.base_image.display(),
+            images = self.images_dir.display(),
+            network = env.network,
+            kernel = env.kernel.display(),
+            initrd = env.initrd.display(),
+            cmdline = env.cmdline,
+            user = env.guest_user,
+            identity = env.identity_file.display(),
+            known_hosts = env.known_hosts.display(),
+        )
+    }
+
+    pub fn write_config(&self, text: &str) {
+        fs::write(&self.config_path, text).expect("write config");
+    }
+
+    /// Asserts that nothing of `vm_name` remains: no domain, no file in the images or state
+    /// dir, no QEMU process.
+    pub fn assert_nothing_left(&self, vm_name: &str) {
+        let domains = virsh(&self.env.libvirt_uri, &["list", "--all", "--name"]);
+        assert!(
+            !domains.lines().any(|line| line.trim() == vm_name),
+            "domain {vm_name} still exists: {domains}"
+        );
+        for dir in [&self.images_dir, &self.state_dir] {
+            let leftovers = list_dir(dir);
+            assert!(
+                leftovers.is_empty(),
+                "left behind in {}: {leftovers:?}",
+                dir.display()
+            );
+        }
+        let processes = qemu_processes_of(vm_name);
+        assert!(
+            processes.is_empty(),
+            "QEMU of {vm_name} still runs: pids {processes:?}"
+        );
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        // Only empty directories go: a leftover overlay stays for scripts/leak-check.sh.
+        let _ = fs::remove_file(&self.config_path);
+        let _ = fs::remove_dir(&self.images_dir);
+        let _ = fs::remove_dir(&self.state_dir);
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Files in `dir` (none when it does not exist).
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Runs virsh (for independent verification only; hyperjob itself never runs it).
+pub fn virsh(uri: &str, args: &[&str]) -> String {
+    let output = Command::new("virsh")
+        .arg("-q")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .expect("run virsh");
+    assert!(
+        output.status.success(),
+        "virsh {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Pids of QEMU processes running the guest `vm_name`.
+pub fn qemu_processes_of(vm_name: &str) -> Vec<u32> {
+    let needle = format!("guest={vm_name},");
+    let needle_end = format!("guest={vm_name}\0");
+    fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("qemu-system")
+                && (cmdline.contains(&needle) || cmdline.contains(&needle_end))
+        })
+        .collect()
+}
+
+/// A job id no other test of this run uses.
+pub fn unique_job_id() -> i64 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    i64::from(std::process::id()) * 1000 + i64::from(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A git repository with one commit, served over git:// on the test network's host side.
+#[derive(Debug)]
+pub struct GitServer {
+    child: Child,
+    pub repo_url: String,
+    pub sha: String,
+    _dir: tempfile::TempDir,
+}
+
+impl GitServer {
+    /// Serves a repository whose files are `files` (path, content) on branch `main`.
+    pub fn start(bind_ip: &str, project: &str, files: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = dir.path().join(format!("{project}.git"));
+        let work = dir.path().join("work");
+        fs::create_dir_all(&work).expect("mkdir");
+        git(&work, &["init", "-q", "-b", "main"]);
+        for (path, content) in files {
+            let file = work.join(path);
+            fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            fs::write(&file, content).expect("write file");
+        }
+        git(&work, &["add", "-A"]);
+        git(
+            &work,
+            &[
+                "-c",
+                "user.name=hyperjob tests",
+                "-c",
+                "user.email=tests@hyperjob.invalid",
+                "commit",
+                "-q",
+                "-m",
+                "fixture",
+            ],
+        );
+        let sha = git(&work, &["rev-parse", "HEAD"]).trim().to_string();
+        git(
+            dir.path(),
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                work.to_str().expect("utf-8"),
+                repo.to_str().expect("utf-8"),
+            ],
+        );
+        let port = free_port(bind_ip);
+        let child = Command::new("git")
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--informative-errors",
+            ])
+            .arg(format!("--listen={bind_ip}"))
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", dir.path().display()))
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start git daemon");
+        wait_for_port(bind_ip, port);
+        Self {
+            child,
+            repo_url: format!("git://{bind_ip}:{port}/{project}.git"),
+            sha,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        // Our own child, by its pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run git");
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+fn wait_for_port(ip: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect((ip, port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("git daemon did not listen on {ip}:{port}");
+}
