@@ -25,7 +25,10 @@ apt_get update -qq
 apt_get install -qq --no-install-recommends -t "${codename}-backports" \
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu \
     libvirt-clients libvirt-dev mmdebstrap >/dev/null
+# iptables: the firewall backend libvirt's network driver picks first (network.conf) for the
+# NAT network inside the test namespace; dnsmasq-base: its DHCP server; iproute2: `ip netns`;
+# util-linux: flock. git: also the host side of the tests (`git daemon`).
 apt_get install -qq --no-install-recommends \
     libssh2-1-dev libssl-dev pkg-config e2fsprogs openssh-client iproute2 dnsmasq-base \
-    git ca-certificates procps >/dev/null
+    iptables util-linux git ca-certificates procps >/dev/null
 echo "install-deps.sh: packages installed"

@@ -49,7 +49,8 @@ impl TestEnv {
         };
         let hyperjob = std::env::var_os("HYPERJOB_BIN")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hyperjob")));
+            .or_else(|| option_env!("CARGO_BIN_EXE_hyperjob").map(PathBuf::from))
+            .expect("HYPERJOB_BIN names the hyperjob binary to test");
         let work_root = std::env::var_os("HYPERJOB_TEST_WORK_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/hyperjob-test/work"));

@@ -1,0 +1,68 @@
+//! The demo job behind `scripts/demo.sh`: one GitLab CI job, driven through the real `hyperjob`
+//! binary exactly as GitLab Runner's Custom executor drives it, in a real VM of the namespaced
+//! test environment. The job log is printed live as the VM produces it, then the time every
+//! driver invocation took.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::ExitCode;
+
+use hyperjob_test_harness::{run_job, Driver, Job, JobResult, Step};
+use support::{unique_job_id, GitServer, TestEnv};
+
+const BUILD_SH: &str = r#"#!/bin/sh
+set -e
+echo "compiling on $(uname -srm) with $(nproc) vCPU"
+printf 'int main(void) { return 0; }\n' > main.c
+echo "checksum of the sources: $(cat main.c build.sh | sha256sum | cut -c1-16)"
+"#;
+
+fn main() -> ExitCode {
+    let env = TestEnv::load();
+    let ws = env.workspace("demo");
+    let git = GitServer::start(
+        &env.bridge_ip,
+        "hello",
+        &[("README.md", "# hello\nA project cloned into the VM by get_sources.\n"), ("build.sh", BUILD_SH)],
+    );
+    let id = unique_job_id();
+    let mut job = Job::new(
+        id,
+        "demo/hello",
+        &git.repo_url,
+        &git.sha,
+        &[
+            "echo \"this is $(hostname), kernel $(uname -r), user $(id -un)\"",
+            "head -n 2 README.md",
+            "sh build.sh",
+            "for i in 1 2 3; do echo \"streaming line $i\"; sleep 1; done",
+        ],
+    );
+    job.steps.push(Step::new("release", &["echo \"releasing commit $CI_COMMIT_SHA\""]));
+    job.after_script = vec!["echo \"after_script: job status is $CI_JOB_STATUS\"".to_string()];
+    let driver = Driver::single_binary(&env.hyperjob)
+        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8 path"));
+    let settings = hyperjob_test_harness::RunnerSettings {
+        echo_log: true,
+        ..Default::default()
+    };
+
+    println!("== demo: job {id} through {} ==", env.hyperjob.display());
+    let report = run_job(&driver, &job, &settings);
+
+    println!("\n== time per driver invocation ==");
+    for invocation in &report.invocations {
+        println!("{:<24} {:>7.2} s", invocation.kind.label(), invocation.duration.as_secs_f64());
+    }
+    println!("{:<24} {:>7.2} s", "whole job", report.duration.as_secs_f64());
+    ws.assert_nothing_left(&format!("hyperjob-job-{id}"));
+    println!("after cleanup: no domain, overlay, state file or QEMU process of the job remains");
+    match report.result {
+        JobResult::Success => ExitCode::SUCCESS,
+        other => {
+            eprintln!("demo job did not succeed: {other:?}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,394 @@
+#!/usr/bin/env bash
+# Builds the small Debian test guest used by hyperjob's end-to-end tests and caches it.
+#
+#   scripts/build-guest-image.sh [OUT_DIR]
+#
+# OUT_DIR (default $HYPERJOB_IMAGE_DIR, else /var/lib/hyperjob-test/image) receives:
+#   base.qcow2              ext4 root file system directly on /dev/vda (no partition table)
+#   vmlinuz, initrd.img     linux-image-cloud-amd64 kernel + initramfs, for direct kernel boot
+#   id_ed25519(.pub)        client key pair; the public half is in gitlab-runner's authorized_keys
+#   known_hosts             the guest's baked SSH host key(s), "* <type> <base64>" per line
+#   ssh_host_ed25519_key    that host key's private half (dropbear format), reused on rebuilds
+#   image.env               shell-sourceable facts (KERNEL, INITRD, CMDLINE, BASE_IMAGE, ...)
+#   stamp                   written last; names the script version and build parameters
+#
+# A complete image built by the same script version with the same parameters is reused as is.
+# Tunables (all optional): HYPERJOB_IMAGE_SUITE (bookworm), HYPERJOB_IMAGE_MIRROR
+# (http://deb.debian.org/debian), HYPERJOB_IMAGE_FREE_MB (1536: free space in the root fs),
+# HYPERJOB_GUEST_HOSTNAME (hyperjob-guest), HYPERJOB_IMAGE_EXTRA_PACKAGES (comma-separated),
+# HYPERJOB_IMAGE_NEW_KEYS=1 (new SSH keys instead of reusing those of the image being replaced).
+set -euo pipefail
+
+readonly GUEST_USER=gitlab-runner
+readonly CMDLINE='root=/dev/vda rw console=ttyS0 net.ifnames=0'
+readonly HOST_KEY=/etc/dropbear/dropbear_ed25519_host_key
+readonly REQUIRED_FILES="base.qcow2 vmlinuz initrd.img id_ed25519 id_ed25519.pub known_hosts
+    ssh_host_ed25519_key image.env stamp"
+
+SELF=$(readlink -f -- "${BASH_SOURCE[0]}")
+readonly SELF
+PROG=$(basename -- "$SELF")
+readonly PROG
+
+die() { echo "$PROG: $*" >&2; exit 1; }
+log() { echo "$PROG: $*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# Guest files. These run inside mmdebstrap hooks (the script calls itself, see main below).
+# ---------------------------------------------------------------------------------------------
+
+# Runs after the essential packages are unpacked, before the kernel and initramfs-tools are
+# installed: keep the initramfs small (only what mounting /dev/vda needs) so TCG boots fast.
+essential_hook() {
+    local root=$1
+    install -d -m 0755 "$root/etc/initramfs-tools/conf.d" "$root/etc/initramfs-tools/hooks"
+    printf 'MODULES=list\n' >"$root/etc/initramfs-tools/conf.d/hyperjob.conf"
+    cat >"$root/etc/initramfs-tools/hooks/hyperjob" <<'EOF'
+#!/bin/sh
+# hyperjob test guest: the root file system is ext4 on a virtio disk.
+case "$1" in prereqs) exit 0 ;; esac
+. /usr/share/initramfs-tools/hook-functions
+for m in virtio_pci virtio_blk crc32c_generic ext4; do
+    force_load "$m"
+done
+EOF
+    chmod 0755 "$root/etc/initramfs-tools/hooks/hyperjob"
+}
+
+# Runs with the chroot's /proc, /sys and /dev mounted, after all packages are installed.
+# $2 is the build's work directory: the client public key is read from it and the host public
+# key is written to it.
+customize_hook() {
+    local root=$1 work=$2 hostname=$3
+    local home=/home/$GUEST_USER
+
+    # --- PID 1 -------------------------------------------------------------------------------
+    install -d -m 0755 "$root/etc/hyperjob"
+    cat >"$root/etc/hyperjob/init" <<'EOF'
+#!/bin/sh
+# PID 1 of the hyperjob test guest (no systemd). Sets up the basics, then hands over to
+# busybox init, which starts the SSH daemon from /etc/inittab and reaps orphaned processes.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+umask 022
+
+mounted() { grep -q "^[^ ]* $1 " /proc/mounts 2>/dev/null; }
+[ -e /proc/self ] || mount -t proc -o nosuid,nodev,noexec proc /proc
+mounted /sys || mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mounted /dev || mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mounted /dev/pts || mount -t devpts -o gid=5,mode=0620,ptmxmode=0666,nosuid,noexec devpts /dev/pts
+mounted /dev/shm || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+mounted /run || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+mounted /tmp || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+
+cat /etc/hostname >/proc/sys/kernel/hostname
+say() { echo "hyperjob-init: [$(cut -d' ' -f1 /proc/uptime)] $*" >/dev/console; }
+say "root file system up"
+
+# No udev here: load the drivers ourselves. virtio_rng feeds the kernel's entropy pool when
+# the domain has <rng model='virtio'> (else dropbear waits for "kernel randomness" under TCG);
+# button + evdev let busybox acpid see the ACPI power button.
+modprobe -q virtio_net || say "modprobe virtio_net failed"
+for m in virtio_rng button evdev; do
+    modprobe -q "$m" || true
+done
+busybox ip link set lo up
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 100 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+if [ -e /sys/class/net/eth0 ]; then
+    busybox ip link set eth0 up
+    # Backgrounds itself once it holds a lease (or after the first tries, then keeps trying).
+    busybox udhcpc -i eth0 -s /etc/hyperjob/udhcpc.script -b -t 5 -T 1 -A 2 \
+        -x "hostname:$(cat /etc/hostname)"
+else
+    say "no eth0 after 10 s"
+fi
+
+# Optional: ACPI power button -> SIGUSR2 to PID 1 (busybox init powers off).
+busybox acpid -c /etc/acpi >/dev/null 2>&1 || true
+
+say "starting busybox init (dropbear from /etc/inittab)"
+exec busybox init
+EOF
+    chmod 0755 "$root/etc/hyperjob/init"
+    rm -f "$root/usr/sbin/init"
+    ln -s /etc/hyperjob/init "$root/usr/sbin/init"
+
+    cat >"$root/etc/inittab" <<EOF
+# busybox init, hyperjob test guest. Setup happens in /etc/hyperjob/init before this.
+::respawn:/usr/sbin/dropbear -F -E -s -p 22 -r $HOST_KEY
+::ctrlaltdel:/bin/busybox poweroff
+::shutdown:/bin/sync
+EOF
+
+    install -d -m 0755 "$root/etc/acpi/PWRF"
+    printf '#!/bin/sh\nexec kill -USR2 1\n' >"$root/etc/acpi/PWRF/00000080"
+    chmod 0755 "$root/etc/acpi/PWRF/00000080"
+
+    cat >"$root/etc/hyperjob/udhcpc.script" <<'EOF'
+#!/bin/sh
+# busybox udhcpc event script: applies the lease (address, default route, DNS) to $interface.
+case "$1" in
+deconfig)
+    busybox ip -4 addr flush dev "$interface"
+    busybox ip link set "$interface" up
+    ;;
+bound|renew)
+    cidr="$ip/${mask:-24}"
+    if ! busybox ip -4 addr show dev "$interface" | grep -q "inet $cidr "; then
+        busybox ip -4 addr flush dev "$interface"
+        busybox ip -4 addr add "$cidr" broadcast "${broadcast:-+}" dev "$interface"
+    fi
+    for r in $router; do
+        busybox ip -4 route replace default via "$r" dev "$interface"
+        break
+    done
+    if [ -n "$dns" ]; then
+        : >/etc/resolv.conf
+        [ -n "$domain" ] && echo "search $domain" >>/etc/resolv.conf
+        for s in $dns; do echo "nameserver $s" >>/etc/resolv.conf; done
+    fi
+    echo "udhcpc: [$(cut -d' ' -f1 /proc/uptime)] $1: $interface $cidr router ${router:-none}" >/dev/console
+    ;;
+esac
+exit 0
+EOF
+    chmod 0755 "$root/etc/hyperjob/udhcpc.script"
+
+    echo "$hostname" >"$root/etc/hostname"
+    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' \
+        "$hostname" >"$root/etc/hosts"
+    : >"$root/etc/resolv.conf"
+
+    # --- SSH host key (baked: every guest from this image presents exactly this key) --------
+    install -d -m 0755 "$root/etc/dropbear"
+    rm -f "$root$HOST_KEY"
+    if [ -s "$work/ssh_host_ed25519_key" ]; then
+        install -m 0600 "$work/ssh_host_ed25519_key" "$root$HOST_KEY"
+    else
+        chroot "$root" dropbearkey -t ed25519 -f "$HOST_KEY" >/dev/null 2>&1 ||
+            die "dropbearkey failed in the guest root"
+        install -m 0600 "$root$HOST_KEY" "$work/ssh_host_ed25519_key"
+    fi
+    chmod 0600 "$root$HOST_KEY"
+    chroot "$root" dropbearkey -y -f "$HOST_KEY" |
+        awk '$1 ~ /^ssh-/ { print "* " $1 " " $2 }' >"$work/known_hosts"
+    [ -s "$work/known_hosts" ] || die "could not read the guest host public key"
+
+    # --- CI user -----------------------------------------------------------------------------
+    chroot "$root" useradd --create-home --home-dir "$home" --shell /bin/bash --user-group \
+        "$GUEST_USER"
+    # '*': no password can match, but the account is not "locked" ('!'), which dropbear rejects.
+    chroot "$root" usermod --password '*' "$GUEST_USER"
+    install -d -m 0700 "$root$home/.ssh"
+    install -m 0600 "$work/id_ed25519.pub" "$root$home/.ssh/authorized_keys"
+    install -d -m 0755 "$root$home/builds"
+    chroot "$root" chown -R "$GUEST_USER:$GUEST_USER" "$home"
+    chmod 0755 "$root$home"
+
+    # --- trim --------------------------------------------------------------------------------
+    rm -rf "$root/var/cache/apt/"*.bin "$root/var/lib/apt/lists/"* "$root/var/log/"*.log \
+        "$root/var/cache/debconf/"*-old "$root/var/lib/dpkg/"*-old
+}
+
+# ---------------------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------------------
+
+WORK=
+CHILD=
+OLD=
+
+# Runs a long command in the background so a signal reaches our trap at once; the trap
+# stops it (by pid) before cleaning up.
+run_child() {
+    local rc=0
+    "$@" &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=
+    return "$rc"
+}
+
+on_signal() {
+    trap - INT TERM HUP
+    if [ -n "$CHILD" ]; then
+        kill -TERM "$CHILD" 2>/dev/null || true
+        wait "$CHILD" 2>/dev/null || true
+    fi
+    exit "$1"
+}
+
+cleanup() {
+    local m
+    [ -n "$WORK" ] || return 0
+    # mmdebstrap mounts /proc, /sys, /dev in the chroot: never let rm walk into those.
+    awk -v w="$WORK" 'index($2, w "/") == 1 { print $2 }' /proc/self/mounts | sort -r |
+        while read -r m; do
+            umount -l "$m" 2>/dev/null || log "warning: could not unmount $m"
+        done
+    rm -rf --one-file-system -- "$WORK"
+    [ -z "$OLD" ] || rm -rf --one-file-system -- "$OLD"
+}
+
+image_complete() {
+    local dir=$1 f
+    for f in $REQUIRED_FILES; do
+        [ -s "$dir/$f" ] || return 1
+    done
+    [ "$(cat "$dir/stamp")" = "$STAMP" ]
+}
+
+check_searchable() {
+    # libvirt runs QEMU as libvirt-qemu: every directory above the image must be o+x.
+    local d=$1 mode
+    while [ "$d" != / ]; do
+        mode=$(stat -c %a "$d")
+        if (( (8#$mode & 1) == 0 )); then
+            die "$d (mode $mode) is not searchable by others; libvirt-qemu could not reach the image (choose another OUT_DIR)"
+        fi
+        d=$(dirname "$d")
+    done
+}
+
+build() {
+    local out=$1 work=$2
+    local root=$work/rootfs image=$work/out
+    local packages=bash,git,ca-certificates,busybox,dropbear-bin,openssh-sftp-server,kmod
+    packages+=,util-linux,procps,passwd,linux-image-cloud-amd64,initramfs-tools
+    [ -z "${HYPERJOB_IMAGE_EXTRA_PACKAGES:-}" ] || packages+=",$HYPERJOB_IMAGE_EXTRA_PACKAGES"
+
+    mkdir -m 0755 "$image"
+    # Keep the keys of the previous image (if any) so a rebuild does not invalidate
+    # known_hosts / the identity anyone has copied; HYPERJOB_IMAGE_NEW_KEYS=1 forces new ones.
+    if [ "${HYPERJOB_IMAGE_NEW_KEYS:-0}" != 1 ] && [ -s "$out/id_ed25519" ] &&
+        [ -s "$out/id_ed25519.pub" ] && [ -s "$out/ssh_host_ed25519_key" ]; then
+        log "reusing the SSH keys of $out"
+        cp -- "$out/id_ed25519" "$out/id_ed25519.pub" "$out/ssh_host_ed25519_key" "$image/"
+    else
+        ssh-keygen -q -t ed25519 -N '' -C hyperjob-test -f "$image/id_ed25519"
+    fi
+
+    log "mmdebstrap $SUITE ($MIRROR) ..."
+    # shellcheck disable=SC2016  # $1 is expanded by mmdebstrap's hook shell, on purpose
+    run_child mmdebstrap --mode=root --variant=minbase --format=directory \
+        --include="$packages" \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/info/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --dpkgopt='path-exclude=/usr/share/lintian/*' \
+        --essential-hook="\"$SELF\" __essential-hook \"\$1\"" \
+        --customize-hook="\"$SELF\" __customize-hook \"\$1\" \"$image\" \"$GUEST_HOSTNAME\"" \
+        "$SUITE" "$root" "$MIRROR" >"$work/mmdebstrap.log" 2>&1 ||
+        { tail -n 30 "$work/mmdebstrap.log" >&2; die "mmdebstrap failed (log above)"; }
+
+    local kernel initrd
+    kernel=$(find "$root/boot" -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -n 1)
+    [ -n "$kernel" ] || die "no kernel in the guest's /boot"
+    initrd=$root/boot/initrd.img-${kernel##*/vmlinuz-}
+    [ -f "$initrd" ] || die "no initrd matching $kernel in the guest's /boot"
+    install -m 0644 "$kernel" "$image/vmlinuz"
+    install -m 0644 "$initrd" "$image/initrd.img"
+    # The guest never boots its own /boot (direct kernel boot): don't ship the copies twice.
+    rm -f -- "$kernel" "$initrd" "$root/vmlinuz" "$root/vmlinuz.old" "$root/initrd.img" \
+        "$root/initrd.img.old"
+
+    local used_mb size_mb
+    used_mb=$(du -sxm "$root" | cut -f1)
+    size_mb=$(( used_mb + used_mb / 5 + FREE_MB ))
+    log "mkfs.ext4 (${used_mb} MiB used, ${size_mb} MiB file system) ..."
+    mkfs.ext4 -q -F -L hyperjob-root -m 1 -d "$root" "$work/root.raw" "${size_mb}M" >/dev/null ||
+        die "mkfs.ext4 -d failed"
+    qemu-img convert -f raw -O qcow2 "$work/root.raw" "$image/base.qcow2" ||
+        die "qemu-img convert failed"
+    chmod 0644 "$image/base.qcow2" "$image/id_ed25519.pub" "$image/known_hosts"
+    chmod 0600 "$image/id_ed25519" "$image/ssh_host_ed25519_key"
+
+    cat >"$image/image.env" <<EOF
+# hyperjob test guest image, built by scripts/build-guest-image.sh ($(date -u +%Y-%m-%dT%H:%M:%SZ))
+KERNEL=$out/vmlinuz
+INITRD=$out/initrd.img
+CMDLINE='$CMDLINE'
+BASE_IMAGE=$out/base.qcow2
+IDENTITY_FILE=$out/id_ed25519
+KNOWN_HOSTS=$out/known_hosts
+GUEST_USER=$GUEST_USER
+EOF
+    chmod 0644 "$image/image.env"
+    printf '%s\n' "$STAMP" >"$image/stamp"
+    chmod 0644 "$image/stamp"
+}
+
+main() {
+    case "${1:-}" in
+    __essential-hook) essential_hook "$2"; return ;;
+    __customize-hook) customize_hook "$2" "$3" "$4"; return ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; return ;;
+    esac
+    [ $# -le 1 ] || die "usage: $PROG [OUT_DIR]"
+    [ "$(id -u)" -eq 0 ] || die "must run as root (mmdebstrap --mode=root, chroot)"
+
+    local out=${1:-${HYPERJOB_IMAGE_DIR:-/var/lib/hyperjob-test/image}}
+    SUITE=${HYPERJOB_IMAGE_SUITE:-bookworm}
+    MIRROR=${HYPERJOB_IMAGE_MIRROR:-http://deb.debian.org/debian}
+    FREE_MB=${HYPERJOB_IMAGE_FREE_MB:-1536}
+    GUEST_HOSTNAME=${HYPERJOB_GUEST_HOSTNAME:-hyperjob-guest}
+    [[ $FREE_MB =~ ^[0-9]+$ ]] || die "HYPERJOB_IMAGE_FREE_MB must be a number of MiB"
+    local tool
+    for tool in mmdebstrap mkfs.ext4 qemu-img ssh-keygen flock; do
+        command -v "$tool" >/dev/null || die "$tool not found (run scripts/install-deps.sh)"
+    done
+
+    out=$(realpath -m -- "$out")
+    STAMP="hyperjob-guest-image script=$(sha256sum "$SELF" | cut -d' ' -f1) suite=$SUITE mirror=$MIRROR free_mb=$FREE_MB hostname=$GUEST_HOSTNAME extra=${HYPERJOB_IMAGE_EXTRA_PACKAGES:-}"
+
+    if image_complete "$out"; then
+        log "up to date: $out"
+        return 0
+    fi
+
+    local parent
+    parent=$(dirname "$out")
+    (umask 022 && mkdir -p "$parent")
+    check_searchable "$parent"
+
+    # One build at a time per parent directory; re-check once we hold the lock.
+    exec 9<"$parent"
+    flock 9
+    if image_complete "$out"; then
+        log "up to date: $out (built concurrently)"
+        return 0
+    fi
+
+    local start
+    start=$(date +%s)
+    trap cleanup EXIT
+    trap 'on_signal 130' INT
+    trap 'on_signal 143' TERM
+    trap 'on_signal 129' HUP
+    WORK=$(mktemp -d "$parent/.$(basename "$out").build.XXXXXX")
+    chmod 0755 "$WORK"
+
+    build "$out" "$WORK"
+
+    # Swap in: the stamp is inside, so a half-moved or missing directory never looks complete.
+    if [ -e "$out" ]; then
+        OLD=$out.old.$$
+        mv -T -- "$out" "$OLD"
+    fi
+    mv -T -- "$WORK/out" "$out"
+    cleanup
+    WORK=
+    OLD=
+
+    log "built $out in $(( $(date +%s) - start )) s; base.qcow2: $(du -m --apparent-size "$out/base.qcow2" | cut -f1) MiB file, $(qemu-img info "$out/base.qcow2" | sed -n 's/^virtual size: \([^(]*\) (.*/\1/p') virtual"
+}
+
+main "$@"
