@@ -89,7 +89,8 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Config => {
             let document = stages::config(&ctx)?;
             let mut stdout = std::io::stdout().lock();
-            serde_json::to_writer(&mut stdout, &document).context("cannot write the config JSON")?;
+            serde_json::to_writer(&mut stdout, &document)
+                .context("cannot write the config JSON")?;
             stdout.flush().context("cannot write the config JSON")?;
             Ok(StageOutcome::Success)
         }

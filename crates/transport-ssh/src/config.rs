@@ -48,9 +48,9 @@ impl SshConfig {
         if user.is_empty() || user.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(invalid("`user` must be a user name without spaces"));
         }
-        let identity_file = file
-            .identity_file
-            .ok_or_else(|| invalid("`identity_file` is required (the private key for the guest user)"))?;
+        let identity_file = file.identity_file.ok_or_else(|| {
+            invalid("`identity_file` is required (the private key for the guest user)")
+        })?;
         if !identity_file.is_absolute() {
             return Err(invalid("`identity_file` must be an absolute path"));
         }
@@ -109,26 +109,34 @@ mod tests {
         assert_eq!(config.user, "gitlab-runner");
         assert_eq!(config.port, 22);
         assert_eq!(config.ready_timeout, Duration::from_secs(300));
-        assert_eq!(config.host_keys, HostKeyPolicy::KnownHosts(PathBuf::from("/kh")));
+        assert_eq!(
+            config.host_keys,
+            HostKeyPolicy::KnownHosts(PathBuf::from("/kh"))
+        );
     }
 
     #[test]
     fn host_key_checking_cannot_be_left_out_silently() {
         let err = parse("identity_file = \"/k\"").expect_err("no known_hosts");
 
-        assert!(err.to_string().contains("`known_hosts` is required"), "{err}");
+        assert!(
+            err.to_string().contains("`known_hosts` is required"),
+            "{err}"
+        );
     }
 
     #[test]
     fn insecure_mode_must_be_explicit() {
-        let config = parse("identity_file = \"/k\"\ninsecure_ignore_host_key = true").expect("valid");
+        let config =
+            parse("identity_file = \"/k\"\ninsecure_ignore_host_key = true").expect("valid");
 
         assert_eq!(config.host_keys, HostKeyPolicy::InsecureIgnore);
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err = parse("identity_file = \"/k\"\nknown_hosts = \"/kh\"\nhost = \"x\"").expect_err("unknown");
+        let err = parse("identity_file = \"/k\"\nknown_hosts = \"/kh\"\nhost = \"x\"")
+            .expect_err("unknown");
 
         assert!(err.to_string().contains("unknown field `host`"), "{err}");
     }
@@ -137,7 +145,10 @@ mod tests {
     fn missing_identity_file_is_reported() {
         let err = parse("known_hosts = \"/kh\"").expect_err("no key");
 
-        assert!(err.to_string().contains("`identity_file` is required"), "{err}");
+        assert!(
+            err.to_string().contains("`identity_file` is required"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -101,7 +101,10 @@ impl SshTransport {
                         "known_hosts file {} does not exist",
                         path.display()
                     )),
-                    _ => PluginError::system(format!("cannot read known_hosts file {}", path.display()), err),
+                    _ => PluginError::system(
+                        format!("cannot read known_hosts file {}", path.display()),
+                        err,
+                    ),
                 })?;
                 let keys = known_hosts::parse(&text);
                 if keys.is_empty() {
@@ -131,10 +134,11 @@ impl SshTransport {
             .ok()
             .and_then(|mut addrs| addrs.next())
             .ok_or_else(|| SshError::Resolve(addr_text.clone()))?;
-        let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|source| SshError::Connect {
-            addr: addr_text.clone(),
-            source,
-        })?;
+        let tcp =
+            TcpStream::connect_timeout(&addr, timeout).map_err(|source| SshError::Connect {
+                addr: addr_text.clone(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let mut session = Session::new().map_err(|err| SshError::Handshake {
             addr: addr_text.clone(),
@@ -182,10 +186,14 @@ impl SshTransport {
         let mut channel = session
             .channel_session()
             .map_err(|e| channel_error("opening a channel", &e))?;
-        channel.exec("true").map_err(|e| channel_error("running a probe command", &e))?;
+        channel
+            .exec("true")
+            .map_err(|e| channel_error("running a probe command", &e))?;
         let mut sink = Vec::new();
         let _ = channel.read_to_end(&mut sink);
-        channel.wait_close().map_err(|e| channel_error("closing the probe channel", &e))?;
+        channel
+            .wait_close()
+            .map_err(|e| channel_error("closing the probe channel", &e))?;
         match channel.exit_status() {
             Ok(0) => Ok(()),
             Ok(code) => Err(SshError::Channel {
@@ -260,7 +268,9 @@ impl Transport for SshTransport {
             .map_err(|err| PluginError::msg(err.to_string()))?;
         relay(&session, request, stdout, stderr).map_err(|err| match err {
             RelayError::Ssh(err) => PluginError::msg(err.to_string()),
-            RelayError::Interrupted => PluginError::Interrupted("while the script was running".into()),
+            RelayError::Interrupted => {
+                PluginError::Interrupted("while the script was running".into())
+            }
         })
     }
 }
@@ -296,7 +306,9 @@ fn relay(
             what: "sending the script",
             message: e.to_string(),
         })?;
-    channel.send_eof().map_err(|e| channel_error("closing the script's stdin", &e))?;
+    channel
+        .send_eof()
+        .map_err(|e| channel_error("closing the script's stdin", &e))?;
 
     // Blocking calls are bounded by the session timeout, which a long quiet script would hit:
     // relay in non-blocking mode and wait on the socket instead.
