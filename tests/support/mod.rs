@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -319,6 +320,9 @@ impl GitServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group: the daemon forks one child per connection, and those
+            // must go with it.
+            .process_group(0)
             .spawn()
             .expect("start git daemon");
         wait_for_port(bind_ip, port);
@@ -333,7 +337,10 @@ impl GitServer {
 
 impl Drop for GitServer {
     fn drop(&mut self) {
-        // Our own child, by its pid.
+        // Our own child and its connection handlers, by process group id.
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
