@@ -29,7 +29,7 @@ inventory::submit! {
     BackendFactory {
         name: "libvirt",
         version: env!("CARGO_PKG_VERSION"),
-        build: build,
+        build,
     }
 }
 

@@ -29,7 +29,7 @@ inventory::submit! {
     TransportFactory {
         name: "ssh",
         version: env!("CARGO_PKG_VERSION"),
-        build: build,
+        build,
     }
 }
 
