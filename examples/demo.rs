@@ -24,7 +24,13 @@ fn main() -> ExitCode {
     let git = GitServer::start(
         &env.bridge_ip,
         "hello",
-        &[("README.md", "# hello\nA project cloned into the VM by get_sources.\n"), ("build.sh", BUILD_SH)],
+        &[
+            (
+                "README.md",
+                "# hello\nA project cloned into the VM by get_sources.\n",
+            ),
+            ("build.sh", BUILD_SH),
+        ],
     );
     let id = unique_job_id();
     let mut job = Job::new(
@@ -39,10 +45,15 @@ fn main() -> ExitCode {
             "for i in 1 2 3; do echo \"streaming line $i\"; sleep 1; done",
         ],
     );
-    job.steps.push(Step::new("release", &["echo \"releasing commit $CI_COMMIT_SHA\""]));
+    job.steps.push(Step::new(
+        "release",
+        &["echo \"releasing commit $CI_COMMIT_SHA\""],
+    ));
     job.after_script = vec!["echo \"after_script: job status is $CI_JOB_STATUS\"".to_string()];
-    let driver = Driver::single_binary(&env.hyperjob)
-        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8 path"));
+    let driver = Driver::single_binary(&env.hyperjob).with_env(
+        "HYPERJOB_CONFIG",
+        ws.config_path.to_str().expect("utf-8 path"),
+    );
     let settings = hyperjob_test_harness::RunnerSettings {
         echo_log: true,
         ..Default::default()
@@ -53,9 +64,17 @@ fn main() -> ExitCode {
 
     println!("\n== time per driver invocation ==");
     for invocation in &report.invocations {
-        println!("{:<24} {:>7.2} s", invocation.kind.label(), invocation.duration.as_secs_f64());
+        println!(
+            "{:<24} {:>7.2} s",
+            invocation.kind.label(),
+            invocation.duration.as_secs_f64()
+        );
     }
-    println!("{:<24} {:>7.2} s", "whole job", report.duration.as_secs_f64());
+    println!(
+        "{:<24} {:>7.2} s",
+        "whole job",
+        report.duration.as_secs_f64()
+    );
     ws.assert_nothing_left(&format!("hyperjob-job-{id}"));
     println!("after cleanup: no domain, overlay, state file or QEMU process of the job remains");
     match report.result {

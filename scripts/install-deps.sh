@@ -28,7 +28,10 @@ apt_get install -qq --no-install-recommends -t "${codename}-backports" \
 # iptables: the firewall backend libvirt's network driver picks first (network.conf) for the
 # NAT network inside the test namespace; dnsmasq-base: its DHCP server; iproute2: `ip netns`;
 # util-linux: flock. git: also the host side of the tests (`git daemon`).
+# syslinux, syslinux-common, mtools, dosfstools, fdisk (sfdisk): the guest image's bootable
+# variant (MBR + FAT boot partition + SYSLINUX), assembled from plain files without mounting.
 apt_get install -qq --no-install-recommends \
     libssh2-1-dev libssl-dev pkg-config e2fsprogs openssh-client iproute2 dnsmasq-base \
-    iptables util-linux git ca-certificates procps >/dev/null
+    iptables util-linux git ca-certificates procps \
+    syslinux syslinux-common mtools dosfstools fdisk >/dev/null
 echo "install-deps.sh: packages installed"
