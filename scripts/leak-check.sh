@@ -23,7 +23,8 @@ if [ -d "$work_dir" ]; then
     done < <(find "$work_dir" -type f \( -name 'hyperjob-*' -o -name 'job-*.json' \) -print0)
 fi
 for proc in /proc/[0-9]*; do
-    cmdline=$(tr '\0' ' ' <"$proc/cmdline" 2>/dev/null) || continue
+    # The process may exit between listing and reading: skip it quietly.
+    { cmdline=$(tr '\0' ' ' <"$proc/cmdline"); } 2>/dev/null || continue
     case "$cmdline" in
         *qemu-system*guest=hyperjob-*) report "QEMU process ${proc#/proc/} of a hyperjob guest still runs" ;;
     esac
