@@ -53,6 +53,12 @@ enum Command {
     },
     /// cleanup_exec: destroy the job's VM, disk and state (idempotent)
     Cleanup,
+    /// Remove what jobs left behind: VMs past their deadline, and jobs whose VM is gone
+    Gc {
+        /// Only report what would be removed
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 impl Command {
@@ -62,6 +68,7 @@ impl Command {
             Command::Prepare => "prepare",
             Command::Run { .. } => "run",
             Command::Cleanup => "cleanup",
+            Command::Gc { .. } => "gc",
         }
     }
 }
@@ -78,6 +85,10 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
     let config_path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&config_path)?;
     let registry = Registry::builtin()?;
+    if let Command::Gc { dry_run } = cli.command {
+        // gc serves the whole host, not one job: no JOB_RESPONSE_FILE.
+        return hyperjob_core::gc::gc(&config, &registry, dry_run, &mut std::io::stdout());
+    }
     let job = JobIdentity::from_env()?;
     let ctx = StageContext {
         config: &config,
@@ -97,6 +108,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Prepare => stages::prepare(&ctx),
         Command::Run { script, stage } => stages::run(&ctx, script, stage),
         Command::Cleanup => stages::cleanup(&ctx),
+        Command::Gc { .. } => anyhow::bail!("gc does not belong to a job"),
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use hyperjob_core::plugin::Progress;
 use hyperjob_core::registry::{BackendFactory, PluginContext};
 use hyperjob_core::wait::Backoff;
-use hyperjob_core::{Backend, Endpoint, PluginError, VmRequest};
+use hyperjob_core::{Backend, Endpoint, OwnedVm, PluginError, VmRequest};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::error::ErrorNumber;
@@ -201,6 +201,34 @@ impl Backend for LibvirtBackend {
         let overlay_result = overlay::remove_file(&self.overlay_path(vm_name));
         let log_result = overlay::remove_file(&self.console_log_path(vm_name));
         domain_result.and(overlay_result).and(log_result)
+    }
+
+    fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
+        let conn = self.connect()?;
+        let domains = conn
+            .list_all_domains(0)
+            .map_err(|err| libvirt_error("cannot list domains".to_string(), &err))?;
+        let mut owned = Vec::new();
+        for domain in domains {
+            // Ownership is the metadata element hyperjob wrote, not the name.
+            let Ok(metadata) = domain.metadata(
+                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(xml::METADATA_NS),
+                0,
+            ) else {
+                continue;
+            };
+            let (Some(record), Ok(name)) = (xml::parse_metadata(&metadata), domain.name()) else {
+                continue;
+            };
+            owned.push(OwnedVm {
+                vm_name: name,
+                job_id: record.job_id,
+                created_unix: record.created_unix,
+                deadline_unix: record.deadline_unix,
+            });
+        }
+        Ok(owned)
     }
 
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {

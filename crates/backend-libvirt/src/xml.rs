@@ -99,6 +99,40 @@ pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
     xml
 }
 
+/// The ownership record read back from a domain's hyperjob metadata element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataRecord {
+    pub job_id: u64,
+    pub created_unix: u64,
+    pub deadline_unix: u64,
+}
+
+/// Parses the metadata element as libvirt returns it (libvirt may re-serialise it with its own
+/// namespace prefix and quoting, so only the element names and numbers are relied on).
+pub fn parse_metadata(xml: &str) -> Option<MetadataRecord> {
+    Some(MetadataRecord {
+        job_id: element_number(xml, "id")?,
+        created_unix: element_number(xml, "created")?,
+        deadline_unix: element_number(xml, "deadline")?,
+    })
+}
+
+fn element_number(xml: &str, name: &str) -> Option<u64> {
+    let mut rest = xml;
+    while let Some(open) = rest.find('<') {
+        rest = &rest[open + 1..];
+        let end = rest.find('>')?;
+        let tag = &rest[..end];
+        let local = tag.rsplit(':').next().unwrap_or(tag);
+        if !tag.starts_with('/') && local == name {
+            let body = &rest[end + 1..];
+            let close = body.find('<')?;
+            return body[..close].trim().parse().ok();
+        }
+    }
+    None
+}
+
 fn escape_path(path: &Path) -> String {
     escape(&path.to_string_lossy())
 }
@@ -204,6 +238,48 @@ mod tests {
         assert!(xml.contains("<source file='/images/a&apos;b&lt;c&gt;&amp;&quot;d.qcow2'/>"));
         assert!(xml.contains("<source network='net&apos;/&gt;&lt;evil/&gt;'/>"));
         assert!(!xml.contains("<evil/>"));
+    }
+
+    #[test]
+    fn metadata_round_trips_through_the_parser() {
+        let overlay = PathBuf::from("/o.qcow2");
+        let log = PathBuf::from("/o.log");
+        let xml = domain_xml(&spec(&overlay, &log, None));
+        let start = xml.find("<hyperjob:job").expect("metadata element");
+        let end = xml.find("</hyperjob:job>").expect("end");
+
+        let record = parse_metadata(&xml[start..end + 15]);
+
+        assert_eq!(
+            record,
+            Some(MetadataRecord {
+                job_id: 42,
+                created_unix: 1000,
+                deadline_unix: 8200
+            })
+        );
+    }
+
+    #[test]
+    fn metadata_as_libvirt_returns_it_is_parsed() {
+        let returned = "<job xmlns=\"http://hyperjob.dev/xmlns/job/1\">\n  <id>7</id>\n  <created>5</created>\n  <deadline>9</deadline>\n</job>";
+
+        assert_eq!(
+            parse_metadata(returned),
+            Some(MetadataRecord {
+                job_id: 7,
+                created_unix: 5,
+                deadline_unix: 9
+            })
+        );
+    }
+
+    #[test]
+    fn metadata_without_a_deadline_is_not_ours() {
+        assert_eq!(
+            parse_metadata("<job><id>7</id><created>5</created></job>"),
+            None
+        );
     }
 
     #[test]

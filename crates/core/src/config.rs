@@ -17,6 +17,7 @@ pub const CONFIG_ENV: &str = "HYPERJOB_CONFIG";
 const DEFAULT_STATE_DIR: &str = "/var/lib/hyperjob";
 const DEFAULT_BUILDS_DIR: &str = "/home/gitlab-runner/builds";
 const DEFAULT_CACHE_DIR: &str = "/home/gitlab-runner/cache";
+const DEFAULT_DEADLINE_MARGIN_SECS: u64 = 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,6 +42,7 @@ struct ConfigFile {
     state_dir: Option<PathBuf>,
     builds_dir: Option<String>,
     cache_dir: Option<String>,
+    deadline_margin_secs: Option<u64>,
     #[serde(default)]
     backends: toml::Table,
     #[serde(default)]
@@ -60,6 +62,8 @@ pub struct Config {
     pub builds_dir: String,
     /// `cache_dir` reported to the runner: a path inside the guest.
     pub cache_dir: String,
+    /// How long after its job timeout a job's VM counts as abandoned (`hyperjob gc`).
+    pub deadline_margin_secs: u64,
     /// `[backends.<backend>]`, empty when absent.
     pub backend_table: toml::Table,
     /// `[transports.<transport>]`, empty when absent.
@@ -131,6 +135,9 @@ impl Config {
             state_dir,
             builds_dir,
             cache_dir,
+            deadline_margin_secs: file
+                .deadline_margin_secs
+                .unwrap_or(DEFAULT_DEADLINE_MARGIN_SECS),
             backend_table,
             transport_table,
         })

@@ -15,8 +15,6 @@ pub const BUILD_FAILURE_EXIT_CODE: &str = "BUILD_FAILURE_EXIT_CODE";
 pub const SYSTEM_FAILURE_EXIT_CODE: &str = "SYSTEM_FAILURE_EXIT_CODE";
 pub const BUILD_EXIT_CODE_FILE: &str = "BUILD_EXIT_CODE_FILE";
 
-/// Extra lifetime granted beyond the job timeout before a VM counts as abandoned.
-const DEADLINE_MARGIN_SECS: u64 = 3600;
 /// The runner's default job timeout, used when the response file has none.
 const DEFAULT_JOB_TIMEOUT_SECS: u64 = 3600;
 
@@ -128,11 +126,12 @@ impl JobIdentity {
         format!("hyperjob-job-{}", self.job_id)
     }
 
-    /// Unix time after which this job's resources are certainly abandoned.
-    pub fn deadline_unix(&self, created_unix: u64) -> u64 {
+    /// Unix time after which this job's resources are certainly abandoned: creation, plus the
+    /// job timeout, plus a margin for the runner's own cleanup.
+    pub fn deadline_unix(&self, created_unix: u64, margin_secs: u64) -> u64 {
         created_unix
             .saturating_add(self.timeout_secs)
-            .saturating_add(DEADLINE_MARGIN_SECS)
+            .saturating_add(margin_secs)
     }
 }
 
@@ -209,6 +208,6 @@ mod tests {
     fn deadline_is_creation_plus_timeout_plus_margin() {
         let job = parse(r#"{"id":1,"runner_info":{"timeout":100}}"#).expect("valid");
 
-        assert_eq!(job.deadline_unix(1_000), 1_000 + 100 + 3600);
+        assert_eq!(job.deadline_unix(1_000, 3600), 1_000 + 100 + 3600);
     }
 }

@@ -17,7 +17,10 @@ pub mod stages;
 pub mod state;
 pub mod wait;
 
-pub use plugin::{Backend, Endpoint, PluginError, RemoteExit, ScriptRequest, Transport, VmRequest};
+pub use plugin::{
+    Backend, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport, VmRequest,
+};
+pub mod gc;
 
 /// Version of hyperjob-core, shown by `config` and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

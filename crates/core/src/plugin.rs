@@ -94,6 +94,15 @@ pub struct VmRequest {
     pub deadline_unix: u64,
 }
 
+/// A VM a backend created, as recorded on the VM itself (libvirt: domain metadata).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedVm {
+    pub vm_name: String,
+    pub job_id: u64,
+    pub created_unix: u64,
+    pub deadline_unix: u64,
+}
+
 /// Reports progress to the job log. Implemented by the core; plugins only call it.
 pub trait Progress {
     fn say(&self, message: &str);
@@ -115,6 +124,12 @@ pub trait Backend: Send + Sync {
     /// Destroys the VM and everything it owns. Idempotent: "already gone" is success, and it
     /// must work from the name alone (prepare may have died before recording anything).
     fn destroy(&self, vm_name: &str) -> Result<(), PluginError>;
+
+    /// Optional: every VM this backend created that still exists, with its ownership record,
+    /// for `hyperjob gc`. Must never list anything hyperjob did not create.
+    fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
+        Err(PluginError::Unsupported("list_owned"))
+    }
 
     /// Optional: the last lines the guest printed on its console, to explain a failed boot.
     fn console_tail(&self, _vm_name: &str) -> Result<String, PluginError> {

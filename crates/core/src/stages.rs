@@ -11,10 +11,10 @@ use serde_json::json;
 use crate::config::Config;
 use crate::exit::StageOutcome;
 use crate::job::{build_exit_code_file, JobIdentity};
-use crate::plugin::{Backend, Progress, RemoteExit, ScriptRequest, Transport, VmRequest};
+use crate::plugin::{Backend, Endpoint, Progress, RemoteExit, ScriptRequest, Transport, VmRequest};
 use crate::progress::StdoutProgress;
 use crate::registry::{PluginContext, Registry};
-use crate::state::{JobState, StateStore};
+use crate::state::{JobState, Phase, StateStore};
 
 /// Everything a stage needs: the config, the registry and the trusted job identity.
 #[derive(Debug)]
@@ -27,41 +27,48 @@ pub struct StageContext<'a> {
 }
 
 impl StageContext<'_> {
-    fn plugin_context(&self) -> PluginContext {
-        PluginContext {
-            state_dir: self.config.state_dir.clone(),
-        }
-    }
-
     fn backend(&self) -> anyhow::Result<Box<dyn Backend>> {
-        let entry = self.registry.backend(&self.config.backend)?;
-        (entry.build)(&self.plugin_context(), &self.config.backend_table).map_err(|err| match err {
-            crate::PluginError::Config(_) => self
-                .config
-                .plugin_error("backends", &self.config.backend, err)
-                .into(),
-            other => anyhow::Error::new(other)
-                .context(format!("cannot start backend {:?}", self.config.backend)),
-        })
+        build_backend(self.config, self.registry)
     }
 
     fn transport(&self) -> anyhow::Result<Box<dyn Transport>> {
-        let entry = self.registry.transport(&self.config.transport)?;
-        (entry.build)(&self.plugin_context(), &self.config.transport_table).map_err(|err| match err
-        {
-            crate::PluginError::Config(_) => self
-                .config
-                .plugin_error("transports", &self.config.transport, err)
-                .into(),
-            other => anyhow::Error::new(other).context(format!(
-                "cannot start transport {:?}",
-                self.config.transport
-            )),
-        })
+        build_transport(self.config, self.registry)
     }
 
     fn store(&self) -> StateStore {
         StateStore::new(&self.config.state_dir)
+    }
+}
+
+fn plugin_context(config: &Config) -> PluginContext {
+    PluginContext {
+        state_dir: config.state_dir.clone(),
+    }
+}
+
+/// Builds the configured backend; its config errors name the file and table.
+pub fn build_backend(config: &Config, registry: &Registry) -> anyhow::Result<Box<dyn Backend>> {
+    let entry = registry.backend(&config.backend)?;
+    (entry.build)(&plugin_context(config), &config.backend_table)
+        .map_err(|err| plugin_failure(config, "backends", &config.backend, err))
+}
+
+/// Builds the configured transport; its config errors name the file and table.
+pub fn build_transport(config: &Config, registry: &Registry) -> anyhow::Result<Box<dyn Transport>> {
+    let entry = registry.transport(&config.transport)?;
+    (entry.build)(&plugin_context(config), &config.transport_table)
+        .map_err(|err| plugin_failure(config, "transports", &config.transport, err))
+}
+
+fn plugin_failure(
+    config: &Config,
+    section: &str,
+    name: &str,
+    err: crate::PluginError,
+) -> anyhow::Error {
+    match err {
+        crate::PluginError::Config(_) => config.plugin_error(section, name, err).into(),
+        other => anyhow::Error::new(other).context(format!("cannot start {section}.{name}")),
     }
 }
 
@@ -86,13 +93,13 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let progress = StdoutProgress;
     let vm_name = ctx.job.vm_name();
     let store = ctx.store();
+    let _active = store.lock_activity(ctx.job.job_id)?;
 
     // A retried prepare (the runner tries up to three times) may find what an earlier, failed
     // or killed attempt of the same job left behind: start from nothing.
     backend
         .destroy(&vm_name)
         .with_context(|| format!("cannot remove leftovers of an earlier attempt for {vm_name}"))?;
-    store.remove(ctx.job.job_id)?;
 
     let started = Instant::now();
     let created_unix = unix_now();
@@ -100,8 +107,18 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         vm_name: vm_name.clone(),
         job_id: ctx.job.job_id,
         created_unix,
-        deadline_unix: ctx.job.deadline_unix(created_unix),
+        deadline_unix: ctx
+            .job
+            .deadline_unix(created_unix, ctx.config.deadline_margin_secs),
     };
+    // The record comes first, so whatever happens next can be found and removed again.
+    let record = JobState::creating(
+        ctx.job.job_id,
+        vm_name.clone(),
+        (&ctx.config.backend, &ctx.config.transport),
+        (request.created_unix, request.deadline_unix),
+    );
+    store.save(&record)?;
     progress.say(&format!(
         "Creating VM {vm_name} with the {} backend...",
         ctx.config.backend
@@ -113,12 +130,15 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         &request,
         &progress,
         started,
-    );
+    )
+    .and_then(|endpoint| {
+        store.save(&record.ready(endpoint.clone()))?;
+        Ok(endpoint)
+    });
     match result {
-        Ok(state) => {
+        Ok(endpoint) => {
             progress.say(&format!(
-                "Guest ready at {} after {:.1} s",
-                state.endpoint,
+                "Guest ready at {endpoint} after {:.1} s",
                 started.elapsed().as_secs_f64()
             ));
             Ok(StageOutcome::Success)
@@ -129,12 +149,15 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
                     report_console_tail(&tail);
                 }
             }
-            if let Err(destroy_err) = backend.destroy(&vm_name) {
-                tracing::warn!(
+            match backend.destroy(&vm_name) {
+                Ok(()) => {
+                    let _ = store.remove(ctx.job.job_id);
+                }
+                // Keep the record: cleanup or gc will try again.
+                Err(destroy_err) => tracing::warn!(
                     "removing the VM after a failed prepare failed too: {destroy_err:#}"
-                );
+                ),
             }
-            let _ = store.remove(ctx.job.job_id);
             Err(err)
         }
     }
@@ -147,11 +170,12 @@ fn boot(
     request: &VmRequest,
     progress: &dyn Progress,
     started: Instant,
-) -> anyhow::Result<JobState> {
+) -> anyhow::Result<Endpoint> {
     let deadline = started + transport.ready_timeout();
     backend
         .create(request, progress)
         .with_context(|| format!("cannot create VM {}", request.vm_name))?;
+    interrupted(ctx.cancel)?;
     progress.say("Waiting for the guest address...");
     let endpoint = backend
         .wait_address(&request.vm_name, deadline, ctx.cancel)
@@ -164,15 +188,15 @@ fn boot(
     transport
         .wait_ready(&endpoint, deadline, ctx.cancel)
         .with_context(|| format!("guest of VM {} never became reachable", request.vm_name))?;
-    let state = JobState::new(
-        ctx.job.job_id,
-        request.vm_name.clone(),
-        (&ctx.config.backend, &ctx.config.transport),
-        endpoint,
-        (request.created_unix, request.deadline_unix),
-    );
-    ctx.store().save(&state)?;
-    Ok(state)
+    interrupted(ctx.cancel)?;
+    Ok(endpoint)
+}
+
+fn interrupted(cancel: &AtomicBool) -> anyhow::Result<()> {
+    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        bail!("interrupted by a signal");
+    }
+    Ok(())
 }
 
 fn report_console_tail(tail: &str) {
@@ -209,14 +233,22 @@ pub fn run(
     let script = std::fs::read(script_path)
         .with_context(|| format!("cannot read script {}", script_path.display()))?;
     let interpreter = interpreter_for(&script)?;
-    let state = ctx.store().load(ctx.job.job_id)?.with_context(|| {
-        format!(
+    let store = ctx.store();
+    let _active = store.lock_activity(ctx.job.job_id)?;
+    let Some(JobState {
+        phase: Phase::Ready,
+        endpoint: Some(endpoint),
+        vm_name,
+        ..
+    }) = store.load(ctx.job.job_id)?
+    else {
+        bail!(
             "no VM is prepared for job {} (prepare did not run or did not succeed)",
             ctx.job.job_id
-        )
-    })?;
+        );
+    };
     let transport = ctx.transport()?;
-    tracing::debug!(stage = stage_name, vm = %state.vm_name, "running stage script");
+    tracing::debug!(stage = stage_name, vm = %vm_name, "running stage script");
     let request = ScriptRequest {
         interpreter,
         script: &script,
@@ -225,8 +257,8 @@ pub fn run(
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let exit = transport
-        .run_script(&state.endpoint, &request, &mut stdout, &mut stderr)
-        .with_context(|| format!("stage {stage_name} could not run in VM {}", state.vm_name))?;
+        .run_script(&endpoint, &request, &mut stdout, &mut stderr)
+        .with_context(|| format!("stage {stage_name} could not run in VM {vm_name}"))?;
     Ok(match exit {
         RemoteExit::Code(0) => StageOutcome::Success,
         RemoteExit::Code(exit_code) => StageOutcome::ScriptFailed { exit_code },
@@ -236,7 +268,8 @@ pub fn run(
     })
 }
 
-/// `cleanup_exec`: destroys the VM and the job's state. Idempotent.
+/// `cleanup_exec`: destroys the VM and the job's state. Idempotent, and it takes no lock: the
+/// runner may start it while a killed run of the same job is still dying.
 pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let backend = ctx.backend()?;
     let vm_name = ctx.job.vm_name();
@@ -288,7 +321,7 @@ fn signal_number(name: &str) -> i32 {
     }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

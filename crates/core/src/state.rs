@@ -1,8 +1,13 @@
 //! Per-job state on disk. prepare, every run and cleanup are separate processes, so what prepare
 //! learned (the guest's endpoint) is written here and read back by run. Files are written
 //! atomically (temporary file + rename) with mode 0600 in a 0700 directory.
+//!
+//! The state file is the anchor of everything a job owns: prepare writes it (phase `creating`)
+//! *before* it creates anything, and cleanup removes it *last*, so a process killed at any point
+//! leaves a record that `cleanup` or `gc` can act on. While prepare or run works on a job it
+//! holds a shared lock on `job-<id>.lock`; `gc` treats a locked job as active.
 
-use std::fs::{self, DirBuilder, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -40,6 +45,32 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot lock {path}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot list state directory {path}")]
+    List {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A shared lock on a job, held while prepare or run works on it.
+#[derive(Debug)]
+pub struct ActivityLock {
+    _file: File,
+}
+
+/// How far prepare got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// prepare is creating the VM (or died doing so).
+    Creating,
+    /// The guest is reachable at `endpoint`.
+    Ready,
 }
 
 /// What prepare records for the later stages of one job.
@@ -50,17 +81,19 @@ pub struct JobState {
     pub vm_name: String,
     pub backend: String,
     pub transport: String,
-    pub endpoint: Endpoint,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Endpoint>,
     pub created_unix: u64,
     pub deadline_unix: u64,
 }
 
 impl JobState {
-    pub fn new(
+    /// The record prepare writes before it creates anything.
+    pub fn creating(
         job_id: u64,
         vm_name: String,
         plugins: (&str, &str),
-        endpoint: Endpoint,
         times: (u64, u64),
     ) -> Self {
         Self {
@@ -69,9 +102,19 @@ impl JobState {
             vm_name,
             backend: plugins.0.to_string(),
             transport: plugins.1.to_string(),
-            endpoint,
+            phase: Phase::Creating,
+            endpoint: None,
             created_unix: times.0,
             deadline_unix: times.1,
+        }
+    }
+
+    /// The same record once the guest is reachable.
+    pub fn ready(self, endpoint: Endpoint) -> Self {
+        Self {
+            phase: Phase::Ready,
+            endpoint: Some(endpoint),
+            ..self
         }
     }
 }
@@ -91,8 +134,11 @@ impl StateStore {
         self.dir.join(format!("job-{job_id}.json"))
     }
 
-    /// Writes the state of a job atomically, 0600.
-    pub fn save(&self, state: &JobState) -> Result<(), StateError> {
+    fn lock_path(&self, job_id: u64) -> PathBuf {
+        self.dir.join(format!("job-{job_id}.lock"))
+    }
+
+    fn ensure_dir(&self) -> Result<(), StateError> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -100,7 +146,74 @@ impl StateStore {
             .map_err(|source| StateError::CreateDir {
                 path: self.dir.clone(),
                 source,
+            })
+    }
+
+    /// Marks the job as being worked on until the returned lock is dropped (or the process
+    /// dies: the kernel releases the lock).
+    pub fn lock_activity(&self, job_id: u64) -> Result<ActivityLock, StateError> {
+        self.ensure_dir()?;
+        let path = self.lock_path(job_id);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| StateError::Lock {
+                path: path.clone(),
+                source,
             })?;
+        file.lock_shared()
+            .map_err(|source| StateError::Lock { path, source })?;
+        Ok(ActivityLock { _file: file })
+    }
+
+    /// Whether a prepare or run of this job is running right now.
+    pub fn is_active(&self, job_id: u64) -> Result<bool, StateError> {
+        let path = self.lock_path(job_id);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(source) => return Err(StateError::Lock { path, source }),
+        };
+        match file.try_lock() {
+            Ok(()) => Ok(false),
+            Err(TryLockError::WouldBlock) => Ok(true),
+            Err(TryLockError::Error(source)) => Err(StateError::Lock { path, source }),
+        }
+    }
+
+    /// Job ids that have a state file.
+    pub fn job_ids(&self) -> Result<Vec<u64>, StateError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StateError::List {
+                    path: self.dir.clone(),
+                    source,
+                })
+            }
+        };
+        let mut ids: Vec<u64> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                let name = name.to_str()?;
+                name.strip_prefix("job-")?
+                    .strip_suffix(".json")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Writes the state of a job atomically, 0600.
+    pub fn save(&self, state: &JobState) -> Result<(), StateError> {
+        self.ensure_dir()?;
         let path = self.path_for(state.job_id);
         let tmp = self.dir.join(format!(
             ".job-{}.json.{}.tmp",
@@ -141,14 +254,16 @@ impl StateStore {
             .map_err(|source| StateError::Corrupt { path, source })
     }
 
-    /// Removes a job's state; absent state is fine.
+    /// Removes a job's state and lock file; absent files are fine.
     pub fn remove(&self, job_id: u64) -> Result<(), StateError> {
-        let path = self.path_for(job_id);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Remove { path, source }),
+        for path in [self.path_for(job_id), self.lock_path(job_id)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == ErrorKind::NotFound => {}
+                Err(source) => return Err(StateError::Remove { path, source }),
+            }
         }
+        Ok(())
     }
 }
 
@@ -159,16 +274,16 @@ mod tests {
     use super::*;
 
     fn sample(job_id: u64) -> JobState {
-        JobState::new(
+        JobState::creating(
             job_id,
             format!("hyperjob-job-{job_id}"),
             ("libvirt", "ssh"),
-            Endpoint {
-                host: "192.0.2.10".to_string(),
-                port: None,
-            },
             (100, 200),
         )
+        .ready(Endpoint {
+            host: "192.0.2.10".to_string(),
+            port: None,
+        })
     }
 
     #[test]
@@ -207,6 +322,45 @@ mod tests {
 
         store.save(&sample(1)).expect("save");
         store.remove(1).expect("remove");
+
+        assert_eq!(fs::read_dir(dir.path()).expect("read_dir").count(), 0);
+    }
+
+    #[test]
+    fn job_ids_lists_only_state_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(dir.path());
+        store.save(&sample(12)).expect("save");
+        store.save(&sample(3)).expect("save");
+        let _lock = store.lock_activity(5).expect("lock");
+        fs::write(dir.path().join("unrelated.json"), b"{}").expect("write");
+
+        assert_eq!(store.job_ids().expect("list"), vec![3, 12]);
+    }
+
+    #[test]
+    fn a_held_activity_lock_marks_the_job_active_until_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(dir.path());
+
+        let lock = store.lock_activity(9).expect("lock");
+        let while_held = store.is_active(9).expect("check");
+        drop(lock);
+        let after = store.is_active(9).expect("check");
+
+        assert!(while_held);
+        assert!(!after);
+        assert!(!store.is_active(10).expect("no lock file"));
+    }
+
+    #[test]
+    fn remove_takes_the_lock_file_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(dir.path());
+        store.save(&sample(4)).expect("save");
+        drop(store.lock_activity(4).expect("lock"));
+
+        store.remove(4).expect("remove");
 
         assert_eq!(fs::read_dir(dir.path()).expect("read_dir").count(), 0);
     }

@@ -22,8 +22,12 @@ pub use config::{HostKeyPolicy, SshConfig};
 const READ_CHUNK: usize = 32 * 1024;
 /// How long the relay loop waits for the socket before checking for cancellation again.
 const POLL_INTERVAL_MS: i32 = 200;
-/// Keepalive interval while a script runs, so NAT and firewalls keep quiet connections.
-const KEEPALIVE_SECS: u32 = 30;
+/// Keepalive interval while a script runs: keeps NAT and firewalls from dropping a quiet
+/// connection, and gives the kernel data whose acknowledgement it can miss.
+const KEEPALIVE_SECS: u32 = 15;
+/// A connection whose sent data stays unacknowledged this long is dead (`TCP_USER_TIMEOUT`):
+/// a guest that died or hung cannot keep a stage waiting until the job timeout.
+const DEAD_PEER: Duration = Duration::from_secs(45);
 
 inventory::submit! {
     TransportFactory {
@@ -140,6 +144,7 @@ impl SshTransport {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(DEAD_PEER));
         let mut session = Session::new().map_err(|err| SshError::Handshake {
             addr: addr_text.clone(),
             message: err.message().to_string(),
@@ -287,7 +292,76 @@ impl From<SshError> for RelayError {
     }
 }
 
+/// First line the remote side prints on stderr: the process group of the remote shell. OpenSSH
+/// makes the shell a group leader; dropbear puts it in the group of its own session process.
+/// Either way every process the script starts (without `setsid` of its own) is in that group.
+const PID_MARKER: &str = "hyperjob-remote-pgid ";
+/// How long a cancelled script gets to finish and flush its output before we give up on it.
+const CANCEL_GRACE: Duration = Duration::from_millis(1500);
+
+/// The remote command: report the shell's process group (from /proc; the shell's pid where
+/// there is no /proc), then become the interpreter that reads the script from stdin.
+/// `interpreter` is one of a fixed set of names (`bash`, `sh`).
+pub fn remote_command(interpreter: &str) -> String {
+    format!(
+        "g=$$; if [ -r /proc/$$/stat ]; then read -r s < /proc/$$/stat; set -- ${{s##*\") \"}}; g=$3; fi; \
+         printf '{PID_MARKER}%s\\n' \"$g\" >&2; exec {interpreter}"
+    )
+}
+
+/// The command that stops the script's whole process group: SIGTERM now, SIGKILL a second
+/// later from a detached helper (so this command itself returns at once).
+pub fn kill_command(pgid: u32) -> String {
+    format!(
+        "kill -TERM -- -{pgid} 2>/dev/null; sh -c 'sleep 1; kill -KILL -- -{pgid} 2>/dev/null' </dev/null >/dev/null 2>&1 &"
+    )
+}
+
+/// Takes the pid line off the front of stderr and passes everything else through.
+#[derive(Debug, Default)]
+pub struct PidCapture {
+    head: Vec<u8>,
+    done: bool,
+    pid: Option<u32>,
+}
+
+impl PidCapture {
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Feeds stderr bytes; returns the bytes that belong to the script's stderr.
+    pub fn feed<'a>(&mut self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        if self.done {
+            return std::borrow::Cow::Borrowed(data);
+        }
+        self.head.extend_from_slice(data);
+        let Some(newline) = self.head.iter().position(|b| *b == b'\n') else {
+            if self.head.len() > 64 {
+                // Not our marker after all: stop looking and pass everything on.
+                self.done = true;
+                return std::borrow::Cow::Owned(std::mem::take(&mut self.head));
+            }
+            return std::borrow::Cow::Owned(Vec::new());
+        };
+        self.done = true;
+        let line = String::from_utf8_lossy(&self.head[..newline]).into_owned();
+        match line
+            .strip_prefix(PID_MARKER)
+            .and_then(|pid| pid.trim().parse().ok())
+        {
+            Some(pid) => {
+                self.pid = Some(pid);
+                std::borrow::Cow::Owned(self.head.split_off(newline + 1))
+            }
+            None => std::borrow::Cow::Owned(std::mem::take(&mut self.head)),
+        }
+    }
+}
+
 /// Starts the interpreter, feeds it the script on stdin and relays its output until it exits.
+/// On cancellation the script's process group in the guest is stopped, its last output is
+/// relayed for a short grace period, and the relay ends.
 fn relay(
     session: &Session,
     request: &ScriptRequest<'_>,
@@ -298,7 +372,7 @@ fn relay(
         .channel_session()
         .map_err(|e| channel_error("opening a channel", &e))?;
     channel
-        .exec(request.interpreter)
+        .exec(&remote_command(request.interpreter))
         .map_err(|e| channel_error("starting the guest shell", &e))?;
     channel
         .write_all(request.script)
@@ -316,14 +390,18 @@ fn relay(
     session.set_keepalive(false, KEEPALIVE_SECS);
     session.set_blocking(false);
     let mut buf = vec![0u8; READ_CHUNK];
-    let mut stderr_stream = channel.stderr();
+    let mut capture = PidCapture::default();
+    let mut cancelled_at: Option<Instant> = None;
     loop {
-        if request.cancel.load(Ordering::Relaxed) {
+        if cancelled_at.is_none() && request.cancel.load(Ordering::Relaxed) {
+            cancelled_at = Some(Instant::now());
+            stop_remote(session, capture.pid());
+        }
+        if cancelled_at.is_some_and(|at| at.elapsed() > CANCEL_GRACE) {
             return Err(RelayError::Interrupted);
         }
-        let mut progressed = false;
-        progressed |= pump(&mut channel, &mut buf, stdout)?;
-        progressed |= pump(&mut stderr_stream, &mut buf, stderr)?;
+        let mut progressed = pump(&mut channel, &mut buf, stdout, None)?;
+        progressed |= pump(&mut channel.stderr(), &mut buf, stderr, Some(&mut capture))?;
         if channel.eof() && !progressed {
             break;
         }
@@ -331,6 +409,9 @@ fn relay(
             let _ = session.keepalive_send();
             wait_readable(session);
         }
+    }
+    if cancelled_at.is_some() {
+        return Err(RelayError::Interrupted);
     }
     session.set_blocking(true);
     channel
@@ -348,13 +429,45 @@ fn relay(
     Ok(RemoteExit::Code(code))
 }
 
-/// Moves what is available from `from` to `to`; true when something moved.
-fn pump(from: &mut dyn Read, buf: &mut [u8], to: &mut dyn Write) -> Result<bool, SshError> {
+/// Sends the kill command on a second channel of the same session. Best effort: if it cannot
+/// be delivered, cleanup destroys the VM anyway.
+fn stop_remote(session: &Session, pgid: Option<u32>) {
+    let Some(pgid) = pgid else {
+        tracing::warn!(
+            "the remote shell's pid is unknown; its processes stop when the VM is destroyed"
+        );
+        return;
+    };
+    session.set_blocking(true);
+    session.set_timeout(1000);
+    let sent = session.channel_session().and_then(|mut channel| {
+        channel.exec(&kill_command(pgid))?;
+        channel.send_eof()
+    });
+    if let Err(err) = sent {
+        tracing::warn!("could not stop the script in the guest: {}", err.message());
+    }
+    session.set_timeout(0);
+    session.set_blocking(false);
+}
+
+/// Moves what is available from `from` to `to` (through `capture`, if given); true when
+/// something moved.
+fn pump(
+    from: &mut dyn Read,
+    buf: &mut [u8],
+    to: &mut dyn Write,
+    capture: Option<&mut PidCapture>,
+) -> Result<bool, SshError> {
     match from.read(buf) {
         Ok(0) => Ok(false),
         Ok(n) => {
+            let data = match capture {
+                Some(capture) => capture.feed(&buf[..n]),
+                None => std::borrow::Cow::Borrowed(&buf[..n]),
+            };
             // Output the job log cannot take is dropped rather than failing the job.
-            let _ = to.write_all(&buf[..n]);
+            let _ = to.write_all(&data);
             let _ = to.flush();
             Ok(true)
         }
@@ -379,5 +492,82 @@ fn wait_readable(session: &Session) {
     #[allow(unsafe_code)]
     unsafe {
         libc::poll(&mut pollfd, 1, POLL_INTERVAL_MS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt;
+
+    use super::*;
+
+    #[test]
+    fn remote_command_reports_the_process_group_then_execs_the_interpreter() {
+        let command = remote_command("bash");
+
+        assert!(command.contains("/proc/$$/stat"), "{command}");
+        assert!(
+            command.ends_with("printf 'hyperjob-remote-pgid %s\\n' \"$g\" >&2; exec bash"),
+            "{command}"
+        );
+    }
+
+    #[test]
+    fn remote_command_prints_the_process_group_of_a_real_shell() {
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(remote_command("true"))
+            .process_group(0)
+            .output()
+            .expect("run sh");
+        let pid_line = String::from_utf8_lossy(&output.stderr).into_owned();
+
+        let mut capture = PidCapture::default();
+        let rest = capture.feed(pid_line.as_bytes()).into_owned();
+
+        assert!(rest.is_empty(), "{pid_line}");
+        assert!(capture.pid().is_some_and(|pgid| pgid > 1), "{pid_line}");
+    }
+
+    #[test]
+    fn kill_command_targets_the_process_group() {
+        let command = kill_command(4321);
+
+        assert!(command.starts_with("kill -TERM -- -4321 "), "{command}");
+        assert!(command.contains("kill -KILL -- -4321"), "{command}");
+    }
+
+    #[test]
+    fn pid_line_is_taken_off_stderr_even_when_split() {
+        let mut capture = PidCapture::default();
+
+        let first = capture.feed(b"hyperjob-remote-p").into_owned();
+        let second = capture.feed(b"gid 77\nreal stderr\n").into_owned();
+        let third = capture.feed(b"more\n").into_owned();
+
+        assert_eq!(capture.pid(), Some(77));
+        assert!(first.is_empty());
+        assert_eq!(second, b"real stderr\n");
+        assert_eq!(third, b"more\n");
+    }
+
+    #[test]
+    fn stderr_without_the_marker_passes_through_untouched() {
+        let mut capture = PidCapture::default();
+
+        let out = capture.feed(b"some shell complaint\nnext\n").into_owned();
+
+        assert_eq!(capture.pid(), None);
+        assert_eq!(out, b"some shell complaint\nnext\n");
+    }
+
+    #[test]
+    fn long_first_line_without_newline_is_not_held_back() {
+        let mut capture = PidCapture::default();
+
+        let out = capture.feed(&[b'x'; 100]).into_owned();
+
+        assert_eq!(out.len(), 100);
+        assert_eq!(capture.pid(), None);
     }
 }

@@ -1,0 +1,382 @@
+//! End-to-end reliability: signals and SIGKILL at awkward moments, leftovers, garbage
+//! collection, cleanup racing a dying run, and concurrent jobs. Real binary, real libvirtd,
+//! real TCG guests; run with scripts/test.sh.
+
+mod support;
+
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hyperjob_test_harness::{
+    run_job, Driver, ExecutorSession, ExitInfo, Invocation, Job, JobResult, JobVariable,
+    RunnerSettings, RunningInvocation, Stage, Step,
+};
+use support::{list_dir, qemu_processes_of, unique_job_id, virsh, TestEnv, Workspace};
+
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
+
+fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
+    Driver::single_binary(&env.hyperjob)
+        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+}
+
+fn vm_name(job_id: i64) -> String {
+    format!("hyperjob-job-{job_id}")
+}
+
+/// A job that needs no git server: sources are skipped.
+fn job(id: i64, script: &[&str]) -> Job {
+    let mut job = Job::new(id, "group/reliability", "", "", script);
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+    job
+}
+
+/// An executor session that has run config and is ready for prepare.
+fn session(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
+    let session = ExecutorSession::new(&driver(env, ws), job, &RunnerSettings::default())
+        .expect("executor session");
+    session.run_config().expect("config_exec");
+    session.start_build().expect("builds dir");
+    session
+}
+
+/// A session whose VM is up and whose project dir exists (get_sources ran).
+fn prepared(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
+    let session = session(env, ws, job);
+    session.prepare().expect("prepare_exec");
+    let sources = session
+        .run_stage(&Stage::GetSources)
+        .expect("get_sources")
+        .expect("invoked");
+    assert!(sources.succeeded(), "{}", log_text(&session));
+    session
+}
+
+fn log_text(session: &ExecutorSession) -> String {
+    session
+        .log()
+        .iter()
+        .map(|line| line.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Sends `signal` to the driver's process group after `delay`; returns the finished
+/// invocation and how long it took to exit after the signal.
+fn signal_after(
+    running: RunningInvocation,
+    delay: Duration,
+    signal: i32,
+) -> (Invocation, Duration) {
+    thread::sleep(delay);
+    let sent = Instant::now();
+    let _ = running.signal_group(signal);
+    let invocation = running.wait();
+    (invocation, sent.elapsed())
+}
+
+#[test]
+fn sigterm_during_run_stops_the_remote_process_tree_promptly() {
+    let env = TestEnv::load();
+    let ws = env.workspace("sigterm-run");
+    let id = unique_job_id();
+    let mut job = job(
+        id,
+        &[
+            "sleep 300 & echo $! > /tmp/background.pid",
+            "echo started",
+            "sleep 300",
+        ],
+    );
+    job.steps.push(Step::new(
+        "check",
+        &["if kill -0 \"$(cat /tmp/background.pid)\" 2>/dev/null; then echo background-survived; exit 3; fi", "if pgrep -x sleep; then echo sleep-survived; exit 4; fi", "echo no-job-process-left"],
+    ));
+    let session = prepared(&env, &ws, &job);
+    let running = session
+        .spawn_stage(&Stage::UserStep("script".into()))
+        .expect("start build_script");
+
+    let (invocation, took) = signal_after(running, Duration::from_secs(3), SIGTERM);
+    // The helper in the guest sends SIGKILL one second after SIGTERM; give it that second.
+    thread::sleep(Duration::from_secs(2));
+    let check = session
+        .run_stage(&Stage::UserStep("check".into()))
+        .expect("run step_check");
+
+    println!(
+        "cancellation: hyperjob run exited {:.2} s after SIGTERM",
+        took.as_secs_f64()
+    );
+    let log = log_text(&session);
+    assert!(log.contains("started"), "{log}");
+    // hyperjob handled the signal and exited as a system failure (it was not killed).
+    assert_eq!(invocation.exit, ExitInfo::Exited(2), "{log}");
+    assert!(
+        took < Duration::from_secs(10),
+        "run ignored SIGTERM for {took:?}"
+    );
+    assert!(check.is_some_and(|c| c.error.is_none()), "{log}");
+    assert!(log.contains("no-job-process-left"), "{log}");
+    session.cleanup();
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn sigterm_during_prepare_removes_everything_it_created() {
+    let env = TestEnv::load();
+    let ws = env.workspace("sigterm-prepare");
+    let id = unique_job_id();
+    let job = job(id, &["true"]);
+    let session = session(&env, &ws, &job);
+    let running = session.spawn_prepare().expect("start prepare");
+
+    let (invocation, took) = signal_after(running, Duration::from_secs(4), SIGTERM);
+
+    println!("prepare exited {:.2} s after SIGTERM", took.as_secs_f64());
+    assert_eq!(invocation.exit, ExitInfo::Exited(2));
+    assert!(
+        took < Duration::from_secs(15),
+        "prepare ignored SIGTERM for {took:?}"
+    );
+    // prepare itself removed the VM: nothing is left even before cleanup runs.
+    ws.assert_nothing_left(&vm_name(id));
+    session.cleanup();
+}
+
+fn sigkill_prepare_then_cleanup(name: &str, delay: Duration) {
+    let env = TestEnv::load();
+    let ws = env.workspace(name);
+    let id = unique_job_id();
+    let job = job(id, &["true"]);
+    let session = session(&env, &ws, &job);
+    let running = session.spawn_prepare().expect("start prepare");
+
+    let (invocation, _) = signal_after(running, delay, SIGKILL);
+    let cleanup = session.cleanup().expect("cleanup_exec ran");
+
+    assert_eq!(invocation.exit, ExitInfo::Signaled(SIGKILL));
+    assert!(
+        cleanup.error.is_none(),
+        "cleanup failed: {:?}",
+        cleanup.error
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn sigkill_of_prepare_while_creating_the_vm_then_cleanup_leaves_nothing() {
+    sigkill_prepare_then_cleanup("sigkill-prepare-create", Duration::from_millis(150));
+}
+
+#[test]
+fn sigkill_of_prepare_while_the_guest_boots_then_cleanup_leaves_nothing() {
+    sigkill_prepare_then_cleanup("sigkill-prepare-boot", Duration::from_secs(4));
+}
+
+#[test]
+fn sigkill_of_run_then_cleanup_leaves_nothing() {
+    let env = TestEnv::load();
+    let ws = env.workspace("sigkill-run");
+    let id = unique_job_id();
+    let job = job(id, &["echo started", "sleep 300"]);
+    let session = prepared(&env, &ws, &job);
+    let running = session
+        .spawn_stage(&Stage::UserStep("script".into()))
+        .expect("start build_script");
+
+    let (invocation, _) = signal_after(running, Duration::from_secs(2), SIGKILL);
+    let log = log_text(&session);
+    let cleanup = session.cleanup().expect("cleanup_exec ran");
+
+    assert_eq!(invocation.exit, ExitInfo::Signaled(SIGKILL), "{log}");
+    assert!(
+        cleanup.error.is_none(),
+        "cleanup failed: {:?}",
+        cleanup.error
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn cleanup_while_a_run_is_still_running_removes_everything_and_the_run_fails() {
+    let env = TestEnv::load();
+    let ws = env.workspace("cleanup-races-run");
+    let id = unique_job_id();
+    let job = job(id, &["echo started", "sleep 300"]);
+    let session = prepared(&env, &ws, &job);
+    let running = session
+        .spawn_stage(&Stage::UserStep("script".into()))
+        .expect("start build_script");
+    thread::sleep(Duration::from_secs(2));
+
+    let cleanup = session.cleanup().expect("cleanup_exec ran");
+    let run = running
+        .wait_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("run did not end after its VM was destroyed"));
+
+    assert!(
+        cleanup.error.is_none(),
+        "cleanup failed: {:?}",
+        cleanup.error
+    );
+    assert_eq!(
+        run.exit,
+        ExitInfo::Exited(2),
+        "the run must fail as a system failure"
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn prepare_after_a_killed_attempt_starts_clean_and_the_job_runs() {
+    let env = TestEnv::load();
+    let ws = env.workspace("retry-after-kill");
+    let id = unique_job_id();
+    let job = job(id, &["echo second attempt works"]);
+    let first = session(&env, &ws, &job);
+    let running = first.spawn_prepare().expect("start prepare");
+    let _ = signal_after(running, Duration::from_secs(4), SIGKILL);
+
+    // No cleanup in between: the next prepare must cope with the leftovers itself.
+    let second = prepared(&env, &ws, &job);
+    let run = second
+        .run_stage(&Stage::UserStep("script".into()))
+        .expect("build_script")
+        .expect("invoked");
+
+    let log = log_text(&second);
+    assert!(run.error.is_none(), "{log}");
+    assert!(log.contains("second attempt works"), "{log}");
+    second.cleanup();
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+fn hyperjob_gc(env: &TestEnv, ws: &Workspace, dry_run: bool) -> String {
+    let mut command = Command::new(&env.hyperjob);
+    command.arg("--config").arg(&ws.config_path).arg("gc");
+    if dry_run {
+        command.arg("--dry-run");
+    }
+    let output = command.output().expect("run hyperjob gc");
+    assert!(
+        output.status.success(),
+        "gc failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn gc_removes_a_job_whose_vm_died_and_keeps_a_live_one() {
+    let env = TestEnv::load();
+    let ws = env.workspace("gc-gone");
+    let dead_id = unique_job_id();
+    let live_id = unique_job_id();
+    let dead = prepared(&env, &ws, &job(dead_id, &["true"]));
+    let live = prepared(&env, &ws, &job(live_id, &["true"]));
+    // The host "crashes" under the first job: its transient domain vanishes.
+    virsh(&env.libvirt_uri, &["destroy", &vm_name(dead_id)]);
+
+    let dry = hyperjob_gc(&env, &ws, true);
+    let files_after_dry_run = list_dir(&ws.images_dir).len();
+    let real = hyperjob_gc(&env, &ws, false);
+
+    assert!(
+        dry.contains(&format!("would remove {}", vm_name(dead_id))),
+        "{dry}"
+    );
+    assert!(!dry.contains(&vm_name(live_id)), "{dry}");
+    assert_eq!(files_after_dry_run, 4, "dry run removed something");
+    assert!(
+        real.contains(&format!("removed {}", vm_name(dead_id))),
+        "{real}"
+    );
+    assert!(!real.contains(&vm_name(live_id)), "{real}");
+    let left = list_dir(&ws.images_dir);
+    assert!(
+        left.iter().all(|f| f.starts_with(&vm_name(live_id))),
+        "{left:?}"
+    );
+    assert!(
+        !qemu_processes_of(&vm_name(live_id)).is_empty(),
+        "gc stopped the live job"
+    );
+    drop(dead);
+    live.cleanup();
+    ws.assert_nothing_left(&vm_name(live_id));
+}
+
+#[test]
+fn gc_removes_vms_past_their_deadline() {
+    let env = TestEnv::load();
+    let ws = env.workspace("gc-deadline");
+    ws.write_config(&ws.default_config().replacen(
+        "[backends.libvirt]",
+        "deadline_margin_secs = 0\n[backends.libvirt]",
+        1,
+    ));
+    let id = unique_job_id();
+    let mut job = job(id, &["true"]);
+    job.timeout_secs = 1;
+    let _session = prepared(&env, &ws, &job);
+    thread::sleep(Duration::from_secs(2));
+
+    let report = hyperjob_gc(&env, &ws, false);
+
+    assert!(
+        report.contains(&format!("removed {}: its deadline has passed", vm_name(id))),
+        "{report}"
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn three_jobs_in_parallel_each_run_in_their_own_vm() {
+    let env = TestEnv::load();
+    let ws = env.workspace("parallel");
+    let ids: Vec<i64> = (0..3).map(|_| unique_job_id()).collect();
+
+    let reports: Vec<_> = thread::scope(|scope| {
+        let handles: Vec<_> = ids
+            .iter()
+            .map(|&id| {
+                let driver = driver(&env, &ws);
+                scope.spawn(move || {
+                    let job = job(
+                        id,
+                        &["echo \"job $CI_JOB_ID ran in $(cat /proc/sys/kernel/random/boot_id)\""],
+                    );
+                    run_job(&driver, &job, &RunnerSettings::default())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("job thread"))
+            .collect()
+    });
+
+    let mut boot_ids = Vec::new();
+    for (id, report) in ids.iter().zip(&reports) {
+        let log = report.log_text();
+        assert_eq!(report.result, JobResult::Success, "{log}");
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("job {id} ran in ")))
+            .unwrap_or_else(|| panic!("job {id} output missing: {log}"));
+        boot_ids.push(line.rsplit(' ').next().expect("boot id").to_string());
+        for other in ids.iter().filter(|other| *other != id) {
+            assert!(
+                !log.contains(&format!("job {other} ")),
+                "cross-talk into {id}: {log}"
+            );
+        }
+        ws.assert_nothing_left(&vm_name(*id));
+    }
+    boot_ids.sort();
+    boot_ids.dedup();
+    assert_eq!(boot_ids.len(), 3, "jobs shared a VM");
+}
