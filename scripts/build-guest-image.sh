@@ -6,10 +6,13 @@
 # OUT_DIR (default $HYPERJOB_IMAGE_DIR, else /var/lib/hyperjob-test/image) receives:
 #   base.qcow2              ext4 root file system directly on /dev/vda (no partition table)
 #   vmlinuz, initrd.img     linux-image-cloud-amd64 kernel + initramfs, for direct kernel boot
+#   bootable.qcow2          whole disk for BIOS boot (<boot dev='hd'/>): MBR + SYSLINUX, vda1 =
+#                           FAT16 with SYSLINUX, kernel and initrd, vda2 = the same ext4 root fs
 #   id_ed25519(.pub)        client key pair; the public half is in gitlab-runner's authorized_keys
 #   known_hosts             the guest's baked SSH host key(s), "* <type> <base64>" per line
 #   ssh_host_ed25519_key    that host key's private half (dropbear format), reused on rebuilds
-#   image.env               shell-sourceable facts (KERNEL, INITRD, CMDLINE, BASE_IMAGE, ...)
+#   image.env               shell-sourceable facts (KERNEL, INITRD, CMDLINE, BASE_IMAGE,
+#                           BOOTABLE_IMAGE, ...)
 #   stamp                   written last; names the script version and build parameters
 #
 # A complete image built by the same script version with the same parameters is reused as is.
@@ -21,9 +24,13 @@ set -euo pipefail
 
 readonly GUEST_USER=gitlab-runner
 readonly CMDLINE='root=/dev/vda rw console=ttyS0 net.ifnames=0'
+# bootable.qcow2: SYSLINUX boots the same kernel with the root file system on partition 2.
+readonly BOOT_CMDLINE='root=/dev/vda2 rw console=ttyS0 net.ifnames=0'
+readonly BOOT_PART_MB=64
+readonly SYSLINUX_MBR=/usr/lib/syslinux/mbr/mbr.bin
 readonly HOST_KEY=/etc/dropbear/dropbear_ed25519_host_key
-readonly REQUIRED_FILES="base.qcow2 vmlinuz initrd.img id_ed25519 id_ed25519.pub known_hosts
-    ssh_host_ed25519_key image.env stamp"
+readonly REQUIRED_FILES="base.qcow2 bootable.qcow2 vmlinuz initrd.img id_ed25519 id_ed25519.pub
+    known_hosts ssh_host_ed25519_key image.env stamp"
 
 SELF=$(readlink -f -- "${BASH_SOURCE[0]}")
 readonly SELF
@@ -256,6 +263,73 @@ check_searchable() {
     done
 }
 
+# bootable.qcow2, for the bootloader path (no <kernel>: SeaBIOS boots the disk). Assembled from
+# plain files, without mounting anything and without loop devices:
+#   MBR     SYSLINUX's mbr.bin (boots the active partition), DOS partition table
+#   vda1    FAT16, active, type e: ldlinux.sys/ldlinux.c32 (syslinux's mtools installer),
+#           syslinux.cfg, vmlinuz, initrd.img
+#   vda2    type 83: the very ext4 image that base.qcow2 is made from
+# Everything before vda2 is built as head.raw; qemu-img convert then concatenates head.raw and
+# the root file system image into one qcow2 (no 2 GiB intermediate disk, holes stay holes).
+build_bootable() {
+    local work=$1 image=$2 root_raw=$3
+    local fat=$work/boot.fat head=$work/head.raw
+    local boot_start=2048 boot_sectors=$(( BOOT_PART_MB * 2048 ))
+    local root_start=$(( 2048 + BOOT_PART_MB * 2048 )) root_bytes root_sectors
+    root_bytes=$(stat -c %s "$root_raw")
+    (( root_bytes % 512 == 0 )) || die "$root_raw is not a whole number of sectors"
+    root_sectors=$(( root_bytes / 512 ))
+
+    # -h: the BPB's "hidden sectors" = the partition's start LBA, as mkfs.fat would write it on
+    # a real partition. --mbr=n: no fake partition table inside the volume boot record.
+    mkfs.fat -C -F 16 -n HJBOOT -i 6879706a -h "$boot_start" --mbr=n "$fat" \
+        $(( BOOT_PART_MB * 1024 )) >/dev/null || die "mkfs.fat failed"
+    # SERIAL first, so SYSLINUX talks on ttyS0 too; PROMPT 0 + TIMEOUT: boot at once.
+    cat >"$work/syslinux.cfg" <<EOF
+SERIAL 0 115200
+DEFAULT linux
+PROMPT 0
+TIMEOUT 1
+LABEL linux
+    LINUX /vmlinuz
+    INITRD /initrd.img
+    APPEND $BOOT_CMDLINE
+EOF
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$fat" -- "$image/vmlinuz" "$image/initrd.img" \
+        "$work/syslinux.cfg" ::/ || die "mcopy to the boot file system failed"
+    syslinux --install "$fat" || die "syslinux --install failed"
+    local listing
+    listing=$(MTOOLS_SKIP_CHECK=1 mdir -a -b -i "$fat" ::/) ||
+        die "mdir of the boot file system failed"
+    [[ $listing == *"::/ldlinux.sys"* && $listing == *"::/ldlinux.c32"* ]] ||
+        die "syslinux left no ldlinux.sys/ldlinux.c32 on the boot file system"
+
+    # Partition the full (sparse, empty) disk size so sfdisk checks vda2 fits, then keep only
+    # the part before vda2.
+    truncate -s $(( (root_start + root_sectors) * 512 )) "$head"
+    sfdisk --quiet --no-reread --no-tell-kernel "$head" >/dev/null <<EOF || die "sfdisk failed"
+label: dos
+label-id: 0x6879706a
+unit: sectors
+start=$boot_start, size=$boot_sectors, type=e, bootable
+start=$root_start, size=$root_sectors, type=83
+EOF
+    dd if="$fat" of="$head" bs=1M seek=$(( boot_start * 512 )) oflag=seek_bytes conv=notrunc \
+        status=none || die "dd of the boot partition failed"
+    # Boot code only: bytes 440.. (disk signature, partition table, 55aa) stay sfdisk's.
+    dd if="$SYSLINUX_MBR" of="$head" bs=440 count=1 conv=notrunc status=none ||
+        die "dd of $SYSLINUX_MBR failed"
+    truncate -s $(( root_start * 512 )) "$head"
+    qemu-img convert -f raw -O qcow2 "$head" "$root_raw" "$image/bootable.qcow2" ||
+        die "qemu-img convert of the bootable disk failed"
+    local size
+    size=$(qemu-img info "$image/bootable.qcow2" |
+        sed -n 's/^virtual size: .*(\([0-9]*\) bytes)$/\1/p')
+    [ "$size" = $(( (root_start + root_sectors) * 512 )) ] ||
+        die "bootable.qcow2 is ${size:-?} bytes, not head + root file system"
+    rm -f -- "$head" "$fat"
+}
+
 build() {
     local out=$1 work=$2
     local root=$work/rootfs image=$work/out
@@ -296,7 +370,8 @@ build() {
     [ -f "$initrd" ] || die "no initrd matching $kernel in the guest's /boot"
     install -m 0644 "$kernel" "$image/vmlinuz"
     install -m 0644 "$initrd" "$image/initrd.img"
-    # The guest never boots its own /boot (direct kernel boot): don't ship the copies twice.
+    # The guest never boots its own /boot (direct kernel boot, or SYSLINUX from the FAT
+    # partition of bootable.qcow2): don't ship the copies twice.
     rm -f -- "$kernel" "$initrd" "$root/vmlinuz" "$root/vmlinuz.old" "$root/initrd.img" \
         "$root/initrd.img.old"
 
@@ -308,7 +383,10 @@ build() {
         die "mkfs.ext4 -d failed"
     qemu-img convert -f raw -O qcow2 "$work/root.raw" "$image/base.qcow2" ||
         die "qemu-img convert failed"
-    chmod 0644 "$image/base.qcow2" "$image/id_ed25519.pub" "$image/known_hosts"
+    log "bootable.qcow2 (MBR + SYSLINUX, FAT boot partition, root on partition 2) ..."
+    build_bootable "$work" "$image" "$work/root.raw"
+    chmod 0644 "$image/base.qcow2" "$image/bootable.qcow2" "$image/id_ed25519.pub" \
+        "$image/known_hosts"
     chmod 0600 "$image/id_ed25519" "$image/ssh_host_ed25519_key"
 
     cat >"$image/image.env" <<EOF
@@ -317,6 +395,7 @@ KERNEL=$out/vmlinuz
 INITRD=$out/initrd.img
 CMDLINE='$CMDLINE'
 BASE_IMAGE=$out/base.qcow2
+BOOTABLE_IMAGE=$out/bootable.qcow2
 IDENTITY_FILE=$out/id_ed25519
 KNOWN_HOSTS=$out/known_hosts
 GUEST_USER=$GUEST_USER
@@ -342,9 +421,11 @@ main() {
     GUEST_HOSTNAME=${HYPERJOB_GUEST_HOSTNAME:-hyperjob-guest}
     [[ $FREE_MB =~ ^[0-9]+$ ]] || die "HYPERJOB_IMAGE_FREE_MB must be a number of MiB"
     local tool
-    for tool in mmdebstrap mkfs.ext4 qemu-img ssh-keygen flock; do
+    for tool in mmdebstrap mkfs.ext4 qemu-img ssh-keygen flock mkfs.fat mcopy mdir syslinux \
+        sfdisk truncate; do
         command -v "$tool" >/dev/null || die "$tool not found (run scripts/install-deps.sh)"
     done
+    [ -s "$SYSLINUX_MBR" ] || die "$SYSLINUX_MBR not found (run scripts/install-deps.sh)"
 
     out=$(realpath -m -- "$out")
     STAMP="hyperjob-guest-image script=$(sha256sum "$SELF" | cut -d' ' -f1) suite=$SUITE mirror=$MIRROR free_mb=$FREE_MB hostname=$GUEST_HOSTNAME extra=${HYPERJOB_IMAGE_EXTRA_PACKAGES:-}"
@@ -388,7 +469,7 @@ main() {
     WORK=
     OLD=
 
-    log "built $out in $(( $(date +%s) - start )) s; base.qcow2: $(du -m --apparent-size "$out/base.qcow2" | cut -f1) MiB file, $(qemu-img info "$out/base.qcow2" | sed -n 's/^virtual size: \([^(]*\) (.*/\1/p') virtual"
+    log "built $out in $(( $(date +%s) - start )) s; base.qcow2: $(du -m --apparent-size "$out/base.qcow2" | cut -f1) MiB file, $(qemu-img info "$out/base.qcow2" | sed -n 's/^virtual size: \([^(]*\) (.*/\1/p') virtual; bootable.qcow2: $(du -m --apparent-size "$out/bootable.qcow2" | cut -f1) MiB file"
 }
 
 main "$@"

@@ -10,6 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+# shellcheck source=/dev/null
 . /etc/os-release
 codename=${VERSION_CODENAME:-bookworm}
 
