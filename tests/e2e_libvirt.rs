@@ -120,6 +120,26 @@ fn job_runs_every_stage_inside_a_fresh_vm_and_cleanup_removes_it() {
 }
 
 #[test]
+fn image_with_a_bootloader_boots_without_kernel_keys() {
+    let env = TestEnv::load();
+    let ws = env.workspace("bootloader");
+    let config = ws.bootloader_config();
+    assert!(!config.contains("kernel ="), "{config}");
+    ws.write_config(&config);
+    let id = unique_job_id();
+    let mut job = Job::new(id, "group/boot", "", "", &["cat /proc/cmdline"]);
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    // The command line comes from the image's syslinux.cfg: SeaBIOS booted the disk.
+    assert!(log.contains("root=/dev/vda2"), "{log}");
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
 fn failing_script_is_a_build_failure_carrying_its_exit_code() {
     let env = TestEnv::load();
     let ws = env.workspace("exit-42");

@@ -26,6 +26,8 @@ pub struct TestEnv {
     pub network: String,
     pub bridge_ip: String,
     pub base_image: PathBuf,
+    /// The same guest on a whole disk with MBR + SYSLINUX, for booting without kernel keys.
+    pub bootable_image: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
@@ -60,6 +62,7 @@ impl TestEnv {
             network: get(&env, "NETWORK"),
             bridge_ip: get(&env, "BRIDGE_IP"),
             base_image: get(&image, "BASE_IMAGE").into(),
+            bootable_image: get(&image, "BOOTABLE_IMAGE").into(),
             kernel: get(&image, "KERNEL").into(),
             initrd: get(&image, "INITRD").into(),
             cmdline: get(&image, "CMDLINE"),
@@ -167,6 +170,19 @@ ready_timeout_secs = 180
             identity = env.identity_file.display(),
             known_hosts = env.known_hosts.display(),
         )
+    }
+
+    /// The default config, booting the image's own bootloader instead of a kernel file.
+    pub fn bootloader_config(&self) -> String {
+        let env = &self.env;
+        self.default_config()
+            .replace(
+                &format!("base_image = \"{}\"", env.base_image.display()),
+                &format!("base_image = \"{}\"", env.bootable_image.display()),
+            )
+            .replace(&format!("kernel = \"{}\"\n", env.kernel.display()), "")
+            .replace(&format!("initrd = \"{}\"\n", env.initrd.display()), "")
+            .replace(&format!("cmdline = \"{}\"\n", env.cmdline), "")
     }
 
     pub fn write_config(&self, text: &str) {
