@@ -20,7 +20,7 @@ fi
 if [ -d "$work_dir" ]; then
     while IFS= read -r -d '' file; do
         report "file $file still exists"
-    done < <(find "$work_dir" -type f \( -name 'hyperjob-*' -o -name 'job-*.json' \) -print0)
+    done < <(find "$work_dir" -type f \( -name 'hyperjob-*' -o -name 'job-*' \) -print0)
 fi
 for proc in /proc/[0-9]*; do
     # The process may exit between listing and reading: skip it quietly.

@@ -328,6 +328,7 @@ fn run_without_a_prepared_vm_is_a_system_failure_with_a_reason() {
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     std::fs::remove_file(&script).expect("remove script");
+    ws.assert_nothing_left(&vm_name(id));
 }
 
 #[test]

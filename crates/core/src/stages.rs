@@ -234,7 +234,6 @@ pub fn run(
         .with_context(|| format!("cannot read script {}", script_path.display()))?;
     let interpreter = interpreter_for(&script)?;
     let store = ctx.store();
-    let _active = store.lock_activity(ctx.job.job_id)?;
     let Some(JobState {
         phase: Phase::Ready,
         endpoint: Some(endpoint),
@@ -247,6 +246,8 @@ pub fn run(
             ctx.job.job_id
         );
     };
+    // Only now: a run for a job that was never prepared must not leave a lock file behind.
+    let _active = store.lock_activity(ctx.job.job_id)?;
     let transport = ctx.transport()?;
     tracing::debug!(stage = stage_name, vm = %vm_name, "running stage script");
     let request = ScriptRequest {
