@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod overlay;
+pub mod seed;
 pub mod xml;
 
 use std::path::PathBuf;
@@ -57,6 +58,19 @@ impl LibvirtBackend {
         self.config.images_dir.join(format!("{vm_name}.qcow2"))
     }
 
+    fn seed_path(&self, vm_name: &str) -> PathBuf {
+        self.config.images_dir.join(format!("{vm_name}.seed.iso"))
+    }
+
+    /// Every file a VM owns, removed by destroy.
+    fn files_of(&self, vm_name: &str) -> [PathBuf; 3] {
+        [
+            self.overlay_path(vm_name),
+            self.console_log_path(vm_name),
+            self.seed_path(vm_name),
+        ]
+    }
+
     fn console_log_path(&self, vm_name: &str) -> PathBuf {
         self.config
             .images_dir
@@ -88,6 +102,7 @@ impl LibvirtBackend {
     fn start_domain(&self, request: &VmRequest) -> Result<(), PluginError> {
         let overlay = self.overlay_path(&request.vm_name);
         let console_log = self.console_log_path(&request.vm_name);
+        let seed = self.seed_path(&request.vm_name);
         let spec = xml::DomainSpec {
             name: &request.vm_name,
             domain_type: self.config.domain_type,
@@ -97,6 +112,7 @@ impl LibvirtBackend {
             network: &self.config.network,
             direct_boot: self.config.direct_boot.as_ref(),
             console_log: &console_log,
+            seed: request.keys.as_ref().map(|_| seed.as_path()),
             job_id: request.job_id,
             created_unix: request.created_unix,
             deadline_unix: request.deadline_unix,
@@ -127,6 +143,15 @@ impl Backend for LibvirtBackend {
         }
         let overlay = self.overlay_path(&request.vm_name);
         overlay::create(&self.config.base_image, &overlay)?;
+        if let Some(keys) = &request.keys {
+            if let Err(err) =
+                seed::create(&self.seed_path(&request.vm_name), &request.vm_name, keys)
+            {
+                let _ = overlay::remove_file(&overlay);
+                return Err(err);
+            }
+            progress.say("cloud-init seed with the job's SSH keys created");
+        }
         progress.say(&format!(
             "Overlay {} on {} created; starting domain ({}, {} vCPU, {} MiB)...",
             overlay.display(),
@@ -136,8 +161,9 @@ impl Backend for LibvirtBackend {
             self.config.memory_mib
         ));
         if let Err(err) = self.start_domain(request) {
-            let _ = overlay::remove_file(&overlay);
-            let _ = overlay::remove_file(&self.console_log_path(&request.vm_name));
+            for file in self.files_of(&request.vm_name) {
+                let _ = overlay::remove_file(&file);
+            }
             return Err(err);
         }
         Ok(())
@@ -166,10 +192,7 @@ impl Backend for LibvirtBackend {
                 domain.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
             {
                 if let Some(address) = first_ipv4(&interfaces) {
-                    return Ok(Endpoint {
-                        host: address,
-                        port: None,
-                    });
+                    return Ok(Endpoint::new(address, None));
                 }
             }
             if !backoff.sleep(deadline, cancel) {
@@ -198,9 +221,12 @@ impl Backend for LibvirtBackend {
         });
         // Files go even when libvirt cannot be reached: a dead domain's disk is garbage, and
         // a running one keeps its open file.
-        let overlay_result = overlay::remove_file(&self.overlay_path(vm_name));
-        let log_result = overlay::remove_file(&self.console_log_path(vm_name));
-        domain_result.and(overlay_result).and(log_result)
+        let files_result = self
+            .files_of(vm_name)
+            .iter()
+            .map(|file| overlay::remove_file(file))
+            .fold(Ok(()), Result::and);
+        domain_result.and(files_result)
     }
 
     fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {

@@ -19,6 +19,8 @@ pub struct DomainSpec<'a> {
     pub network: &'a str,
     pub direct_boot: Option<&'a DirectBoot>,
     pub console_log: &'a Path,
+    /// A cloud-init seed to attach read-only as a second disk.
+    pub seed: Option<&'a Path>,
     pub job_id: u64,
     pub created_unix: u64,
     pub deadline_unix: u64,
@@ -77,6 +79,14 @@ pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
     let _ = writeln!(xml, "      <source file='{}'/>", escape_path(spec.overlay));
     let _ = writeln!(xml, "      <target dev='vda' bus='virtio'/>");
     let _ = writeln!(xml, "    </disk>");
+    if let Some(seed) = spec.seed {
+        let _ = writeln!(xml, "    <disk type='file' device='disk'>");
+        let _ = writeln!(xml, "      <driver name='qemu' type='raw'/>");
+        let _ = writeln!(xml, "      <source file='{}'/>", escape_path(seed));
+        let _ = writeln!(xml, "      <target dev='vdb' bus='virtio'/>");
+        let _ = writeln!(xml, "      <readonly/>");
+        let _ = writeln!(xml, "    </disk>");
+    }
     let _ = writeln!(xml, "    <interface type='network'>");
     let _ = writeln!(xml, "      <source network='{}'/>", escape(spec.network));
     let _ = writeln!(xml, "      <model type='virtio'/>");
@@ -171,6 +181,7 @@ mod tests {
             network: "default",
             direct_boot: boot,
             console_log: log,
+            seed: None,
             job_id: 42,
             created_unix: 1000,
             deadline_unix: 8200,
@@ -211,6 +222,29 @@ mod tests {
         assert!(xml.contains("<initrd>/boot/initrd.img</initrd>"));
         assert!(xml.contains("<cmdline>root=/dev/vda rw console=ttyS0</cmdline>"));
         assert!(!xml.contains("<boot dev='hd'/>"));
+    }
+
+    #[test]
+    fn seed_is_attached_read_only_as_a_second_virtio_disk() {
+        let overlay = PathBuf::from("/o.qcow2");
+        let log = PathBuf::from("/o.log");
+        let seed = PathBuf::from("/images/hyperjob-job-42.seed.iso");
+        let mut spec = spec(&overlay, &log, None);
+        spec.seed = Some(&seed);
+
+        let xml = domain_xml(&spec);
+
+        assert!(xml.contains("<source file='/images/hyperjob-job-42.seed.iso'/>\n      <target dev='vdb' bus='virtio'/>\n      <readonly/>"), "{xml}");
+    }
+
+    #[test]
+    fn no_seed_means_one_disk() {
+        let overlay = PathBuf::from("/o.qcow2");
+        let log = PathBuf::from("/o.log");
+
+        let xml = domain_xml(&spec(&overlay, &log, None));
+
+        assert_eq!(xml.matches("<disk ").count(), 1);
     }
 
     #[test]

@@ -43,10 +43,21 @@ struct ConfigFile {
     builds_dir: Option<String>,
     cache_dir: Option<String>,
     deadline_margin_secs: Option<u64>,
+    guest_keys: Option<String>,
     #[serde(default)]
     backends: toml::Table,
     #[serde(default)]
     transports: toml::Table,
+}
+
+/// Where the guest's SSH keys come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestKeyMode {
+    /// The transport's configured client key and pinned host keys (baked into the image).
+    #[default]
+    Pinned,
+    /// A fresh host key and client key pair per job, injected by the backend before boot.
+    PerJob,
 }
 
 /// The validated configuration.
@@ -64,6 +75,7 @@ pub struct Config {
     pub cache_dir: String,
     /// How long after its job timeout a job's VM counts as abandoned (`hyperjob gc`).
     pub deadline_margin_secs: u64,
+    pub guest_keys: GuestKeyMode,
     /// `[backends.<backend>]`, empty when absent.
     pub backend_table: toml::Table,
     /// `[transports.<transport>]`, empty when absent.
@@ -124,6 +136,15 @@ impl Config {
             guest_dir(file.builds_dir, DEFAULT_BUILDS_DIR, "builds_dir").map_err(invalid)?;
         let cache_dir =
             guest_dir(file.cache_dir, DEFAULT_CACHE_DIR, "cache_dir").map_err(invalid)?;
+        let guest_keys = match file.guest_keys.as_deref() {
+            None | Some("pinned") => GuestKeyMode::Pinned,
+            Some("per-job") => GuestKeyMode::PerJob,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "`guest_keys` must be \"pinned\" or \"per-job\", not {other:?}"
+                )))
+            }
+        };
         let backend_table =
             plugin_table(&file.backends, "backends", &file.backend).map_err(invalid)?;
         let transport_table =
@@ -135,6 +156,7 @@ impl Config {
             state_dir,
             builds_dir,
             cache_dir,
+            guest_keys,
             deadline_margin_secs: file
                 .deadline_margin_secs
                 .unwrap_or(DEFAULT_DEADLINE_MARGIN_SECS),
@@ -292,6 +314,17 @@ mod tests {
         let err = parse_plugin_table::<Demo>(&table).expect_err("unknown key");
 
         assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn guest_keys_default_to_pinned_and_accept_per_job() {
+        assert_eq!(
+            parse(MINIMAL).expect("valid").guest_keys,
+            GuestKeyMode::Pinned
+        );
+        let per_job = parse(&format!("{MINIMAL}guest_keys = \"per-job\"\n")).expect("valid");
+        assert_eq!(per_job.guest_keys, GuestKeyMode::PerJob);
+        assert!(parse(&format!("{MINIMAL}guest_keys = \"random\"\n")).is_err());
     }
 
     #[test]

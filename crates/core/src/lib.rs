@@ -10,6 +10,7 @@
 pub mod config;
 pub mod exit;
 pub mod job;
+pub mod keys;
 pub mod plugin;
 pub mod progress;
 pub mod registry;

@@ -62,13 +62,32 @@ impl PluginError {
     }
 }
 
-/// Where the transport reaches a guest: an address the backend discovered, and optionally a port
-/// (a backend that forwards the guest's port to the host, for example, sets it).
+/// Where and how the transport reaches a guest: an address the backend discovered, optionally a
+/// port (a backend that forwards the guest's port to the host sets it), and with per-job keys
+/// the job's own client key and the guest's expected host key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// The job's private key file (0600), overriding the transport's configured key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<std::path::PathBuf>,
+    /// The one host key the guest may present (`ssh-ed25519 AAAA…`), overriding pinned keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+}
+
+impl Endpoint {
+    /// An address without credentials attached.
+    pub fn new(host: impl Into<String>, port: Option<u16>) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            identity_file: None,
+            host_key: None,
+        }
+    }
 }
 
 impl fmt::Display for Endpoint {
@@ -92,6 +111,9 @@ pub struct VmRequest {
     pub created_unix: u64,
     /// Unix time (seconds) after which the VM is certainly abandoned (job timeout plus margin).
     pub deadline_unix: u64,
+    /// With `guest_keys = "per-job"`: keys the backend must put into the guest before boot.
+    /// A backend that cannot inject keys must fail with [`PluginError::Unsupported`].
+    pub keys: Option<crate::keys::GuestKeys>,
 }
 
 /// A VM a backend created, as recorded on the VM itself (libvirt: domain metadata).
@@ -160,6 +182,12 @@ pub enum RemoteExit {
 pub trait Transport: Send + Sync {
     /// How long prepare may wait, from VM creation, until [`Transport::wait_ready`] succeeds.
     fn ready_timeout(&self) -> std::time::Duration;
+
+    /// The user this transport logs in as, if it logs in as a user at all; per-job keys are
+    /// authorised for this user.
+    fn login_user(&self) -> Option<String> {
+        None
+    }
 
     /// Waits until the guest accepts a login and runs a command, or `deadline` passes.
     fn wait_ready(

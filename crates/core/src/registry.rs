@@ -14,6 +14,9 @@ use crate::plugin::{Backend, PluginError, Transport};
 pub struct PluginContext {
     /// hyperjob's state directory; a plugin may keep per-job files below it.
     pub state_dir: PathBuf,
+    /// Where guest SSH keys come from: with per-job keys a transport needs no configured
+    /// client key or pinned host keys.
+    pub guest_keys: crate::config::GuestKeyMode,
 }
 
 pub type BuildBackend = fn(&PluginContext, &toml::Table) -> Result<Box<dyn Backend>, PluginError>;

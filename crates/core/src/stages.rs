@@ -8,9 +8,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, GuestKeyMode};
 use crate::exit::StageOutcome;
 use crate::job::{build_exit_code_file, JobIdentity};
+use crate::keys::{GuestKeys, KeyPair};
 use crate::plugin::{Backend, Endpoint, Progress, RemoteExit, ScriptRequest, Transport, VmRequest};
 use crate::progress::StdoutProgress;
 use crate::registry::{PluginContext, Registry};
@@ -43,6 +44,7 @@ impl StageContext<'_> {
 fn plugin_context(config: &Config) -> PluginContext {
     PluginContext {
         state_dir: config.state_dir.clone(),
+        guest_keys: config.guest_keys,
     }
 }
 
@@ -110,6 +112,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         deadline_unix: ctx
             .job
             .deadline_unix(created_unix, ctx.config.deadline_margin_secs),
+        keys: None,
     };
     // The record comes first, so whatever happens next can be found and removed again.
     let record = JobState::creating(
@@ -172,14 +175,29 @@ fn boot(
     started: Instant,
 ) -> anyhow::Result<Endpoint> {
     let deadline = started + transport.ready_timeout();
+    let (request, identity_file) = match ctx.config.guest_keys {
+        GuestKeyMode::Pinned => (request.clone(), None),
+        GuestKeyMode::PerJob => {
+            let (keys, identity_file) = per_job_keys(ctx, transport, &request.vm_name)?;
+            let request = VmRequest {
+                keys: Some(keys),
+                ..request.clone()
+            };
+            (request, Some(identity_file))
+        }
+    };
     backend
-        .create(request, progress)
+        .create(&request, progress)
         .with_context(|| format!("cannot create VM {}", request.vm_name))?;
     interrupted(ctx.cancel)?;
     progress.say("Waiting for the guest address...");
-    let endpoint = backend
+    let mut endpoint = backend
         .wait_address(&request.vm_name, deadline, ctx.cancel)
         .with_context(|| format!("VM {} got no address", request.vm_name))?;
+    if let Some(keys) = &request.keys {
+        endpoint.identity_file = identity_file;
+        endpoint.host_key = Some(keys.host.public_openssh.clone());
+    }
     progress.say(&format!(
         "Guest address {endpoint} after {:.1} s; waiting for the {} transport...",
         started.elapsed().as_secs_f64(),
@@ -190,6 +208,34 @@ fn boot(
         .with_context(|| format!("guest of VM {} never became reachable", request.vm_name))?;
     interrupted(ctx.cancel)?;
     Ok(endpoint)
+}
+
+/// Generates the job's host and client keys; stores the client's private key with the job's
+/// state and returns what the backend injects plus the client key's path.
+fn per_job_keys(
+    ctx: &StageContext<'_>,
+    transport: &dyn Transport,
+    vm_name: &str,
+) -> anyhow::Result<(GuestKeys, std::path::PathBuf)> {
+    let user = transport.login_user().with_context(|| {
+        format!(
+            "guest_keys = \"per-job\" needs a transport that logs in as a user; {:?} does not",
+            ctx.config.transport
+        )
+    })?;
+    let client = KeyPair::generate(&format!("hyperjob client {vm_name}"))?;
+    let host = KeyPair::generate(&format!("hyperjob host {vm_name}"))?;
+    let identity_file = ctx
+        .store()
+        .save_client_key(ctx.job.job_id, client.private_openssh.expose())?;
+    Ok((
+        GuestKeys {
+            user,
+            authorized_key: client.public_openssh,
+            host,
+        },
+        identity_file,
+    ))
 }
 
 fn interrupted(cancel: &AtomicBool) -> anyhow::Result<()> {

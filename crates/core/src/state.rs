@@ -134,6 +134,51 @@ impl StateStore {
         self.dir.join(format!("job-{job_id}.json"))
     }
 
+    /// The directory holding a job's per-job client key.
+    pub fn keys_dir(&self, job_id: u64) -> PathBuf {
+        self.dir.join(format!("job-{job_id}.keys"))
+    }
+
+    /// Stores the job's client private key (0600 in a 0700 directory); returns its path.
+    pub fn save_client_key(
+        &self,
+        job_id: u64,
+        private_openssh: &str,
+    ) -> Result<PathBuf, StateError> {
+        self.ensure_dir()?;
+        let dir = self.keys_dir(job_id);
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .or_else(|err| {
+                if err.kind() == ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            })
+            .map_err(|source| StateError::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        let path = dir.join("id_ed25519");
+        let write = || -> std::io::Result<()> {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(private_openssh.as_bytes())?;
+            file.sync_all()
+        };
+        write().map_err(|source| StateError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
     fn lock_path(&self, job_id: u64) -> PathBuf {
         self.dir.join(format!("job-{job_id}.lock"))
     }
@@ -254,8 +299,15 @@ impl StateStore {
             .map_err(|source| StateError::Corrupt { path, source })
     }
 
-    /// Removes a job's state and lock file; absent files are fine.
+    /// Removes a job's keys, state and lock file (the state file last but for the lock);
+    /// absent files are fine.
     pub fn remove(&self, job_id: u64) -> Result<(), StateError> {
+        let keys = self.keys_dir(job_id);
+        match fs::remove_dir_all(&keys) {
+            Ok(()) => {}
+            Err(err) if err.kind() == ErrorKind::NotFound => {}
+            Err(source) => return Err(StateError::Remove { path: keys, source }),
+        }
         for path in [self.path_for(job_id), self.lock_path(job_id)] {
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -280,10 +332,7 @@ mod tests {
             ("libvirt", "ssh"),
             (100, 200),
         )
-        .ready(Endpoint {
-            host: "192.0.2.10".to_string(),
-            port: None,
-        })
+        .ready(Endpoint::new("192.0.2.10", None))
     }
 
     #[test]
@@ -362,6 +411,27 @@ mod tests {
 
         store.remove(4).expect("remove");
 
+        assert_eq!(fs::read_dir(dir.path()).expect("read_dir").count(), 0);
+    }
+
+    #[test]
+    fn client_key_is_private_and_removed_with_the_job() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(dir.path());
+        store.save(&sample(8)).expect("save");
+
+        let key = store
+            .save_client_key(8, "-----BEGIN OPENSSH PRIVATE KEY-----\n")
+            .expect("key");
+        let key_mode = fs::metadata(&key).expect("meta").permissions().mode();
+        let dir_mode = fs::metadata(store.keys_dir(8))
+            .expect("meta")
+            .permissions()
+            .mode();
+        store.remove(8).expect("remove");
+
+        assert_eq!(key_mode & 0o777, 0o600);
+        assert_eq!(dir_mode & 0o777, 0o700);
         assert_eq!(fs::read_dir(dir.path()).expect("read_dir").count(), 0);
     }
 

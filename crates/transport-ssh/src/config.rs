@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hyperjob_core::config::parse_plugin_table;
+use hyperjob_core::config::{parse_plugin_table, GuestKeyMode};
 use hyperjob_core::PluginError;
 use serde::Deserialize;
 
@@ -18,6 +18,7 @@ struct SshConfigFile {
     known_hosts: Option<PathBuf>,
     #[serde(default)]
     insecure_ignore_host_key: bool,
+    umask: Option<String>,
 }
 
 /// How the guest's host key is checked.
@@ -25,6 +26,8 @@ struct SshConfigFile {
 pub enum HostKeyPolicy {
     /// Accept only keys listed in this file (the image's pinned host keys).
     KnownHosts(PathBuf),
+    /// Accept only the host key generated for the job (`guest_keys = "per-job"`).
+    PerJob,
     /// Accept any key. Only with an explicit `insecure_ignore_host_key = true`.
     InsecureIgnore,
 }
@@ -33,26 +36,36 @@ pub enum HostKeyPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshConfig {
     pub user: String,
-    pub identity_file: PathBuf,
+    /// The configured client key; `None` with per-job keys.
+    pub identity_file: Option<PathBuf>,
     pub port: u16,
     pub ready_timeout: Duration,
     pub connect_timeout: Duration,
     pub host_keys: HostKeyPolicy,
+    /// The umask scripts run with in the guest (octal), so files the job writes, such as file
+    /// variables, are not readable by other guest users.
+    pub umask: u32,
 }
 
 impl SshConfig {
-    pub fn from_table(table: &toml::Table) -> Result<Self, PluginError> {
+    pub fn from_table(table: &toml::Table, keys: GuestKeyMode) -> Result<Self, PluginError> {
         let file: SshConfigFile = parse_plugin_table(table)?;
         let invalid = |message: &str| PluginError::Config(message.to_string());
         let user = file.user.unwrap_or_else(|| "gitlab-runner".to_string());
-        if user.is_empty() || user.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(invalid("`user` must be a user name without spaces"));
+        if !valid_user(&user) {
+            return Err(invalid(
+                "`user` must be a user name (letters, digits, `.`, `_`, `-`; not starting with `-`)",
+            ));
         }
-        let identity_file = file.identity_file.ok_or_else(|| {
-            invalid("`identity_file` is required (the private key for the guest user)")
-        })?;
-        if !identity_file.is_absolute() {
+        if file
+            .identity_file
+            .as_ref()
+            .is_some_and(|p| !p.is_absolute())
+        {
             return Err(invalid("`identity_file` must be an absolute path"));
+        }
+        if file.known_hosts.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(invalid("`known_hosts` must be an absolute path"));
         }
         let port = file.port.unwrap_or(22);
         if port == 0 {
@@ -66,21 +79,42 @@ impl SshConfig {
         if connect_timeout_secs == 0 {
             return Err(invalid("`connect_timeout_secs` must be at least 1"));
         }
-        let host_keys = match (file.known_hosts, file.insecure_ignore_host_key) {
-            (Some(_), true) => {
-                return Err(invalid(
-                    "`known_hosts` and `insecure_ignore_host_key = true` contradict each other",
-                ))
+        let umask = match file.umask.as_deref() {
+            None => 0o077,
+            Some(text) => u32::from_str_radix(text, 8)
+                .ok()
+                .filter(|mask| *mask <= 0o777 && !text.is_empty() && text.len() <= 4)
+                .ok_or_else(|| invalid("`umask` must be an octal mask such as \"077\""))?,
+        };
+        let (identity_file, host_keys) = match keys {
+            GuestKeyMode::PerJob => {
+                if file.identity_file.is_some()
+                    || file.known_hosts.is_some()
+                    || file.insecure_ignore_host_key
+                {
+                    return Err(invalid(
+                        "with guest_keys = \"per-job\" every job gets its own keys: remove `identity_file`, `known_hosts` and `insecure_ignore_host_key`",
+                    ));
+                }
+                (None, HostKeyPolicy::PerJob)
             }
-            (Some(path), false) if !path.is_absolute() => {
-                return Err(invalid("`known_hosts` must be an absolute path"))
-            }
-            (Some(path), false) => HostKeyPolicy::KnownHosts(path),
-            (None, true) => HostKeyPolicy::InsecureIgnore,
-            (None, false) => {
-                return Err(invalid(
-                    "`known_hosts` is required: a file with the guest image's SSH host keys (or set insecure_ignore_host_key = true to skip host-key checks)",
-                ))
+            GuestKeyMode::Pinned => {
+                let identity_file = file.identity_file.ok_or_else(|| {
+                    invalid("`identity_file` is required (the private key for the guest user)")
+                })?;
+                let host_keys = match (file.known_hosts, file.insecure_ignore_host_key) {
+                    (Some(_), true) => {
+                        return Err(invalid(
+                            "`known_hosts` and `insecure_ignore_host_key = true` contradict each other",
+                        ))
+                    }
+                    (Some(path), false) => HostKeyPolicy::KnownHosts(path),
+                    (None, true) => HostKeyPolicy::InsecureIgnore,
+                    (None, false) => return Err(invalid(
+                        "`known_hosts` is required: a file with the guest image's SSH host keys (or set insecure_ignore_host_key = true to skip host-key checks, or use guest_keys = \"per-job\")",
+                    )),
+                };
+                (Some(identity_file), host_keys)
             }
         };
         Ok(Self {
@@ -90,8 +124,19 @@ impl SshConfig {
             ready_timeout: Duration::from_secs(ready_timeout_secs),
             connect_timeout: Duration::from_secs(connect_timeout_secs),
             host_keys,
+            umask,
         })
     }
+}
+
+/// A user name that is safe in a shell word and in cloud-init YAML.
+fn valid_user(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 32
+        && !user.starts_with('-')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 #[cfg(test)]
@@ -99,7 +144,54 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<SshConfig, PluginError> {
-        SshConfig::from_table(&toml::from_str(text).expect("toml"))
+        SshConfig::from_table(&toml::from_str(text).expect("toml"), GuestKeyMode::Pinned)
+    }
+
+    fn parse_per_job(text: &str) -> Result<SshConfig, PluginError> {
+        SshConfig::from_table(&toml::from_str(text).expect("toml"), GuestKeyMode::PerJob)
+    }
+
+    #[test]
+    fn per_job_keys_need_no_key_files() {
+        let config = parse_per_job("user = \"ci\"").expect("valid");
+
+        assert_eq!(config.identity_file, None);
+        assert_eq!(config.host_keys, HostKeyPolicy::PerJob);
+    }
+
+    #[test]
+    fn per_job_keys_refuse_configured_keys() {
+        let err = parse_per_job("identity_file = \"/k\"").expect_err("contradiction");
+
+        assert!(
+            err.to_string().contains("every job gets its own keys"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn umask_defaults_to_private_and_parses_octal() {
+        assert_eq!(
+            parse("identity_file = \"/k\"\nknown_hosts = \"/kh\"")
+                .expect("valid")
+                .umask,
+            0o077
+        );
+        assert_eq!(
+            parse("identity_file = \"/k\"\nknown_hosts = \"/kh\"\numask = \"022\"")
+                .expect("valid")
+                .umask,
+            0o022
+        );
+        assert!(parse("identity_file = \"/k\"\nknown_hosts = \"/kh\"\numask = \"999\"").is_err());
+    }
+
+    #[test]
+    fn user_names_that_could_break_a_shell_or_yaml_are_refused() {
+        for user in ["a b", "x;rm", "-opt", "", "\"q\""] {
+            let text = format!("user = {user:?}\nidentity_file = \"/k\"\nknown_hosts = \"/kh\"");
+            assert!(parse(&text).is_err(), "{user:?} accepted");
+        }
     }
 
     #[test]
@@ -113,6 +205,7 @@ mod tests {
             config.host_keys,
             HostKeyPolicy::KnownHosts(PathBuf::from("/kh"))
         );
+        assert_eq!(config.identity_file, Some(PathBuf::from("/k")));
     }
 
     #[test]

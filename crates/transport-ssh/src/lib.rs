@@ -37,8 +37,11 @@ inventory::submit! {
     }
 }
 
-fn build(_ctx: &PluginContext, table: &toml::Table) -> Result<Box<dyn Transport>, PluginError> {
-    Ok(Box::new(SshTransport::new(SshConfig::from_table(table)?)?))
+fn build(ctx: &PluginContext, table: &toml::Table) -> Result<Box<dyn Transport>, PluginError> {
+    Ok(Box::new(SshTransport::new(SshConfig::from_table(
+        table,
+        ctx.guest_keys,
+    )?)?))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +95,13 @@ pub struct SshTransport {
 
 impl SshTransport {
     pub fn new(config: SshConfig) -> Result<Self, PluginError> {
-        if !config.identity_file.is_file() {
-            return Err(PluginError::NotFound(format!(
-                "identity_file {} does not exist",
-                config.identity_file.display()
-            )));
+        if let Some(identity_file) = &config.identity_file {
+            if !identity_file.is_file() {
+                return Err(PluginError::NotFound(format!(
+                    "identity_file {} does not exist",
+                    identity_file.display()
+                )));
+            }
         }
         let pinned = match &config.host_keys {
             HostKeyPolicy::KnownHosts(path) => {
@@ -119,7 +124,7 @@ impl SshTransport {
                 }
                 keys
             }
-            HostKeyPolicy::InsecureIgnore => Vec::new(),
+            HostKeyPolicy::PerJob | HostKeyPolicy::InsecureIgnore => Vec::new(),
         };
         Ok(Self { config, pinned })
     }
@@ -155,9 +160,19 @@ impl SshTransport {
             addr: addr_text.clone(),
             message: err.message().to_string(),
         })?;
-        self.verify_host_key(&session, &addr_text)?;
+        self.verify_host_key(&session, endpoint, &addr_text)?;
+        let identity_file = endpoint
+            .identity_file
+            .as_ref()
+            .or(self.config.identity_file.as_ref())
+            .ok_or_else(|| SshError::Auth {
+                addr: addr_text.clone(),
+                user: self.config.user.clone(),
+                message: "no client key: the job has no per-job key and none is configured"
+                    .to_string(),
+            })?;
         session
-            .userauth_pubkey_file(&self.config.user, None, &self.config.identity_file, None)
+            .userauth_pubkey_file(&self.config.user, None, identity_file, None)
             .map_err(|err| SshError::Auth {
                 addr: addr_text.clone(),
                 user: self.config.user.clone(),
@@ -166,23 +181,37 @@ impl SshTransport {
         Ok(session)
     }
 
-    fn verify_host_key(&self, session: &Session, addr: &str) -> Result<(), SshError> {
-        let HostKeyPolicy::KnownHosts(path) = &self.config.host_keys else {
-            warn_insecure_once();
-            return Ok(());
+    fn verify_host_key(
+        &self,
+        session: &Session,
+        endpoint: &Endpoint,
+        addr: &str,
+    ) -> Result<(), SshError> {
+        let (expected, source) = match (&endpoint.host_key, &self.config.host_keys) {
+            (Some(line), _) => (known_hosts::parse(line), "the job's host key".to_string()),
+            (None, HostKeyPolicy::KnownHosts(path)) => {
+                (self.pinned.clone(), path.display().to_string())
+            }
+            (None, HostKeyPolicy::InsecureIgnore) => {
+                warn_insecure_once();
+                return Ok(());
+            }
+            (None, HostKeyPolicy::PerJob) => {
+                (Vec::new(), "the job's host key (missing)".to_string())
+            }
         };
         let (blob, key_type) = session.host_key().ok_or_else(|| SshError::Handshake {
             addr: addr.to_string(),
             message: "the server sent no host key".to_string(),
         })?;
-        if self.pinned.iter().any(|key| key.blob == blob) {
+        if expected.iter().any(|key| key.blob == blob) {
             return Ok(());
         }
         Err(SshError::HostKeyMismatch {
             addr: addr.to_string(),
             key_type: format!("{key_type:?}"),
             fingerprint: known_hosts::fingerprint(blob),
-            known_hosts: path.display().to_string(),
+            known_hosts: source,
         })
     }
 
@@ -225,6 +254,10 @@ fn warn_insecure_once() {
 impl Transport for SshTransport {
     fn ready_timeout(&self) -> Duration {
         self.config.ready_timeout
+    }
+
+    fn login_user(&self) -> Option<String> {
+        Some(self.config.user.clone())
     }
 
     fn wait_ready(
@@ -271,7 +304,7 @@ impl Transport for SshTransport {
         let session = self
             .open_session(endpoint, self.config.connect_timeout)
             .map_err(|err| PluginError::msg(err.to_string()))?;
-        relay(&session, request, stdout, stderr).map_err(|err| match err {
+        relay(&session, request, self.config.umask, stdout, stderr).map_err(|err| match err {
             RelayError::Ssh(err) => PluginError::msg(err.to_string()),
             RelayError::Interrupted => {
                 PluginError::Interrupted("while the script was running".into())
@@ -302,10 +335,10 @@ const CANCEL_GRACE: Duration = Duration::from_millis(1500);
 /// The remote command: report the shell's process group (from /proc; the shell's pid where
 /// there is no /proc), then become the interpreter that reads the script from stdin.
 /// `interpreter` is one of a fixed set of names (`bash`, `sh`).
-pub fn remote_command(interpreter: &str) -> String {
+pub fn remote_command(interpreter: &str, umask: u32) -> String {
     format!(
         "g=$$; if [ -r /proc/$$/stat ]; then read -r s < /proc/$$/stat; set -- ${{s##*\") \"}}; g=$3; fi; \
-         printf '{PID_MARKER}%s\\n' \"$g\" >&2; exec {interpreter}"
+         printf '{PID_MARKER}%s\\n' \"$g\" >&2; umask {umask:04o}; exec {interpreter}"
     )
 }
 
@@ -365,6 +398,7 @@ impl PidCapture {
 fn relay(
     session: &Session,
     request: &ScriptRequest<'_>,
+    umask: u32,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<RemoteExit, RelayError> {
@@ -372,7 +406,7 @@ fn relay(
         .channel_session()
         .map_err(|e| channel_error("opening a channel", &e))?;
     channel
-        .exec(&remote_command(request.interpreter))
+        .exec(&remote_command(request.interpreter, umask))
         .map_err(|e| channel_error("starting the guest shell", &e))?;
     channel
         .write_all(request.script)
@@ -503,11 +537,12 @@ mod tests {
 
     #[test]
     fn remote_command_reports_the_process_group_then_execs_the_interpreter() {
-        let command = remote_command("bash");
+        let command = remote_command("bash", 0o077);
 
         assert!(command.contains("/proc/$$/stat"), "{command}");
         assert!(
-            command.ends_with("printf 'hyperjob-remote-pgid %s\\n' \"$g\" >&2; exec bash"),
+            command
+                .ends_with("printf 'hyperjob-remote-pgid %s\\n' \"$g\" >&2; umask 0077; exec bash"),
             "{command}"
         );
     }
@@ -516,7 +551,7 @@ mod tests {
     fn remote_command_prints_the_process_group_of_a_real_shell() {
         let output = std::process::Command::new("sh")
             .arg("-c")
-            .arg(remote_command("true"))
+            .arg(remote_command("true", 0o022))
             .process_group(0)
             .output()
             .expect("run sh");
