@@ -95,13 +95,14 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let progress = StdoutProgress;
     let vm_name = ctx.job.vm_name();
     let store = ctx.store();
-    let _active = store.lock_activity(ctx.job.job_id)?;
 
     // A retried prepare (the runner tries up to three times) may find what an earlier, failed
-    // or killed attempt of the same job left behind: start from nothing.
+    // or killed attempt of the same job left behind: start from nothing. This comes before
+    // anything is written, so a backend that cannot even be reached leaves no trace.
     backend
         .destroy(&vm_name)
         .with_context(|| format!("cannot remove leftovers of an earlier attempt for {vm_name}"))?;
+    let _active = store.lock_activity(ctx.job.job_id)?;
 
     let started = Instant::now();
     let created_unix = unix_now();

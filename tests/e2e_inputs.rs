@@ -1,0 +1,343 @@
+//! End-to-end: bad input and a misbehaving host get a one-line reason and the right exit code,
+//! and leave nothing behind; secrets stay out of argv, logs and readable files. Real binary,
+//! real libvirtd, real TCG guests; run with scripts/test.sh.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use hyperjob_test_harness::{
+    run_job, Driver, Job, JobReport, JobResult, JobVariable, RunnerSettings,
+};
+use support::{list_dir, unique_job_id, virsh, TestEnv, Workspace};
+
+fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
+    Driver::single_binary(&env.hyperjob)
+        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+}
+
+fn settings(attempts: u32) -> RunnerSettings {
+    RunnerSettings {
+        preparation_retries: attempts,
+        preparation_retry_interval: Duration::from_millis(200),
+        ..RunnerSettings::default()
+    }
+}
+
+fn vm_name(job_id: i64) -> String {
+    format!("hyperjob-job-{job_id}")
+}
+
+fn job(id: i64, script: &[&str]) -> Job {
+    let mut job = Job::new(id, "group/inputs", "", "", script);
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+    job
+}
+
+fn system_failure(report: &JobReport) -> String {
+    match &report.result {
+        JobResult::SystemFailure { message } => message.clone(),
+        other => panic!(
+            "expected a system failure, got {other:?}\n{}",
+            report.log_text()
+        ),
+    }
+}
+
+/// The driver's own error lines in the job log ("hyperjob <stage>: …").
+fn driver_errors(report: &JobReport) -> Vec<String> {
+    report
+        .log_text()
+        .lines()
+        .filter(|line| line.starts_with("hyperjob "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn replace_in_config(ws: &Workspace, from: &str, to: &str) {
+    let config = ws.default_config();
+    assert!(config.contains(from), "{from} not in config");
+    ws.write_config(&config.replace(from, to));
+}
+
+#[test]
+fn unreachable_libvirtd_fails_prepare_with_a_reason_and_leaves_nothing() {
+    let env = TestEnv::load();
+    let ws = env.workspace("no-libvirtd");
+    replace_in_config(
+        &ws,
+        &format!("uri = \"{}\"", env.libvirt_uri),
+        "uri = \"qemu:///system?socket=/nonexistent/libvirt-sock\"",
+    );
+    let id = unique_job_id();
+
+    let report = run_job(&driver(&env, &ws), &job(id, &["true"]), &settings(3));
+
+    system_failure(&report);
+    assert_eq!(report.invocations_of("prepare").len(), 3);
+    let errors = driver_errors(&report);
+    assert!(
+        errors.iter().all(|e| e.contains(
+            "cannot connect to libvirt at qemu:///system?socket=/nonexistent/libvirt-sock"
+        )),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().all(|e| e.contains("(is libvirtd running?)")),
+        "{errors:?}"
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn unknown_backend_is_refused_listing_the_registered_ones() {
+    let env = TestEnv::load();
+    let ws = env.workspace("unknown-backend");
+    replace_in_config(&ws, "backend = \"libvirt\"", "backend = \"vmware\"");
+    let id = unique_job_id();
+
+    let report = run_job(&driver(&env, &ws), &job(id, &["true"]), &settings(1));
+
+    system_failure(&report);
+    let log = report.log_text();
+    assert!(
+        log.contains("unknown backend \"vmware\"; registered backends: libvirt"),
+        "{log}"
+    );
+}
+
+struct Network<'a> {
+    env: &'a TestEnv,
+    name: &'static str,
+}
+
+impl Drop for Network<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh")
+            .args(["-q", "-c", &self.env.libvirt_uri, "net-destroy", self.name])
+            .output();
+    }
+}
+
+#[test]
+fn guest_that_never_gets_an_address_fails_within_the_timeout_and_is_removed() {
+    let env = TestEnv::load();
+    let ws = env.workspace("no-dhcp");
+    let xml = ws.dir.join("nodhcp.xml");
+    fs::write(
+        &xml,
+        "<network><name>hyperjob-nodhcp</name><bridge name='hjnodhcp0' stp='off'/><ip address='192.168.251.1' netmask='255.255.255.0'/></network>\n",
+    )
+    .expect("network xml");
+    virsh(
+        &env.libvirt_uri,
+        &["net-create", xml.to_str().expect("utf-8")],
+    );
+    let _network = Network {
+        env: &env,
+        name: "hyperjob-nodhcp",
+    };
+    fs::remove_file(&xml).expect("remove xml");
+    let config = ws
+        .default_config()
+        .replace(
+            &format!("network = \"{}\"", env.network),
+            "network = \"hyperjob-nodhcp\"",
+        )
+        .replace("ready_timeout_secs = 180", "ready_timeout_secs = 20");
+    ws.write_config(&config);
+    let id = unique_job_id();
+
+    let report = run_job(&driver(&env, &ws), &job(id, &["true"]), &settings(1));
+
+    system_failure(&report);
+    let log = report.log_text();
+    assert!(log.contains("got no address: timed out after"), "{log}");
+    assert!(
+        log.contains("waiting for a DHCP lease on network \"hyperjob-nodhcp\""),
+        "{log}"
+    );
+    assert!(log.contains("Last lines of the guest console:"), "{log}");
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+/// A tiny, full filesystem mounted for one test.
+struct FullDisk {
+    path: PathBuf,
+}
+
+impl FullDisk {
+    fn mount(path: &Path) -> Self {
+        fs::create_dir_all(path).expect("mount point");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=128k,mode=0755",
+                "hyperjob-full",
+                path.to_str().expect("utf-8"),
+            ])
+            .status()
+            .expect("mount");
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs at {}",
+            path.display()
+        );
+        // Fill it up; dd stops with ENOSPC.
+        let _ = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={}/filler", path.display()),
+                "bs=4k",
+            ])
+            .output();
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+#[test]
+fn full_disk_while_creating_the_overlay_is_a_system_failure_leaving_nothing() {
+    let env = TestEnv::load();
+    let ws = env.workspace("disk-full");
+    let full = FullDisk::mount(&ws.dir.join("full"));
+    replace_in_config(
+        &ws,
+        &format!("images_dir = \"{}\"", ws.images_dir.display()),
+        &format!("images_dir = \"{}\"", full.path.display()),
+    );
+    let id = unique_job_id();
+
+    let report = run_job(&driver(&env, &ws), &job(id, &["true"]), &settings(1));
+
+    system_failure(&report);
+    let log = report.log_text();
+    assert!(log.contains("qemu-img could not create overlay"), "{log}");
+    assert!(log.contains("No space left on device"), "{log}");
+    assert_eq!(list_dir(&full.path), vec!["filler".to_string()]);
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+fn run_hyperjob(env: &TestEnv, ws: &Workspace, response: Option<&Path>, args: &[&str]) -> Output {
+    let mut command = Command::new(&env.hyperjob);
+    command
+        .args(args)
+        .env("HYPERJOB_CONFIG", &ws.config_path)
+        .env("SYSTEM_FAILURE_EXIT_CODE", "2")
+        .env("BUILD_FAILURE_EXIT_CODE", "1")
+        .env_remove("JOB_RESPONSE_FILE");
+    if let Some(path) = response {
+        command.env("JOB_RESPONSE_FILE", path);
+    }
+    command.output().expect("run hyperjob")
+}
+
+#[test]
+fn missing_or_malformed_job_response_file_is_a_one_line_system_failure() {
+    let env = TestEnv::load();
+    let ws = env.workspace("bad-response");
+    let malformed = ws.dir.join("response.json");
+    fs::write(&malformed, "{\"token\":\"glcbt-SECRET-value\",\"id\":").expect("write");
+    let string_id = ws.dir.join("string-id.json");
+    fs::write(&string_id, "{\"id\":\"4242</name><evil/>\"}").expect("write");
+
+    let missing = run_hyperjob(&env, &ws, None, &["prepare"]);
+    let broken = run_hyperjob(&env, &ws, Some(&malformed), &["prepare"]);
+    let hostile = run_hyperjob(&env, &ws, Some(&string_id), &["prepare"]);
+
+    for (output, expected) in [
+        (&missing, "JOB_RESPONSE_FILE is not set"),
+        (&broken, "is not valid JSON"),
+        (&hostile, "job `id` is not a positive integer"),
+    ] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            !stderr.contains("SECRET") && !stderr.contains("evil"),
+            "{stderr}"
+        );
+    }
+    fs::remove_file(&malformed).expect("remove");
+    fs::remove_file(&string_id).expect("remove");
+    assert!(list_dir(&ws.state_dir).is_empty());
+    assert!(list_dir(&ws.images_dir).is_empty());
+}
+
+/// Every process's command line on this host that contains `needle`.
+fn processes_with_in_argv(needle: &str) -> Vec<String> {
+    fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| fs::read(entry.path().join("cmdline")).ok())
+        .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(needle))
+        .collect()
+}
+
+#[test]
+fn secrets_stay_out_of_argv_logs_and_readable_guest_files() {
+    let env = TestEnv::load();
+    let ws = env.workspace("secrets");
+    let id = unique_job_id();
+    let secret = format!("hj-secret-{id}-value");
+    let mut job = job(
+        id,
+        &[
+            // Builtins only: the check itself must not put the secret on a command line.
+            "found=0; for f in /proc/[0-9]*/cmdline; do { while IFS= read -r -d '' arg; do case \"$arg\" in *\"$MASKED_VAR\"*) found=1;; esac; done < \"$f\"; } 2>/dev/null; done; echo \"guest argv carries secret: $found\"",
+            "echo \"file variable mode: $(stat -c %a \"$FILE_VAR\")\"",
+            "sleep 3",
+        ],
+    );
+    job.variables
+        .push(JobVariable::masked("MASKED_VAR", &secret));
+    job.variables.push(JobVariable::file(
+        "FILE_VAR",
+        &format!("file content {secret}"),
+    ));
+    let watching = AtomicBool::new(true);
+
+    let (report, host_hits) = thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut hits = Vec::new();
+            while watching.load(Ordering::Relaxed) {
+                hits.extend(processes_with_in_argv(&secret));
+                thread::sleep(Duration::from_millis(50));
+            }
+            hits
+        });
+        let report = run_job(&driver(&env, &ws), &job, &settings(1));
+        watching.store(false, Ordering::Relaxed);
+        (report, watcher.join().expect("watcher"))
+    });
+
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    assert!(host_hits.is_empty(), "secret in host argv: {host_hits:?}");
+    assert!(log.contains("guest argv carries secret: 0"), "{log}");
+    assert!(log.contains("file variable mode: 600"), "{log}");
+    assert!(
+        !log.contains(&secret),
+        "the job never prints it, so nobody else may: {log}"
+    );
+    let state_files: Vec<_> = list_dir(&ws.state_dir);
+    assert!(state_files.is_empty(), "{state_files:?}");
+    ws.assert_nothing_left(&vm_name(id));
+}
