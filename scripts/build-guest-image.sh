@@ -11,8 +11,12 @@
 #   id_ed25519(.pub)        client key pair; the public half is in gitlab-runner's authorized_keys
 #   known_hosts             the guest's baked SSH host key(s), "* <type> <base64>" per line
 #   ssh_host_ed25519_key    that host key's private half (dropbear format), reused on rebuilds
+#   cloudinit.qcow2         ext4 root file system (like base.qcow2) of another guest, with
+#                           Debian's cloud-init and OpenSSH instead of dropbear, no SSH key and
+#                           no CI user: both come from a cloud-init NoCloud seed (a second disk
+#                           or CD-ROM labelled cidata) at boot. Same vmlinuz/initrd.img.
 #   image.env               shell-sourceable facts (KERNEL, INITRD, CMDLINE, BASE_IMAGE,
-#                           BOOTABLE_IMAGE, ...)
+#                           BOOTABLE_IMAGE, CLOUDINIT_IMAGE, ...)
 #   stamp                   written last; names the script version and build parameters
 #
 # A complete image built by the same script version with the same parameters is reused as is.
@@ -24,13 +28,14 @@ set -euo pipefail
 
 readonly GUEST_USER=gitlab-runner
 readonly CMDLINE='root=/dev/vda rw console=ttyS0 net.ifnames=0'
+readonly CLOUDINIT_CMDLINE=$CMDLINE
 # bootable.qcow2: SYSLINUX boots the same kernel with the root file system on partition 2.
 readonly BOOT_CMDLINE='root=/dev/vda2 rw console=ttyS0 net.ifnames=0'
 readonly BOOT_PART_MB=64
 readonly SYSLINUX_MBR=/usr/lib/syslinux/mbr/mbr.bin
 readonly HOST_KEY=/etc/dropbear/dropbear_ed25519_host_key
-readonly REQUIRED_FILES="base.qcow2 bootable.qcow2 vmlinuz initrd.img id_ed25519 id_ed25519.pub
-    known_hosts ssh_host_ed25519_key image.env stamp"
+readonly REQUIRED_FILES="base.qcow2 bootable.qcow2 cloudinit.qcow2 vmlinuz initrd.img id_ed25519
+    id_ed25519.pub known_hosts ssh_host_ed25519_key image.env stamp"
 
 SELF=$(readlink -f -- "${BASH_SOURCE[0]}")
 readonly SELF
@@ -62,16 +67,16 @@ EOF
     chmod 0755 "$root/etc/initramfs-tools/hooks/hyperjob"
 }
 
-# Runs with the chroot's /proc, /sys and /dev mounted, after all packages are installed.
-# $2 is the build's work directory: the client public key is read from it and the host public
-# key is written to it.
-customize_hook() {
-    local root=$1 work=$2 hostname=$3
-    local home=/home/$GUEST_USER
+# Everything both guests share, written into the tree $1: PID 1 (/etc/hyperjob/init) up to and
+# including the network, its udhcpc script, the ACPI power button handler, hostname and hosts.
+# $2 (dropbear|cloudinit) picks how PID 1 ends (what runs before busybox init, and its inittab).
+guest_system() {
+    local root=$1 variant=$2 hostname=$3
 
     # --- PID 1 -------------------------------------------------------------------------------
     install -d -m 0755 "$root/etc/hyperjob"
-    cat >"$root/etc/hyperjob/init" <<'EOF'
+    {
+        cat <<'EOF'
 #!/bin/sh
 # PID 1 of the hyperjob test guest (no systemd). Sets up the basics, then hands over to
 # busybox init, which starts the SSH daemon from /etc/inittab and reaps orphaned processes.
@@ -95,26 +100,35 @@ say() { echo "hyperjob-init: [$(cut -d' ' -f1 /proc/uptime)] $*" >/dev/console; 
 say "root file system up"
 
 # No udev here: load the drivers ourselves. virtio_rng feeds the kernel's entropy pool when
-# the domain has <rng model='virtio'> (else dropbear waits for "kernel randomness" under TCG);
-# button + evdev let busybox acpid see the ACPI power button.
+# the domain has <rng model='virtio'> (else the SSH daemon waits for "kernel randomness" under
+# TCG); button + evdev let busybox acpid see the ACPI power button.
 modprobe -q virtio_net || say "modprobe virtio_net failed"
 for m in virtio_rng button evdev; do
     modprobe -q "$m" || true
 done
-busybox ip link set lo up
-i=0
-while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 100 ]; do
-    sleep 0.1
-    i=$((i + 1))
-done
-if [ -e /sys/class/net/eth0 ]; then
-    busybox ip link set eth0 up
-    # Backgrounds itself once it holds a lease (or after the first tries, then keeps trying).
-    busybox udhcpc -i eth0 -s /etc/hyperjob/udhcpc.script -b -t 5 -T 1 -A 2 \
-        -x "hostname:$(cat /etc/hostname)"
-else
-    say "no eth0 after 10 s"
-fi
+
+start_network() {
+    busybox ip link set lo up
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    if [ -e /sys/class/net/eth0 ]; then
+        busybox ip link set eth0 up
+        # Backgrounds itself once it holds a lease (or after the first tries, then keeps trying).
+        busybox udhcpc -i eth0 -s /etc/hyperjob/udhcpc.script -b -t 5 -T 1 -A 2 \
+            -x "hostname:$(cat /etc/hostname)"
+    else
+        say "no eth0 after 10 s"
+    fi
+}
+
+EOF
+        case $variant in
+        dropbear)
+            cat <<'EOF'
+start_network
 
 # Optional: ACPI power button -> SIGUSR2 to PID 1 (busybox init powers off).
 busybox acpid -c /etc/acpi >/dev/null 2>&1 || true
@@ -122,16 +136,45 @@ busybox acpid -c /etc/acpi >/dev/null 2>&1 || true
 say "starting busybox init (dropbear from /etc/inittab)"
 exec busybox init
 EOF
+            ;;
+        cloudinit)
+            cat <<'EOF'
+# The cloud-init seed (NoCloud: an ISO9660 or FAT file system labelled cidata) may be a virtio
+# disk (virtio_blk is in the initramfs), a CD-ROM on the i440fx machine's IDE controller
+# (ata_piix + sr_mod) or one on virtio-scsi. isofs: mount(8) would load it on demand anyway.
+# (This kernel has no AHCI driver: a SATA CD-ROM, e.g. on q35, is never seen.)
+modprobe -q -a virtio_scsi ata_piix sr_mod isofs || say "modprobe of the seed drivers failed"
+
+# DHCP in the background: with libvirt's dnsmasq the first offer takes seconds, cloud-init
+# needs no network for NoCloud and its network configuration is disabled (cloud.cfg.d).
+start_network &
+
+# Optional: ACPI power button -> SIGUSR2 to PID 1 (busybox init powers off).
+busybox acpid -c /etc/acpi >/dev/null 2>&1 || true
+
+# cloud-init without systemd: one 'cloud-init init' (the network stage). It finds the seed
+# itself (NoCloud by label), then runs cloud_init_modules (hyperjob.cfg trims them to
+# set_hostname, update_hostname, users-groups and ssh: the ssh module writes the host keys of
+# ssh_keys, users-groups creates the users and their authorized_keys). The local stage, the
+# config and the final stages are not run: see docs/testing.md.
+say "cloud-init init"
+if cloud-init init >/dev/console 2>&1; then
+    say "cloud-init init done"
+else
+    say "cloud-init init failed (exit $?); see /var/log/cloud-init.log"
+fi
+wait
+
+say "starting busybox init (sshd from /etc/inittab)"
+exec busybox init
+EOF
+            ;;
+        *) die "guest_system: unknown variant $variant" ;;
+        esac
+    } >"$root/etc/hyperjob/init"
     chmod 0755 "$root/etc/hyperjob/init"
     rm -f "$root/usr/sbin/init"
     ln -s /etc/hyperjob/init "$root/usr/sbin/init"
-
-    cat >"$root/etc/inittab" <<EOF
-# busybox init, hyperjob test guest. Setup happens in /etc/hyperjob/init before this.
-::respawn:/usr/sbin/dropbear -F -E -s -p 22 -r $HOST_KEY
-::ctrlaltdel:/bin/busybox poweroff
-::shutdown:/bin/sync
-EOF
 
     install -d -m 0755 "$root/etc/acpi/PWRF"
     printf '#!/bin/sh\nexec kill -USR2 1\n' >"$root/etc/acpi/PWRF/00000080"
@@ -171,6 +214,28 @@ EOF
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' \
         "$hostname" >"$root/etc/hosts"
     : >"$root/etc/resolv.conf"
+}
+
+guest_trim() {
+    local root=$1
+    rm -rf "$root/var/cache/apt/"*.bin "$root/var/lib/apt/lists/"* "$root/var/log/"*.log \
+        "$root/var/cache/debconf/"*-old "$root/var/lib/dpkg/"*-old
+}
+
+# base.qcow2. Runs with the chroot's /proc, /sys and /dev mounted, after all packages are
+# installed. $2 is the build's work directory: the client public key is read from it and the
+# host public key is written to it.
+customize_hook() {
+    local root=$1 work=$2 hostname=$3
+    local home=/home/$GUEST_USER
+
+    guest_system "$root" dropbear "$hostname"
+    cat >"$root/etc/inittab" <<EOF
+# busybox init, hyperjob test guest. Setup happens in /etc/hyperjob/init before this.
+::respawn:/usr/sbin/dropbear -F -E -s -p 22 -r $HOST_KEY
+::ctrlaltdel:/bin/busybox poweroff
+::shutdown:/bin/sync
+EOF
 
     # --- SSH host key (baked: every guest from this image presents exactly this key) --------
     install -d -m 0755 "$root/etc/dropbear"
@@ -198,9 +263,72 @@ EOF
     chroot "$root" chown -R "$GUEST_USER:$GUEST_USER" "$home"
     chmod 0755 "$root$home"
 
-    # --- trim --------------------------------------------------------------------------------
-    rm -rf "$root/var/cache/apt/"*.bin "$root/var/lib/apt/lists/"* "$root/var/log/"*.log \
-        "$root/var/cache/debconf/"*-old "$root/var/lib/dpkg/"*-old
+    guest_trim "$root"
+}
+
+# cloudinit.qcow2: Debian's cloud-init and OpenSSH, and no key and no CI user at all. Both come
+# from the NoCloud seed at boot: the ssh module writes the host key(s) of user-data's ssh_keys,
+# users-groups creates the users of users: with their ssh_authorized_keys.
+customize_hook_cloudinit() {
+    local root=$1 hostname=$2
+
+    guest_system "$root" cloudinit "$hostname"
+    cat >"$root/etc/inittab" <<'EOF'
+# busybox init, hyperjob cloud-init test guest. Setup (and cloud-init) happens in
+# /etc/hyperjob/init before this.
+::respawn:/etc/hyperjob/sshd
+::ctrlaltdel:/bin/busybox poweroff
+::shutdown:/bin/sync
+EOF
+    cat >"$root/etc/hyperjob/sshd" <<'EOF'
+#!/bin/sh
+# Run (and respawned) by busybox init. Every host key comes from the cloud-init seed: without
+# one (no seed, or no ssh_keys in it) there is nothing to serve, so say so and retry slowly
+# rather than let busybox init respawn a failing sshd in a tight loop.
+set -- /etc/ssh/ssh_host_*_key
+if [ ! -e "$1" ]; then
+    echo "hyperjob-sshd: no /etc/ssh/ssh_host_*_key (no cloud-init seed with ssh_keys?); retrying in 10 s" >/dev/console
+    exec sleep 10
+fi
+mkdir -p -m 0755 /run/sshd
+exec /usr/sbin/sshd -D -e
+EOF
+    chmod 0755 "$root/etc/hyperjob/sshd"
+
+    # --- OpenSSH: keys only, and no host key of its own -------------------------------------
+    # Debian's sshd_config includes sshd_config.d/*.conf first (first value wins). UsePAM stays
+    # yes (Debian's default, as in stock cloud images): cloud-init locks the password of the
+    # users it creates ('!', lock_passwd defaults to true) and sshd without PAM refuses any
+    # login, keys included, to a locked account.
+    cat >"$root/etc/ssh/sshd_config.d/hyperjob.conf" <<'EOF'
+# hyperjob cloud-init test guest: public keys only.
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+UseDNS no
+EOF
+    # openssh-server's postinst generated host keys: they must not survive into the image.
+    rm -f "$root/etc/ssh/ssh_host_"*
+
+    # --- cloud-init --------------------------------------------------------------------------
+    cat >"$root/etc/cloud/cloud.cfg.d/90_hyperjob.cfg" <<'EOF'
+# hyperjob cloud-init test guest. No systemd: /etc/hyperjob/init runs 'cloud-init init' itself.
+# Only the NoCloud seed (found by its file system label, cidata): never probe the network for
+# other data sources. None: the fallback when there is no seed.
+datasource_list: [ NoCloud, None ]
+# /etc/hyperjob/init configures eth0 with busybox udhcpc.
+network: {config: disabled}
+# Keep what the test guest needs, so the one stage that runs stays short under TCG.
+cloud_init_modules:
+ - set_hostname
+ - update_hostname
+ - users-groups
+ - ssh
+EOF
+    rm -rf "$root/var/lib/cloud/"* "$root/var/log/cloud-init"*
+    [ -z "$(find "$root/home" -mindepth 1 -maxdepth 1)" ] || die "the cloud-init guest has a /home"
+
+    guest_trim "$root"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -330,12 +458,53 @@ EOF
     rm -f -- "$head" "$fat"
 }
 
+# make_tree ROOT LOG PACKAGES HOOK-OPTIONS...: one mmdebstrap run, a Debian tree (minbase, no
+# docs, man pages, locales). The .debs it uses are hard-linked into $WORK/debs and from there
+# into the next run's apt cache, which then downloads only what it adds.
+make_tree() {
+    local root=$1 logfile=$2 packages=$3 debs=$WORK/debs
+    shift 3
+    mkdir -p "$debs"
+    # shellcheck disable=SC2016  # $1 is expanded by mmdebstrap's hook shell, on purpose
+    run_child mmdebstrap --mode=root --variant=minbase --format=directory \
+        --include="$packages" \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/info/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --dpkgopt='path-exclude=/usr/share/lintian/*' \
+        --skip=essential/unlink \
+        --setup-hook="mkdir -p \"\$1/var/cache/apt/archives\" && cp -al \"$debs/.\" \"\$1/var/cache/apt/archives/\"" \
+        "$@" \
+        --customize-hook="cp -al -n \"\$1\"/var/cache/apt/archives/*.deb \"$debs/\"" \
+        "$SUITE" "$root" "$MIRROR" >"$logfile" 2>&1 ||
+        { tail -n 30 "$logfile" >&2; die "mmdebstrap failed (log above)"; }
+}
+
+# make_ext4 ROOT RAW: an ext4 image of the tree ROOT with FREE_MB MiB to spare.
+make_ext4() {
+    local root=$1 raw=$2 used_mb size_mb
+    used_mb=$(du -sxm "$root" | cut -f1)
+    size_mb=$(( used_mb + used_mb / 5 + FREE_MB ))
+    log "mkfs.ext4 $(basename "$raw") (${used_mb} MiB used, ${size_mb} MiB file system) ..."
+    mkfs.ext4 -q -F -L hyperjob-root -m 1 -d "$root" "$raw" "${size_mb}M" >/dev/null ||
+        die "mkfs.ext4 -d failed"
+}
+
 build() {
     local out=$1 work=$2
-    local root=$work/rootfs image=$work/out
+    local root=$work/rootfs ci_root=$work/rootfs-cloudinit image=$work/out
     local packages=bash,git,ca-certificates,busybox,dropbear-bin,openssh-sftp-server,kmod
     packages+=,util-linux,procps,passwd,linux-image-cloud-amd64,initramfs-tools
-    [ -z "${HYPERJOB_IMAGE_EXTRA_PACKAGES:-}" ] || packages+=",$HYPERJOB_IMAGE_EXTRA_PACKAGES"
+    # No kernel package: the cloud-init guest boots the same vmlinuz/initrd.img and gets a copy
+    # of the matching /lib/modules from the first tree.
+    local ci_packages=bash,git,ca-certificates,busybox,openssh-server,openssh-sftp-server,kmod
+    ci_packages+=,util-linux,procps,passwd,cloud-init
+    if [ -n "${HYPERJOB_IMAGE_EXTRA_PACKAGES:-}" ]; then
+        packages+=",$HYPERJOB_IMAGE_EXTRA_PACKAGES"
+        ci_packages+=",$HYPERJOB_IMAGE_EXTRA_PACKAGES"
+    fi
 
     mkdir -m 0755 "$image"
     # Keep the keys of the previous image (if any) so a rebuild does not invalidate
@@ -349,25 +518,17 @@ build() {
     fi
 
     log "mmdebstrap $SUITE ($MIRROR) ..."
-    # shellcheck disable=SC2016  # $1 is expanded by mmdebstrap's hook shell, on purpose
-    run_child mmdebstrap --mode=root --variant=minbase --format=directory \
-        --include="$packages" \
-        --dpkgopt='path-exclude=/usr/share/doc/*' \
-        --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-        --dpkgopt='path-exclude=/usr/share/man/*' \
-        --dpkgopt='path-exclude=/usr/share/info/*' \
-        --dpkgopt='path-exclude=/usr/share/locale/*' \
-        --dpkgopt='path-exclude=/usr/share/lintian/*' \
+    make_tree "$root" "$work/mmdebstrap.log" "$packages" \
         --essential-hook="\"$SELF\" __essential-hook \"\$1\"" \
-        --customize-hook="\"$SELF\" __customize-hook \"\$1\" \"$image\" \"$GUEST_HOSTNAME\"" \
-        "$SUITE" "$root" "$MIRROR" >"$work/mmdebstrap.log" 2>&1 ||
-        { tail -n 30 "$work/mmdebstrap.log" >&2; die "mmdebstrap failed (log above)"; }
+        --customize-hook="\"$SELF\" __customize-hook \"\$1\" \"$image\" \"$GUEST_HOSTNAME\""
 
-    local kernel initrd
+    local kernel initrd kver
     kernel=$(find "$root/boot" -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -n 1)
     [ -n "$kernel" ] || die "no kernel in the guest's /boot"
-    initrd=$root/boot/initrd.img-${kernel##*/vmlinuz-}
+    kver=${kernel##*/vmlinuz-}
+    initrd=$root/boot/initrd.img-$kver
     [ -f "$initrd" ] || die "no initrd matching $kernel in the guest's /boot"
+    [ -f "$root/lib/modules/$kver/modules.dep" ] || die "no /lib/modules/$kver in the guest"
     install -m 0644 "$kernel" "$image/vmlinuz"
     install -m 0644 "$initrd" "$image/initrd.img"
     # The guest never boots its own /boot (direct kernel boot, or SYSLINUX from the FAT
@@ -375,18 +536,25 @@ build() {
     rm -f -- "$kernel" "$initrd" "$root/vmlinuz" "$root/vmlinuz.old" "$root/initrd.img" \
         "$root/initrd.img.old"
 
-    local used_mb size_mb
-    used_mb=$(du -sxm "$root" | cut -f1)
-    size_mb=$(( used_mb + used_mb / 5 + FREE_MB ))
-    log "mkfs.ext4 (${used_mb} MiB used, ${size_mb} MiB file system) ..."
-    mkfs.ext4 -q -F -L hyperjob-root -m 1 -d "$root" "$work/root.raw" "${size_mb}M" >/dev/null ||
-        die "mkfs.ext4 -d failed"
+    make_ext4 "$root" "$work/root.raw"
     qemu-img convert -f raw -O qcow2 "$work/root.raw" "$image/base.qcow2" ||
         die "qemu-img convert failed"
     log "bootable.qcow2 (MBR + SYSLINUX, FAT boot partition, root on partition 2) ..."
     build_bootable "$work" "$image" "$work/root.raw"
-    chmod 0644 "$image/base.qcow2" "$image/bootable.qcow2" "$image/id_ed25519.pub" \
-        "$image/known_hosts"
+    rm -f -- "$work/root.raw"
+
+    log "mmdebstrap $SUITE ($MIRROR) with cloud-init and OpenSSH ..."
+    make_tree "$ci_root" "$work/mmdebstrap-cloudinit.log" "$ci_packages" \
+        --customize-hook="\"$SELF\" __customize-hook-cloudinit \"\$1\" \"$GUEST_HOSTNAME\""
+    mkdir -p "$ci_root/lib/modules"
+    cp -a -- "$root/lib/modules/$kver" "$ci_root/lib/modules/"
+    make_ext4 "$ci_root" "$work/cloudinit.raw"
+    qemu-img convert -f raw -O qcow2 "$work/cloudinit.raw" "$image/cloudinit.qcow2" ||
+        die "qemu-img convert of the cloud-init image failed"
+    rm -f -- "$work/cloudinit.raw"
+
+    chmod 0644 "$image/base.qcow2" "$image/bootable.qcow2" "$image/cloudinit.qcow2" \
+        "$image/id_ed25519.pub" "$image/known_hosts"
     chmod 0600 "$image/id_ed25519" "$image/ssh_host_ed25519_key"
 
     cat >"$image/image.env" <<EOF
@@ -399,6 +567,11 @@ BOOTABLE_IMAGE=$out/bootable.qcow2
 IDENTITY_FILE=$out/id_ed25519
 KNOWN_HOSTS=$out/known_hosts
 GUEST_USER=$GUEST_USER
+# cloud-init guest: same KERNEL and INITRD; no keys and no user until a NoCloud seed provides
+# them (docs/testing.md). IDENTITY_FILE and KNOWN_HOSTS do not apply to it.
+CLOUDINIT_IMAGE=$out/cloudinit.qcow2
+CLOUDINIT_CMDLINE='$CLOUDINIT_CMDLINE'
+CLOUDINIT_SEED_LABEL=cidata
 EOF
     chmod 0644 "$image/image.env"
     printf '%s\n' "$STAMP" >"$image/stamp"
@@ -409,6 +582,7 @@ main() {
     case "${1:-}" in
     __essential-hook) essential_hook "$2"; return ;;
     __customize-hook) customize_hook "$2" "$3" "$4"; return ;;
+    __customize-hook-cloudinit) customize_hook_cloudinit "$2" "$3"; return ;;
     -h|--help) sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; return ;;
     esac
     [ $# -le 1 ] || die "usage: $PROG [OUT_DIR]"
@@ -469,7 +643,7 @@ main() {
     WORK=
     OLD=
 
-    log "built $out in $(( $(date +%s) - start )) s; base.qcow2: $(du -m --apparent-size "$out/base.qcow2" | cut -f1) MiB file, $(qemu-img info "$out/base.qcow2" | sed -n 's/^virtual size: \([^(]*\) (.*/\1/p') virtual; bootable.qcow2: $(du -m --apparent-size "$out/bootable.qcow2" | cut -f1) MiB file"
+    log "built $out in $(( $(date +%s) - start )) s; base.qcow2: $(du -m --apparent-size "$out/base.qcow2" | cut -f1) MiB file, $(qemu-img info "$out/base.qcow2" | sed -n 's/^virtual size: \([^(]*\) (.*/\1/p') virtual; bootable.qcow2: $(du -m --apparent-size "$out/bootable.qcow2" | cut -f1) MiB file; cloudinit.qcow2: $(du -m --apparent-size "$out/cloudinit.qcow2" | cut -f1) MiB file"
 }
 
 main "$@"

@@ -31,8 +31,11 @@ apt_get install -qq --no-install-recommends -t "${codename}-backports" \
 # util-linux: flock. git: also the host side of the tests (`git daemon`).
 # syslinux, syslinux-common, mtools, dosfstools, fdisk (sfdisk): the guest image's bootable
 # variant (MBR + FAT boot partition + SYSLINUX), assembled from plain files without mounting.
+# genisoimage (xorriso as the fallback): cloud-init NoCloud seeds, ISO9660 images labelled
+# cidata, for guests such as cloudinit.qcow2 (`genisoimage -output SEED -volid cidata -joliet
+# -rock user-data meta-data`, or `xorriso -as mkisofs` with the same flags).
 apt_get install -qq --no-install-recommends \
     libssh2-1-dev libssl-dev pkg-config e2fsprogs openssh-client iproute2 dnsmasq-base \
     iptables util-linux git ca-certificates procps \
-    syslinux syslinux-common mtools dosfstools fdisk >/dev/null
+    syslinux syslinux-common mtools dosfstools fdisk genisoimage xorriso >/dev/null
 echo "install-deps.sh: packages installed"

@@ -173,6 +173,28 @@ mod tests {
     }
 
     #[test]
+    fn directory_as_base_image_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+
+        let err = base_image_format(dir.path()).expect_err("a directory");
+
+        assert!(err.to_string().ends_with("is not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_base_image_path_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").expect("write");
+        let below_a_file = file.join("base.qcow2");
+
+        let err = base_image_format(&below_a_file).expect_err("ENOTDIR");
+
+        assert!(err.to_string().starts_with("cannot read base image"), "{err}");
+        assert!(err.to_string().contains("plain-file/base.qcow2"), "{err}");
+    }
+
+    #[test]
     fn overlay_on_a_real_base_is_small_and_backed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = dir.path().join("base.raw");
