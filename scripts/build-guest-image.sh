@@ -153,7 +153,7 @@ start_network &
 busybox acpid -c /etc/acpi >/dev/null 2>&1 || true
 
 # cloud-init without systemd: one 'cloud-init init' (the network stage). It finds the seed
-# itself (NoCloud by label), then runs cloud_init_modules (hyperjob.cfg trims them to
+# itself (NoCloud by label), then runs cloud_init_modules (90_hyperjob.cfg trims them to
 # set_hostname, update_hostname, users-groups and ssh: the ssh module writes the host keys of
 # ssh_keys, users-groups creates the users and their authorized_keys). The local stage, the
 # config and the final stages are not run: see docs/testing.md.
@@ -163,7 +163,6 @@ if cloud-init init >/dev/console 2>&1; then
 else
     say "cloud-init init failed (exit $?); see /var/log/cloud-init.log"
 fi
-wait
 
 say "starting busybox init (sshd from /etc/inittab)"
 exec busybox init

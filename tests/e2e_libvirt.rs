@@ -8,8 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
 use hyperjob_test_harness::{
-    run_job, Driver, Job, JobReport, JobResult, JobVariable, RunnerSettings, Step,
+    run_job, Driver, Job, JobReport, JobResult, JobVariable, RunnerSettings, Stage, Step,
 };
 use support::{unique_job_id, GitServer, TestEnv, Workspace};
 
@@ -116,6 +118,10 @@ fn job_runs_every_stage_inside_a_fresh_vm_and_cleanup_removes_it() {
     assert!(log.contains("build-stderr"), "{log}");
     assert!(log.contains("release step on "), "{log}");
     assert!(log.contains("after_script sees success"), "{log}");
+    assert!(
+        !log.contains("hyperjob-remote-pgid"),
+        "driver plumbing leaked into the log: {log}"
+    );
     ws.assert_nothing_left(&vm_name(id));
 }
 
@@ -137,6 +143,109 @@ fn image_with_a_bootloader_boots_without_kernel_keys() {
     // The command line comes from the image's syslinux.cfg: SeaBIOS booted the disk.
     assert!(log.contains("root=/dev/vda2"), "{log}");
     ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn per_job_keys_reach_a_stock_cloud_init_guest_and_are_removed_with_the_job() {
+    let env = TestEnv::load();
+    let ws = env.workspace("per-job-keys");
+    let config = ws.per_job_keys_config();
+    assert!(
+        !config.contains("identity_file") && !config.contains("known_hosts"),
+        "{config}"
+    );
+    ws.write_config(&config);
+    let id = unique_job_id();
+    let mut job = Job::new(
+        id,
+        "group/keys",
+        "",
+        "",
+        &[
+            "echo \"host keys in the guest: $(ls /etc/ssh/ | grep -c '_key$')\"",
+            "echo \"host key: $(ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f2,3)\"",
+            "echo \"authorized: $(wc -l < ~/.ssh/authorized_keys)\"",
+        ],
+    );
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+    let keys_dir = ws.state_dir.join(format!("job-{id}.keys"));
+    let seed = ws.images_dir.join(format!("{}.seed.iso", vm_name(id)));
+
+    let session =
+        hyperjob_test_harness::ExecutorSession::new(&driver(&env, &ws), &job, &settings())
+            .expect("session");
+    session.run_config().expect("config");
+    session.start_build().expect("dirs");
+    session.prepare().expect("prepare with per-job keys");
+    let key_mode =
+        std::fs::metadata(keys_dir.join("id_ed25519")).map(|m| m.permissions().mode() & 0o777);
+    let seed_mode = std::fs::metadata(&seed).map(|m| m.permissions().mode() & 0o777);
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ws.state_dir.join(format!("job-{id}.json"))).expect("state"),
+    )
+    .expect("state json");
+    session.run_stage(&Stage::GetSources).expect("get_sources");
+    let build = session
+        .run_stage(&Stage::UserStep("script".into()))
+        .expect("build_script")
+        .expect("invoked");
+    session.cleanup();
+
+    let log = session
+        .log()
+        .iter()
+        .map(|l| l.text.clone())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(build.succeeded(), "{log}");
+    assert_eq!(key_mode.ok(), Some(0o600), "client key must be 0600");
+    assert_eq!(seed_mode.ok(), Some(0o600), "seed must be 0600");
+    let host_key = state["endpoint"]["host_key"]
+        .as_str()
+        .expect("state records the job's host key");
+    let host_key_type_and_blob: String = host_key.split(' ').take(2).collect::<Vec<_>>().join(" ");
+    assert!(
+        log.contains(&format!("host key: {host_key_type_and_blob}")),
+        "{log}"
+    );
+    assert!(log.contains("host keys in the guest: 1"), "{log}");
+    assert!(log.contains("authorized: 1"), "{log}");
+    assert!(!keys_dir.exists(), "the job's keys outlived cleanup");
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn a_second_job_gets_different_keys() {
+    let env = TestEnv::load();
+    let ws = env.workspace("per-job-keys-differ");
+    ws.write_config(&ws.per_job_keys_config());
+    let ids = [unique_job_id(), unique_job_id()];
+
+    let host_keys: Vec<String> = ids
+        .iter()
+        .map(|&id| {
+            let mut job = Job::new(
+                id,
+                "group/keys",
+                "",
+                "",
+                &["ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f3"],
+            );
+            job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+            let report = run_job(&driver(&env, &ws), &job, &settings());
+            assert_eq!(report.result, JobResult::Success, "{}", report.log_text());
+            report
+                .log_text()
+                .lines()
+                .find(|l| l.starts_with("AAAAC3"))
+                .unwrap_or_else(|| panic!("no host key printed: {}", report.log_text()))
+                .to_string()
+        })
+        .collect();
+
+    assert_ne!(host_keys[0], host_keys[1]);
+    ws.assert_nothing_left(&vm_name(ids[0]));
+    ws.assert_nothing_left(&vm_name(ids[1]));
 }
 
 #[test]

@@ -28,6 +28,9 @@ pub struct TestEnv {
     pub base_image: PathBuf,
     /// The same guest on a whole disk with MBR + SYSLINUX, for booting without kernel keys.
     pub bootable_image: PathBuf,
+    /// A guest with cloud-init and OpenSSH and no keys or CI user: both come from a seed.
+    pub cloudinit_image: PathBuf,
+    pub cloudinit_cmdline: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
@@ -63,6 +66,8 @@ impl TestEnv {
             bridge_ip: get(&env, "BRIDGE_IP"),
             base_image: get(&image, "BASE_IMAGE").into(),
             bootable_image: get(&image, "BOOTABLE_IMAGE").into(),
+            cloudinit_image: get(&image, "CLOUDINIT_IMAGE").into(),
+            cloudinit_cmdline: get(&image, "CLOUDINIT_CMDLINE"),
             kernel: get(&image, "KERNEL").into(),
             initrd: get(&image, "INITRD").into(),
             cmdline: get(&image, "CMDLINE"),
@@ -183,6 +188,34 @@ ready_timeout_secs = 180
             .replace(&format!("kernel = \"{}\"\n", env.kernel.display()), "")
             .replace(&format!("initrd = \"{}\"\n", env.initrd.display()), "")
             .replace(&format!("cmdline = \"{}\"\n", env.cmdline), "")
+    }
+
+    /// The default config for the cloud-init image with `guest_keys = "per-job"`: no client
+    /// key, no known_hosts.
+    pub fn per_job_keys_config(&self) -> String {
+        let env = &self.env;
+        self.default_config()
+            .replacen(
+                "[backends.libvirt]",
+                "guest_keys = \"per-job\"\n\n[backends.libvirt]",
+                1,
+            )
+            .replace(
+                &format!("base_image = \"{}\"", env.base_image.display()),
+                &format!("base_image = \"{}\"", env.cloudinit_image.display()),
+            )
+            .replace(
+                &format!("cmdline = \"{}\"", env.cmdline),
+                &format!("cmdline = \"{}\"", env.cloudinit_cmdline),
+            )
+            .replace(
+                &format!("identity_file = \"{}\"\n", env.identity_file.display()),
+                "",
+            )
+            .replace(
+                &format!("known_hosts = \"{}\"\n", env.known_hosts.display()),
+                "",
+            )
     }
 
     pub fn write_config(&self, text: &str) {

@@ -86,8 +86,8 @@ impl LibvirtConfig {
             if let Some(path) = path {
                 if !path.is_absolute() {
                     return Err(invalid(format!(
-                        "`{key}` must be an absolute path, not {}",
-                        path.display()
+                        "`{key}` must be an absolute path, not {:?}",
+                        path.display().to_string()
                     )));
                 }
             }
@@ -197,6 +197,13 @@ mod tests {
                 .contains("`base_image` must be an absolute path"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_path_with_a_line_break_stays_on_one_line() {
+        let err = parse("base_image = \"b\\n\"").expect_err("relative");
+
+        assert!(!err.to_string().contains('\n'), "{err}");
     }
 
     #[test]

@@ -190,7 +190,10 @@ mod tests {
 
         let err = base_image_format(&below_a_file).expect_err("ENOTDIR");
 
-        assert!(err.to_string().starts_with("cannot read base image"), "{err}");
+        assert!(
+            err.to_string().starts_with("cannot read base image"),
+            "{err}"
+        );
         assert!(err.to_string().contains("plain-file/base.qcow2"), "{err}");
     }
 

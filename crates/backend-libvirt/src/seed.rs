@@ -28,17 +28,21 @@ pub fn meta_data(vm_name: &str) -> String {
     )
 }
 
-/// `user-data`: exactly the job's host key (no generated ones), and the job's client key for
-/// the login user.
+/// `user-data`: exactly the job's host key, and the job's client key for the login user.
+///
+/// With `ssh_keys` present cloud-init deletes the image's host keys and generates none
+/// (`ssh_genkeytypes: [ed25519]` only satisfies its schema, which rejects an empty list). The
+/// user gets no usable password (`*`) but is not *locked* (`!`): sshd without PAM refuses key
+/// logins to locked accounts.
 pub fn user_data(keys: &GuestKeys) -> String {
-    let mut text = String::from("#cloud-config\nssh_deletekeys: true\nssh_genkeytypes: []\nssh_keys:\n  ed25519_private: |\n");
+    let mut text = String::from("#cloud-config\nssh_deletekeys: true\nssh_genkeytypes: [ed25519]\nssh_keys:\n  ed25519_private: |\n");
     for line in keys.host.private_openssh.expose().lines() {
         text.push_str("    ");
         text.push_str(line);
         text.push('\n');
     }
     text.push_str(&format!(
-        "  ed25519_public: {}\nusers:\n  - name: {}\n    shell: /bin/bash\n    lock_passwd: true\n    ssh_authorized_keys:\n      - {}\ndisable_root: true\n",
+        "  ed25519_public: {}\nusers:\n  - name: {}\n    shell: /bin/bash\n    lock_passwd: false\n    hashed_passwd: \"*\"\n    ssh_authorized_keys:\n      - {}\ndisable_root: true\n",
         yaml_string(&keys.host.public_openssh),
         yaml_string(&keys.user),
         yaml_string(&keys.authorized_key),
@@ -154,7 +158,11 @@ mod tests {
 
         assert!(text.starts_with("#cloud-config\n"), "{text}");
         assert!(
-            text.contains("ssh_deletekeys: true\nssh_genkeytypes: []\n"),
+            text.contains("ssh_deletekeys: true\nssh_genkeytypes: [ed25519]\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    lock_passwd: false\n    hashed_passwd: \"*\"\n"),
             "{text}"
         );
         assert!(

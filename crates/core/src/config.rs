@@ -128,8 +128,8 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
             return Err(invalid(format!(
-                "`state_dir` must be an absolute path, not {}",
-                state_dir.display()
+                "`state_dir` must be an absolute path, not {:?}",
+                state_dir.display().to_string()
             )));
         }
         let builds_dir =
@@ -192,7 +192,7 @@ fn plugin_table(tables: &toml::Table, section: &str, name: &str) -> Result<toml:
     match tables.get(name) {
         None => Ok(toml::Table::new()),
         Some(toml::Value::Table(table)) => Ok(table.clone()),
-        Some(_) => Err(format!("`{section}.{name}` must be a table")),
+        Some(_) => Err(format!("`{section}.{name:?}` must be a table")),
     }
 }
 
@@ -288,6 +288,17 @@ mod tests {
             .to_string();
 
         assert!(message.contains("builds_dir"), "{message}");
+    }
+
+    #[test]
+    fn values_with_line_breaks_cannot_break_the_error_line() {
+        let state = parse(&format!("{MINIMAL}state_dir = \"a\\nb\"\n")).expect_err("relative");
+        let table =
+            parse("backend = \"x\\ny\"\ntransport = \"ssh\"\nbackends = {{ \"x\\ny\" = 1 }}\n")
+                .expect_err("not a table");
+
+        assert!(!state.to_string().contains('\n'), "{state}");
+        assert!(!table.to_string().contains('\n'), "{table}");
     }
 
     #[test]

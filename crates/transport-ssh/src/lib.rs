@@ -363,6 +363,12 @@ impl PidCapture {
         self.pid
     }
 
+    /// At the end of the stream: what is still held back (a first line that never ended).
+    pub fn finish(&mut self) -> Vec<u8> {
+        self.done = true;
+        std::mem::take(&mut self.head)
+    }
+
     /// Feeds stderr bytes; returns the bytes that belong to the script's stderr.
     pub fn feed<'a>(&mut self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
         if self.done {
@@ -379,13 +385,14 @@ impl PidCapture {
         };
         self.done = true;
         let line = String::from_utf8_lossy(&self.head[..newline]).into_owned();
-        match line
-            .strip_prefix(PID_MARKER)
-            .and_then(|pid| pid.trim().parse().ok())
-        {
+        match line.strip_prefix(PID_MARKER) {
             Some(pid) => {
-                self.pid = Some(pid);
-                std::borrow::Cow::Owned(self.head.split_off(newline + 1))
+                // Process groups 0 and 1 would make the kill command hit everything the
+                // user can reach: never remember those.
+                self.pid = pid.trim().parse::<u32>().ok().filter(|pid| *pid > 1);
+                let rest = self.head.split_off(newline + 1);
+                self.head.clear();
+                std::borrow::Cow::Owned(rest)
             }
             None => std::borrow::Cow::Owned(std::mem::take(&mut self.head)),
         }
@@ -432,11 +439,13 @@ fn relay(
             stop_remote(session, capture.pid());
         }
         if cancelled_at.is_some_and(|at| at.elapsed() > CANCEL_GRACE) {
+            flush_held(&mut capture, stderr);
             return Err(RelayError::Interrupted);
         }
         let mut progressed = pump(&mut channel, &mut buf, stdout, None)?;
         progressed |= pump(&mut channel.stderr(), &mut buf, stderr, Some(&mut capture))?;
         if channel.eof() && !progressed {
+            flush_held(&mut capture, stderr);
             break;
         }
         if !progressed {
@@ -461,6 +470,15 @@ fn relay(
         .exit_status()
         .map_err(|e| channel_error("reading the exit status", &e))?;
     Ok(RemoteExit::Code(code))
+}
+
+/// Passes on stderr bytes the pid capture still holds.
+fn flush_held(capture: &mut PidCapture, stderr: &mut dyn Write) {
+    let held = capture.finish();
+    if !held.is_empty() {
+        let _ = stderr.write_all(&held);
+        let _ = stderr.flush();
+    }
 }
 
 /// Sends the kill command on a second channel of the same session. Best effort: if it cannot
@@ -584,6 +602,10 @@ mod tests {
         assert!(first.is_empty());
         assert_eq!(second, b"real stderr\n");
         assert_eq!(third, b"more\n");
+        assert!(
+            capture.finish().is_empty(),
+            "the marker line must not come back at the end"
+        );
     }
 
     #[test]
@@ -594,6 +616,32 @@ mod tests {
 
         assert_eq!(capture.pid(), None);
         assert_eq!(out, b"some shell complaint\nnext\n");
+    }
+
+    #[test]
+    fn a_short_unterminated_stream_is_returned_by_finish() {
+        let mut capture = PidCapture::default();
+
+        let fed = capture.feed(b"*\xfb").into_owned();
+        let rest = capture.finish();
+
+        assert!(fed.is_empty());
+        assert_eq!(rest, b"*\xfb");
+        assert!(capture.finish().is_empty());
+    }
+
+    #[test]
+    fn process_groups_0_and_1_are_never_targeted() {
+        for marker in [
+            &b"hyperjob-remote-pgid 1\n"[..],
+            b"hyperjob-remote-pgid 0\n",
+        ] {
+            let mut capture = PidCapture::default();
+
+            let _ = capture.feed(marker);
+
+            assert_eq!(capture.pid(), None);
+        }
     }
 
     #[test]
