@@ -53,6 +53,8 @@ enum Command {
     },
     /// cleanup_exec: destroy the job's VM, disk and state (idempotent)
     Cleanup,
+    /// List every registered backend and transport: name, kind, version, origin
+    Plugins,
     /// Remove what jobs left behind: VMs past their deadline, and jobs whose VM is gone
     Gc {
         /// Only report what would be removed
@@ -69,6 +71,7 @@ impl Command {
             Command::Run { .. } => "run",
             Command::Cleanup => "cleanup",
             Command::Gc { .. } => "gc",
+            Command::Plugins => "plugins",
         }
     }
 }
@@ -84,7 +87,11 @@ fn main() -> ExitCode {
 fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
     let config_path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&config_path)?;
-    let registry = Registry::builtin()?;
+    let registry = Registry::load(&config)?;
+    if let Command::Plugins = cli.command {
+        print_plugins(&registry)?;
+        return Ok(StageOutcome::Success);
+    }
     if let Command::Gc { dry_run } = cli.command {
         // gc serves the whole host, not one job: no JOB_RESPONSE_FILE.
         return hyperjob_core::gc::gc(&config, &registry, dry_run, &mut std::io::stdout());
@@ -108,8 +115,33 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Prepare => stages::prepare(&ctx),
         Command::Run { script, stage } => stages::run(&ctx, script, stage),
         Command::Cleanup => stages::cleanup(&ctx),
-        Command::Gc { .. } => anyhow::bail!("gc does not belong to a job"),
+        Command::Gc { .. } | Command::Plugins => anyhow::bail!("not a job stage"),
     }
+}
+
+/// `hyperjob plugins`: one line per plugin.
+fn print_plugins(registry: &Registry) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<10} {:<12} {:<10} ORIGIN",
+        "KIND", "NAME", "VERSION"
+    )?;
+    for entry in registry.backends() {
+        writeln!(
+            out,
+            "{:<10} {:<12} {:<10} {}",
+            "backend", entry.name, entry.version, entry.origin
+        )?;
+    }
+    for entry in registry.transports() {
+        writeln!(
+            out,
+            "{:<10} {:<12} {:<10} {}",
+            "transport", entry.name, entry.version, entry.origin
+        )?;
+    }
+    Ok(())
 }
 
 /// Logs go to stderr (the job log for prepare and run); `HYPERJOB_LOG` sets the filter.

@@ -45,6 +45,10 @@ struct ConfigFile {
     deadline_margin_secs: Option<u64>,
     guest_keys: Option<String>,
     #[serde(default)]
+    plugin_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    plugins: Vec<PathBuf>,
+    #[serde(default)]
     backends: toml::Table,
     #[serde(default)]
     transports: toml::Table,
@@ -76,6 +80,10 @@ pub struct Config {
     /// How long after its job timeout a job's VM counts as abandoned (`hyperjob gc`).
     pub deadline_margin_secs: u64,
     pub guest_keys: GuestKeyMode,
+    /// Directories whose `*.so` plugin libraries are loaded.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Plugin libraries loaded by path.
+    pub plugins: Vec<PathBuf>,
     /// `[backends.<backend>]`, empty when absent.
     pub backend_table: toml::Table,
     /// `[transports.<transport>]`, empty when absent.
@@ -136,6 +144,17 @@ impl Config {
             guest_dir(file.builds_dir, DEFAULT_BUILDS_DIR, "builds_dir").map_err(invalid)?;
         let cache_dir =
             guest_dir(file.cache_dir, DEFAULT_CACHE_DIR, "cache_dir").map_err(invalid)?;
+        for (key, paths) in [
+            ("plugin_dirs", &file.plugin_dirs),
+            ("plugins", &file.plugins),
+        ] {
+            if let Some(path) = paths.iter().find(|p| !p.is_absolute()) {
+                return Err(invalid(format!(
+                    "`{key}` entries must be absolute paths, not {:?}",
+                    path.display().to_string()
+                )));
+            }
+        }
         let guest_keys = match file.guest_keys.as_deref() {
             None | Some("pinned") => GuestKeyMode::Pinned,
             Some("per-job") => GuestKeyMode::PerJob,
@@ -157,6 +176,8 @@ impl Config {
             builds_dir,
             cache_dir,
             guest_keys,
+            plugin_dirs: file.plugin_dirs,
+            plugins: file.plugins,
             deadline_margin_secs: file
                 .deadline_margin_secs
                 .unwrap_or(DEFAULT_DEADLINE_MARGIN_SECS),

@@ -7,6 +7,7 @@
 //! place where that happens. The plugin contract lives in [`plugin`]; the core never names a
 //! concrete backend or transport.
 
+pub mod abi;
 pub mod config;
 pub mod exit;
 pub mod job;

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::plugin::{Backend, PluginError, Transport};
 
@@ -19,16 +20,25 @@ pub struct PluginContext {
     pub guest_keys: crate::config::GuestKeyMode,
 }
 
-pub type BuildBackend = fn(&PluginContext, &toml::Table) -> Result<Box<dyn Backend>, PluginError>;
-pub type BuildTransport =
-    fn(&PluginContext, &toml::Table) -> Result<Box<dyn Transport>, PluginError>;
+/// A compiled-in backend factory.
+pub type BackendFn = fn(&PluginContext, &toml::Table) -> Result<Box<dyn Backend>, PluginError>;
+/// A compiled-in transport factory.
+pub type TransportFn = fn(&PluginContext, &toml::Table) -> Result<Box<dyn Transport>, PluginError>;
+/// Builds a backend of any tier (compiled in, shared library, executable).
+pub type BuildBackend = Arc<
+    dyn Fn(&PluginContext, &toml::Table) -> Result<Box<dyn Backend>, PluginError> + Send + Sync,
+>;
+/// Builds a transport of any tier.
+pub type BuildTransport = Arc<
+    dyn Fn(&PluginContext, &toml::Table) -> Result<Box<dyn Transport>, PluginError> + Send + Sync,
+>;
 
 /// A compiled-in backend, registered with `inventory::submit!`.
 #[derive(Debug)]
 pub struct BackendFactory {
     pub name: &'static str,
     pub version: &'static str,
-    pub build: BuildBackend,
+    pub build: BackendFn,
 }
 
 /// A compiled-in transport, registered with `inventory::submit!`.
@@ -36,7 +46,7 @@ pub struct BackendFactory {
 pub struct TransportFactory {
     pub name: &'static str,
     pub version: &'static str,
-    pub build: BuildTransport,
+    pub build: TransportFn,
 }
 
 inventory::collect!(BackendFactory);
@@ -46,12 +56,18 @@ inventory::collect!(TransportFactory);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     BuiltIn,
+    /// A Rust shared library loaded from this path.
+    Library(PathBuf),
+    /// An executable spoken to over stdio.
+    Executable(PathBuf),
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::BuiltIn => f.write_str("built-in"),
+            Origin::Library(path) => write!(f, "library {}", path.display()),
+            Origin::Executable(path) => write!(f, "executable {}", path.display()),
         }
     }
 }
@@ -89,12 +105,22 @@ impl fmt::Display for Kind {
 }
 
 /// One registered plugin.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Entry<B> {
     pub name: String,
     pub version: String,
     pub origin: Origin,
     pub build: B,
+}
+
+impl<B> fmt::Debug for Entry<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
 }
 
 /// All registered backends and transports.
@@ -113,7 +139,7 @@ impl Registry {
                 name: factory.name.to_string(),
                 version: factory.version.to_string(),
                 origin: Origin::BuiltIn,
-                build: factory.build,
+                build: Arc::new(factory.build),
             })?;
         }
         for factory in inventory::iter::<TransportFactory> {
@@ -121,8 +147,28 @@ impl Registry {
                 name: factory.name.to_string(),
                 version: factory.version.to_string(),
                 origin: Origin::BuiltIn,
-                build: factory.build,
+                build: Arc::new(factory.build),
             })?;
+        }
+        Ok(registry)
+    }
+
+    /// The compiled-in plugins plus every plugin library the config names, directly
+    /// (`plugins`) or through a directory (`plugin_dirs`).
+    pub fn load(config: &crate::config::Config) -> Result<Self, crate::abi::LibraryError> {
+        let mut registry = Self::builtin()?;
+        let mut libraries = config.plugins.clone();
+        for dir in &config.plugin_dirs {
+            let found =
+                crate::abi::libraries_in(dir).map_err(|err| crate::abi::LibraryError::Load {
+                    path: dir.clone(),
+                    message: format!("cannot list the plugin directory: {err}"),
+                })?;
+            libraries.extend(found);
+        }
+        for library in libraries {
+            let took = crate::abi::load_library(&library, &mut registry)?;
+            tracing::debug!(library = %library.display(), ms = took.as_millis() as u64, "plugin library loaded");
         }
         Ok(registry)
     }
@@ -202,7 +248,7 @@ mod tests {
             name: name.to_string(),
             version: "0".to_string(),
             origin: Origin::BuiltIn,
-            build: no_backend,
+            build: Arc::new(no_backend),
         }
     }
 

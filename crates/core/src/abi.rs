@@ -1,0 +1,473 @@
+//! Rust shared-library plugins (tier 2): a `cdylib` built against the same hyperjob-core,
+//! loaded with `libloading`.
+//!
+//! Rust has no stable ABI, so handing `Box<dyn Backend>` across a library boundary is sound
+//! only when both sides were built by the same rustc, for the same target, against the same
+//! hyperjob-core. Every plugin therefore exports a frozen `#[repr(C)]` [`PluginHeader`] under
+//! the symbol `HYPERJOB_PLUGIN_HEADER`, which the host reads and checks *before* it calls any
+//! Rust function in the library. Only then does it call `hyperjob_plugin_register`. Libraries
+//! are never unloaded (code and vtables of their objects must outlive every use), config
+//! reaches a plugin as TOML text, and every call into a plugin is guarded so that a panic
+//! becomes a system failure instead of an abort.
+//!
+//! A plugin is its trait implementations plus one [`export_plugin!`](crate::export_plugin).
+
+use std::any::Any;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::plugin::{
+    Backend, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
+    VmRequest,
+};
+use crate::registry::{Entry, Origin, PluginContext, Registry, RegistryError};
+
+/// First bytes of every header.
+pub const HEADER_MAGIC: [u8; 8] = *b"HYPERJOB";
+/// Layout version of [`PluginHeader`] itself. Frozen: fields are only ever appended, and a new
+/// layout gets a new number.
+pub const HEADER_VERSION: u32 = 1;
+/// Version of the plugin API (the traits, `PluginContext`, the registrar). Bumped whenever a
+/// plugin built against the old API would misbehave.
+pub const CORE_API_VERSION: u32 = 1;
+/// The rustc that built this hyperjob-core.
+pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
+/// The target this hyperjob-core was built for.
+pub const TARGET: &str = env!("HYPERJOB_TARGET");
+/// Symbol of the header.
+pub const HEADER_SYMBOL: &[u8] = b"HYPERJOB_PLUGIN_HEADER\0";
+/// Symbol of the registration function.
+pub const REGISTER_SYMBOL: &[u8] = b"hyperjob_plugin_register\0";
+
+const TEXT: usize = 96;
+
+/// The frozen header every shared-library plugin exports. Plain data only: the host reads it
+/// before it trusts anything else in the library.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PluginHeader {
+    pub magic: [u8; 8],
+    pub header_version: u32,
+    pub core_api_version: u32,
+    /// NUL-padded UTF-8.
+    pub rustc_version: [u8; TEXT],
+    pub core_version: [u8; TEXT],
+    pub target: [u8; TEXT],
+}
+
+const fn text(value: &str) -> [u8; TEXT] {
+    let bytes = value.as_bytes();
+    let mut out = [0u8; TEXT];
+    let mut i = 0;
+    while i < bytes.len() && i < TEXT - 1 {
+        out[i] = bytes[i];
+        i += 1;
+    }
+    out
+}
+
+fn read_text(bytes: &[u8; TEXT]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(TEXT);
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+impl PluginHeader {
+    /// The header of a plugin built right now, against this hyperjob-core.
+    pub const fn current() -> Self {
+        Self {
+            magic: HEADER_MAGIC,
+            header_version: HEADER_VERSION,
+            core_api_version: CORE_API_VERSION,
+            rustc_version: text(RUSTC_VERSION),
+            core_version: text(crate::VERSION),
+            target: text(TARGET),
+        }
+    }
+
+    /// Every way `self` (the plugin's) differs from `host`, as "what: plugin X, hyperjob Y".
+    pub fn mismatches(&self, host: &PluginHeader) -> Vec<String> {
+        if self.magic != host.magic {
+            return vec!["header magic differs: not a hyperjob plugin header".to_string()];
+        }
+        if self.header_version != host.header_version {
+            return vec![format!(
+                "header version: plugin {}, hyperjob {}",
+                self.header_version, host.header_version
+            )];
+        }
+        let mut out = Vec::new();
+        if self.core_api_version != host.core_api_version {
+            out.push(format!(
+                "core API version: plugin {}, hyperjob {}",
+                self.core_api_version, host.core_api_version
+            ));
+        }
+        for (what, plugin, ours) in [
+            ("rustc", &self.rustc_version, &host.rustc_version),
+            ("hyperjob-core", &self.core_version, &host.core_version),
+            ("target", &self.target, &host.target),
+        ] {
+            if plugin != ours {
+                out.push(format!(
+                    "{what}: plugin {:?}, hyperjob {:?}",
+                    read_text(plugin),
+                    read_text(ours)
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Builds a backend from the TOML text of its config table.
+pub type LibraryBackendFn = fn(&PluginContext, &str) -> Result<Box<dyn Backend>, PluginError>;
+/// Builds a transport from the TOML text of its config table.
+pub type LibraryTransportFn = fn(&PluginContext, &str) -> Result<Box<dyn Transport>, PluginError>;
+
+/// What a library's `hyperjob_plugin_register` fills in.
+#[derive(Debug, Default)]
+pub struct PluginRegistrar {
+    backends: Vec<(String, String, LibraryBackendFn)>,
+    transports: Vec<(String, String, LibraryTransportFn)>,
+}
+
+impl PluginRegistrar {
+    pub fn backend(&mut self, name: &str, version: &str, build: LibraryBackendFn) {
+        self.backends
+            .push((name.to_string(), version.to_string(), build));
+    }
+
+    pub fn transport(&mut self, name: &str, version: &str, build: LibraryTransportFn) {
+        self.transports
+            .push((name.to_string(), version.to_string(), build));
+    }
+}
+
+/// Exports a shared-library plugin: its header and its registration function.
+///
+/// ```ignore
+/// hyperjob_core::export_plugin! {
+///     backends: ["qemu" => build_qemu_backend],
+///     transports: [],
+/// }
+/// ```
+/// where `build_qemu_backend: fn(&PluginContext, &str) -> Result<Box<dyn Backend>, PluginError>`
+/// receives the TOML text of `[backends.qemu]`.
+#[macro_export]
+macro_rules! export_plugin {
+    (backends: [$($bname:literal => $bbuild:path),* $(,)?], transports: [$($tname:literal => $tbuild:path),* $(,)?] $(,)?) => {
+        /// Read by hyperjob before anything else in this library.
+        #[allow(unsafe_code)]
+        #[no_mangle]
+        pub static HYPERJOB_PLUGIN_HEADER: $crate::abi::PluginHeader =
+            $crate::abi::PluginHeader::current();
+
+        /// Called by hyperjob once the header matched.
+        #[allow(unsafe_code)]
+        #[no_mangle]
+        pub fn hyperjob_plugin_register(registrar: &mut $crate::abi::PluginRegistrar) {
+            $(registrar.backend($bname, env!("CARGO_PKG_VERSION"), $bbuild);)*
+            $(registrar.transport($tname, env!("CARGO_PKG_VERSION"), $tbuild);)*
+        }
+    };
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibraryError {
+    #[error("cannot load plugin library {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("{path} is not a hyperjob plugin: it exports no HYPERJOB_PLUGIN_HEADER")]
+    NoHeader { path: PathBuf },
+    #[error("plugin library {path} was built for another hyperjob: {details}")]
+    Mismatch { path: PathBuf, details: String },
+    #[error("plugin library {path} has a header but no hyperjob_plugin_register function")]
+    NoRegister { path: PathBuf },
+    #[error("plugin library {path} panicked while registering: {message}")]
+    Panicked { path: PathBuf, message: String },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// Loads one plugin library and adds its backends and transports to `registry`. Returns how
+/// long loading took.
+pub fn load_library(path: &Path, registry: &mut Registry) -> Result<Duration, LibraryError> {
+    let started = Instant::now();
+    let err_path = || path.to_path_buf();
+    // SAFETY: loading a library runs its initialisers. Only libraries the administrator named
+    // in the config file (or put in a configured plugin directory) are loaded.
+    #[allow(unsafe_code)]
+    let library = unsafe { libloading::Library::new(path) }.map_err(|err| LibraryError::Load {
+        path: err_path(),
+        message: err.to_string(),
+    })?;
+    // SAFETY: the symbol, if present, is a `PluginHeader` static: plain `#[repr(C)]` data that
+    // is valid to read whatever rustc built the library. Nothing else is touched yet.
+    #[allow(unsafe_code)]
+    let header: PluginHeader = unsafe {
+        let symbol = library
+            .get::<*const PluginHeader>(HEADER_SYMBOL)
+            .map_err(|_| LibraryError::NoHeader { path: err_path() })?;
+        std::ptr::read_unaligned(*symbol)
+    };
+    let mismatches = header.mismatches(&PluginHeader::current());
+    if !mismatches.is_empty() {
+        return Err(LibraryError::Mismatch {
+            path: err_path(),
+            details: mismatches.join("; "),
+        });
+    }
+    // SAFETY: the header proves the library was built by this rustc, for this target, against
+    // this hyperjob-core, so the Rust signature of the function is the one we declare.
+    #[allow(unsafe_code)]
+    let register: fn(&mut PluginRegistrar) = unsafe {
+        *library
+            .get::<fn(&mut PluginRegistrar)>(REGISTER_SYMBOL)
+            .map_err(|_| LibraryError::NoRegister { path: err_path() })?
+    };
+    let mut registrar = PluginRegistrar::default();
+    catch_unwind(AssertUnwindSafe(|| register(&mut registrar))).map_err(|panic| {
+        LibraryError::Panicked {
+            path: err_path(),
+            message: panic_message(panic.as_ref()),
+        }
+    })?;
+    // Never unloaded: objects the library creates point into its code.
+    std::mem::forget(library);
+    for (name, version, build) in registrar.backends {
+        registry.add_backend(Entry {
+            name,
+            version,
+            origin: Origin::Library(path.to_path_buf()),
+            build: Arc::new(move |ctx, table| {
+                let text =
+                    toml::to_string(table).map_err(|err| PluginError::Config(err.to_string()))?;
+                let backend = guard("building the backend", || build(ctx, &text))??;
+                Ok(Box::new(GuardedBackend(backend)) as Box<dyn Backend>)
+            }),
+        })?;
+    }
+    for (name, version, build) in registrar.transports {
+        registry.add_transport(Entry {
+            name,
+            version,
+            origin: Origin::Library(path.to_path_buf()),
+            build: Arc::new(move |ctx, table| {
+                let text =
+                    toml::to_string(table).map_err(|err| PluginError::Config(err.to_string()))?;
+                let transport = guard("building the transport", || build(ctx, &text))??;
+                Ok(Box::new(GuardedTransport(transport)) as Box<dyn Transport>)
+            }),
+        })?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The `*.so` files in a plugin directory, sorted.
+pub fn libraries_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension() == Some(OsStr::new("so")) && path.is_file())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+/// Runs a call into a plugin; a panic becomes a system failure naming what was being done.
+fn guard<T>(what: &str, call: impl FnOnce() -> T) -> Result<T, PluginError> {
+    catch_unwind(AssertUnwindSafe(call)).map_err(|panic| {
+        let _ = std::io::stderr().flush();
+        PluginError::msg(format!(
+            "the plugin panicked while {what}: {}",
+            panic_message(panic.as_ref())
+        ))
+    })
+}
+
+/// A library backend whose every call is guarded against panics.
+struct GuardedBackend(Box<dyn Backend>);
+
+impl Backend for GuardedBackend {
+    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
+        guard("creating the VM", || self.0.create(request, progress))?
+    }
+
+    fn wait_address(
+        &self,
+        vm_name: &str,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<Endpoint, PluginError> {
+        guard("waiting for the address", || {
+            self.0.wait_address(vm_name, deadline, cancel)
+        })?
+    }
+
+    fn destroy(&self, vm_name: &str) -> Result<(), PluginError> {
+        guard("destroying the VM", || self.0.destroy(vm_name))?
+    }
+
+    fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
+        guard("listing its VMs", || self.0.list_owned())?
+    }
+
+    fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
+        guard("reading the console", || self.0.console_tail(vm_name))?
+    }
+}
+
+/// A library transport whose every call is guarded against panics.
+struct GuardedTransport(Box<dyn Transport>);
+
+impl Transport for GuardedTransport {
+    fn ready_timeout(&self) -> Duration {
+        guard("reporting its timeout", || self.0.ready_timeout())
+            .unwrap_or(Duration::from_secs(300))
+    }
+
+    fn login_user(&self) -> Option<String> {
+        guard("reporting its user", || self.0.login_user())
+            .ok()
+            .flatten()
+    }
+
+    fn wait_ready(
+        &self,
+        endpoint: &Endpoint,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError> {
+        guard("waiting for the guest", || {
+            self.0.wait_ready(endpoint, deadline, cancel)
+        })?
+    }
+
+    fn run_script(
+        &self,
+        endpoint: &Endpoint,
+        request: &ScriptRequest<'_>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<RemoteExit, PluginError> {
+        guard("running the script", || {
+            self.0.run_script(endpoint, request, stdout, stderr)
+        })?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_header_matches_itself() {
+        assert!(PluginHeader::current()
+            .mismatches(&PluginHeader::current())
+            .is_empty());
+    }
+
+    #[test]
+    fn api_version_mismatch_names_both_versions() {
+        let mut plugin = PluginHeader::current();
+        plugin.core_api_version = CORE_API_VERSION + 1;
+
+        let found = plugin.mismatches(&PluginHeader::current());
+
+        assert_eq!(
+            found,
+            vec![format!(
+                "core API version: plugin {}, hyperjob {}",
+                CORE_API_VERSION + 1,
+                CORE_API_VERSION
+            )]
+        );
+    }
+
+    #[test]
+    fn rustc_mismatch_shows_both_compilers() {
+        let mut plugin = PluginHeader::current();
+        plugin.rustc_version = text("rustc 1.0.0 (a28077b28 2015-05-13)");
+
+        let found = plugin.mismatches(&PluginHeader::current()).join("; ");
+
+        assert!(
+            found.contains(
+                "rustc: plugin \"rustc 1.0.0 (a28077b28 2015-05-13)\", hyperjob \"rustc "
+            ),
+            "{found}"
+        );
+    }
+
+    #[test]
+    fn foreign_magic_is_refused_before_anything_else_is_read() {
+        let mut plugin = PluginHeader::current();
+        plugin.magic = *b"NOTOURS!";
+        plugin.core_api_version = 99;
+
+        let found = plugin.mismatches(&PluginHeader::current());
+
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("magic"), "{found:?}");
+    }
+
+    #[test]
+    fn long_texts_are_truncated_and_nul_terminated() {
+        let long = "x".repeat(500);
+
+        let stored = text(&long);
+
+        assert_eq!(read_text(&stored).len(), TEXT - 1);
+    }
+
+    #[test]
+    fn a_panicking_call_becomes_a_system_failure() {
+        let result: Result<(), PluginError> = guard("testing", || panic!("boom"));
+
+        let message = result.expect_err("panicked").to_string();
+        assert_eq!(message, "the plugin panicked while testing: boom");
+    }
+
+    #[test]
+    fn a_file_that_is_no_library_is_refused_cleanly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = dir.path().join("libfake.so");
+        std::fs::write(&fake, b"not an ELF file").expect("write");
+        let mut registry = Registry::default();
+
+        let err = load_library(&fake, &mut registry).expect_err("not a library");
+
+        assert!(
+            err.to_string().starts_with("cannot load plugin library"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_so_files_count_as_libraries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["libb.so", "liba.so", "readme.txt", "hyperjob-backend-x"] {
+            std::fs::write(dir.path().join(name), b"").expect("write");
+        }
+
+        let found = libraries_in(dir.path()).expect("list");
+
+        let names: Vec<_> = found
+            .iter()
+            .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["liba.so", "libb.so"]);
+    }
+}
