@@ -9,6 +9,7 @@
 
 pub mod abi;
 pub mod config;
+pub mod exec_plugin;
 pub mod exit;
 pub mod job;
 pub mod keys;

@@ -89,6 +89,19 @@ pub enum RegistryError {
     },
 }
 
+/// Why the configured plugins could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Library(#[from] crate::abi::LibraryError),
+    #[error(transparent)]
+    Executable(#[from] crate::exec_plugin::ExecPluginError),
+    #[error("cannot list plugin directory {path}: {message}")]
+    Dir { path: PathBuf, message: String },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Backend,
@@ -155,20 +168,34 @@ impl Registry {
 
     /// The compiled-in plugins plus every plugin library the config names, directly
     /// (`plugins`) or through a directory (`plugin_dirs`).
-    pub fn load(config: &crate::config::Config) -> Result<Self, crate::abi::LibraryError> {
+    pub fn load(config: &crate::config::Config) -> Result<Self, LoadError> {
         let mut registry = Self::builtin()?;
-        let mut libraries = config.plugins.clone();
+        let mut libraries = Vec::new();
+        let mut executables = Vec::new();
+        // `plugins` entries: `*.so` files are libraries, anything else an executable plugin.
+        for path in &config.plugins {
+            if path.extension().is_some_and(|ext| ext == "so") {
+                libraries.push(path.clone());
+            } else {
+                executables.push(path.clone());
+            }
+        }
         for dir in &config.plugin_dirs {
-            let found =
-                crate::abi::libraries_in(dir).map_err(|err| crate::abi::LibraryError::Load {
-                    path: dir.clone(),
-                    message: format!("cannot list the plugin directory: {err}"),
-                })?;
-            libraries.extend(found);
+            let listing = crate::abi::libraries_in(dir)
+                .and_then(|libs| Ok((libs, crate::exec_plugin::executables_in(dir)?)));
+            let (libs, exes) = listing.map_err(|err| LoadError::Dir {
+                path: dir.clone(),
+                message: err.to_string(),
+            })?;
+            libraries.extend(libs);
+            executables.extend(exes);
         }
         for library in libraries {
             let took = crate::abi::load_library(&library, &mut registry)?;
             tracing::debug!(library = %library.display(), ms = took.as_millis() as u64, "plugin library loaded");
+        }
+        for executable in executables {
+            crate::exec_plugin::load_executable(&executable, &mut registry)?;
         }
         Ok(registry)
     }

@@ -1,0 +1,848 @@
+//! Executable plugins (tier 3): a program in any language, spoken to over its stdin and stdout
+//! with newline-delimited JSON. This is hyperjob's stable public plugin contract; the protocol
+//! is specified in docs/plugin-protocol.md, and this module is its host side.
+//!
+//! Every hyperjob stage is a short-lived process, so a plugin process lives for one stage: it
+//! is started when the plugin is built, says hello, is configured, serves requests, and is
+//! ended (stdin closed, then killed by pid if it lingers) when hyperjob drops it. Anything the
+//! plugin does wrong — malformed JSON, a message out of protocol, exiting, hanging past a
+//! deadline — is a system failure with a one-line reason, never a hang.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::config::GuestKeyMode;
+use crate::plugin::{
+    Backend, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
+    VmRequest,
+};
+use crate::registry::{Entry, Kind, Origin, PluginContext, Registry, RegistryError};
+
+/// The protocol version this host speaks.
+pub const PROTOCOL_VERSION: u64 = 1;
+/// How long a plugin may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long any request without its own deadline may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest line accepted from a plugin (a stream frame carries at most 1 MiB of output).
+const MAX_LINE: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecPluginError {
+    #[error("executable plugin {path}: {message}")]
+    Plugin { path: PathBuf, message: String },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// What a plugin says first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub kind: Kind,
+    pub name: String,
+    pub version: String,
+}
+
+/// Parses the hello line; every deviation is a reason.
+pub fn parse_hello(line: &str) -> Result<Hello, String> {
+    let value: Value =
+        serde_json::from_str(line).map_err(|err| format!("hello is not JSON ({err})"))?;
+    let hello = value
+        .get("hello")
+        .ok_or_else(|| "the first message is not a hello".to_string())?;
+    let protocol = hello
+        .get("protocol")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| "hello has no protocol version".to_string())?;
+    if protocol != PROTOCOL_VERSION {
+        return Err(format!(
+            "speaks protocol {protocol}, hyperjob speaks {PROTOCOL_VERSION}"
+        ));
+    }
+    let kind = match hello.get("kind").and_then(Value::as_str) {
+        Some("backend") => Kind::Backend,
+        Some("transport") => Kind::Transport,
+        _ => return Err("hello `kind` must be \"backend\" or \"transport\"".to_string()),
+    };
+    let text = |key: &str| {
+        hello
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty() && s.len() <= 64 && !s.chars().any(char::is_control))
+            .map(str::to_string)
+            .ok_or_else(|| format!("hello `{key}` must be a short non-empty string"))
+    };
+    Ok(Hello {
+        kind,
+        name: text("name")?,
+        version: text("version")?,
+    })
+}
+
+/// One message from the plugin, as far as the host cares.
+#[derive(Debug, PartialEq)]
+pub enum Incoming {
+    Result {
+        id: u64,
+        result: Value,
+    },
+    Error {
+        id: u64,
+        error: PluginError,
+    },
+    Stream {
+        id: u64,
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
+    Progress {
+        message: String,
+    },
+}
+
+/// Which output stream a frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+impl PartialEq for PluginError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+/// Parses one line from the plugin.
+pub fn parse_incoming(line: &str) -> Result<Incoming, String> {
+    let value: Value = serde_json::from_str(line)
+        .map_err(|err| format!("sent a line that is not JSON ({err})"))?;
+    if let Some(message) = value.get("progress").and_then(Value::as_str) {
+        return Ok(Incoming::Progress {
+            message: message.chars().filter(|c| !c.is_control()).collect(),
+        });
+    }
+    let id = value
+        .get("id")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| "sent a message without a numeric `id`".to_string())?;
+    if let Some(result) = value.get("result") {
+        return Ok(Incoming::Result {
+            id,
+            result: result.clone(),
+        });
+    }
+    if let Some(error) = value.get("error") {
+        let message = error
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("no message")
+            .replace(['\n', '\r'], " ");
+        let error = match error.get("class").and_then(Value::as_str) {
+            Some("config") => PluginError::Config(message),
+            Some("not_found") => PluginError::NotFound(message),
+            Some("unsupported") => PluginError::Unsupported("this operation"),
+            Some("system") => PluginError::msg(message),
+            _ => return Err("sent an error without a known `class`".to_string()),
+        };
+        return Ok(Incoming::Error { id, error });
+    }
+    if let Some(stream) = value.get("stream").and_then(Value::as_str) {
+        let stream = match stream {
+            "stdout" => OutputStream::Stdout,
+            "stderr" => OutputStream::Stderr,
+            _ => return Err("sent a frame for an unknown stream".to_string()),
+        };
+        let data = value
+            .get("data")
+            .and_then(Value::as_str)
+            .and_then(|data| base64::engine::general_purpose::STANDARD.decode(data).ok())
+            .ok_or_else(|| "sent a stream frame without base64 `data`".to_string())?;
+        return Ok(Incoming::Stream { id, stream, data });
+    }
+    Err("sent a message that is neither result, error, stream nor progress".to_string())
+}
+
+/// A running plugin process.
+struct Connection {
+    path: PathBuf,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<Result<String, String>>,
+    next_id: u64,
+}
+
+impl Connection {
+    fn start(path: &Path) -> Result<(Self, Hello), PluginError> {
+        let mut child = Command::new(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|err| {
+                PluginError::system(
+                    format!("cannot start executable plugin {}", path.display()),
+                    err,
+                )
+            })?;
+        let stdin = child.stdin.take();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| PluginError::msg("the plugin's stdout is not a pipe"))?;
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            loop {
+                let mut line = Vec::new();
+                let read =
+                    Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line);
+                let message = match read {
+                    Ok(0) => Err("exited (closed its stdout)".to_string()),
+                    Ok(_) if line.len() > MAX_LINE => {
+                        Err("sent a line longer than 4 MiB".to_string())
+                    }
+                    Ok(_) => String::from_utf8(line)
+                        .map(|l| l.trim_end().to_string())
+                        .map_err(|_| "sent a line that is not UTF-8".to_string()),
+                    Err(err) => Err(format!("cannot be read: {err}")),
+                };
+                let end = message.is_err();
+                if sender.send(message).is_err() || end {
+                    return;
+                }
+            }
+        });
+        let mut connection = Self {
+            path: path.to_path_buf(),
+            child,
+            stdin,
+            lines,
+            next_id: 1,
+        };
+        let line = connection.next_line(Instant::now() + HELLO_TIMEOUT)?;
+        let hello = parse_hello(&line).map_err(|reason| connection.failure(&reason))?;
+        Ok((connection, hello))
+    }
+
+    fn failure(&self, reason: &str) -> PluginError {
+        PluginError::msg(format!(
+            "executable plugin {} {reason}",
+            self.path.display()
+        ))
+    }
+
+    fn next_line(&mut self, deadline: Instant) -> Result<String, PluginError> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(wait) {
+            Ok(Ok(line)) => Ok(line),
+            Ok(Err(reason)) => Err(self.failure(&reason)),
+            Err(RecvTimeoutError::Timeout) => Err(self.failure(&format!(
+                "did not answer within {} s",
+                wait.as_secs().max(1)
+            ))),
+            Err(RecvTimeoutError::Disconnected) => Err(self.failure("exited")),
+        }
+    }
+
+    fn send(&mut self, message: &Value) -> Result<(), PluginError> {
+        let mut line = message.to_string();
+        line.push('\n');
+        let path = self.path.display().to_string();
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| PluginError::msg(format!("executable plugin {path} is closed")))?;
+        stdin
+            .write_all(line.as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(|err| {
+                PluginError::msg(format!("executable plugin {path} stopped reading ({err})"))
+            })
+    }
+
+    /// Sends a request and waits for its answer, relaying stream frames and progress.
+    fn call(
+        &mut self,
+        method: &str,
+        params: Value,
+        deadline: Instant,
+        sink: &mut dyn FnMut(Incoming),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Value, PluginError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({ "id": id, "method": method, "params": params }))?;
+        let mut cancel_sent = false;
+        loop {
+            if let Some(cancel) = cancel {
+                if !cancel_sent && cancel.load(Ordering::Relaxed) {
+                    cancel_sent = true;
+                    self.send(&json!({ "method": "cancel", "params": { "id": id } }))?;
+                }
+            }
+            let slice = if cancel.is_some() {
+                deadline.min(Instant::now() + Duration::from_millis(200))
+            } else {
+                deadline
+            };
+            let line = match self.next_line(slice) {
+                Ok(line) => line,
+                Err(_) if Instant::now() < deadline && cancel.is_some() && self.alive() => continue,
+                Err(err) => return Err(err),
+            };
+            match parse_incoming(&line).map_err(|reason| self.failure(&reason))? {
+                Incoming::Result {
+                    id: answered,
+                    result,
+                } if answered == id => return Ok(result),
+                Incoming::Error {
+                    id: answered,
+                    error,
+                } if answered == id => return Err(error),
+                Incoming::Stream { id: answered, .. }
+                | Incoming::Result { id: answered, .. }
+                | Incoming::Error { id: answered, .. }
+                    if answered != id =>
+                {
+                    return Err(
+                        self.failure(&format!("answered request {answered}, but {id} was asked"))
+                    );
+                }
+                other => sink(other),
+            }
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Closing stdin asks the plugin to exit; one that lingers is ended by its pid.
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plugin connection shared by the trait methods (which take `&self`).
+struct Shared(Mutex<Connection>);
+
+impl Shared {
+    fn call(&self, method: &str, params: Value, timeout: Duration) -> Result<Value, PluginError> {
+        self.call_with(method, params, Instant::now() + timeout, &mut |_| {}, None)
+    }
+
+    fn call_with(
+        &self,
+        method: &str,
+        params: Value,
+        deadline: Instant,
+        sink: &mut dyn FnMut(Incoming),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Value, PluginError> {
+        let mut connection = self
+            .0
+            .lock()
+            .map_err(|_| PluginError::msg("executable plugin connection is poisoned"))?;
+        connection.call(method, params, deadline, sink, cancel)
+    }
+}
+
+fn connect_and_configure(
+    path: &Path,
+    expected: Kind,
+    ctx: &PluginContext,
+    table: &toml::Table,
+) -> Result<Shared, PluginError> {
+    let (connection, hello) = Connection::start(path)?;
+    if hello.kind != expected {
+        return Err(connection.failure(&format!("is a {}, not a {expected}", hello.kind)));
+    }
+    let shared = Shared(Mutex::new(connection));
+    let config = toml::to_string(table).map_err(|err| PluginError::Config(err.to_string()))?;
+    shared.call(
+        "configure",
+        json!({
+            "config": config,
+            "state_dir": ctx.state_dir,
+            "guest_keys": match ctx.guest_keys { GuestKeyMode::Pinned => "pinned", GuestKeyMode::PerJob => "per-job" },
+        }),
+        REQUEST_TIMEOUT,
+    )?;
+    Ok(shared)
+}
+
+/// Starts the executable, reads its hello and registers what it offers.
+pub fn load_executable(path: &Path, registry: &mut Registry) -> Result<(), ExecPluginError> {
+    let (connection, hello) = Connection::start(path).map_err(|err| ExecPluginError::Plugin {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    })?;
+    drop(connection);
+    let origin = Origin::Executable(path.to_path_buf());
+    let owned = path.to_path_buf();
+    match hello.kind {
+        Kind::Backend => registry.add_backend(Entry {
+            name: hello.name,
+            version: hello.version,
+            origin,
+            build: Arc::new(move |ctx, table| {
+                let shared = connect_and_configure(&owned, Kind::Backend, ctx, table)?;
+                Ok(Box::new(ExecBackend(shared)) as Box<dyn Backend>)
+            }),
+        })?,
+        Kind::Transport => registry.add_transport(Entry {
+            name: hello.name,
+            version: hello.version,
+            origin,
+            build: Arc::new(move |ctx, table| {
+                let shared = connect_and_configure(&owned, Kind::Transport, ctx, table)?;
+                Ok(Box::new(ExecTransport(shared)) as Box<dyn Transport>)
+            }),
+        })?,
+    }
+    Ok(())
+}
+
+/// Executables in a plugin directory named `hyperjob-backend-*` or `hyperjob-transport-*`.
+pub fn executables_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            (name.starts_with("hyperjob-backend-") || name.starts_with("hyperjob-transport-"))
+                && std::fs::metadata(path)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn endpoint_json(endpoint: &Endpoint) -> Value {
+    serde_json::to_value(endpoint).unwrap_or(Value::Null)
+}
+
+fn remaining_ms(deadline: Instant) -> u64 {
+    u64::try_from(
+        deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+fn field<'a>(value: &'a Value, key: &str, method: &str) -> Result<&'a Value, PluginError> {
+    value.get(key).ok_or_else(|| {
+        PluginError::msg(format!(
+            "executable plugin answered `{method}` without `{key}`"
+        ))
+    })
+}
+
+struct ExecBackend(Shared);
+
+impl Backend for ExecBackend {
+    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
+        let keys = request.keys.as_ref().map(|keys| {
+            json!({
+                "user": keys.user,
+                "authorized_key": keys.authorized_key,
+                "host_private_key": keys.host.private_openssh.expose(),
+                "host_public_key": keys.host.public_openssh,
+            })
+        });
+        let params = json!({
+            "vm_name": request.vm_name,
+            "job_id": request.job_id,
+            "created_unix": request.created_unix,
+            "deadline_unix": request.deadline_unix,
+            "keys": keys,
+        });
+        let mut sink = |incoming: Incoming| {
+            if let Incoming::Progress { message } = incoming {
+                progress.say(&message);
+            }
+        };
+        self.0
+            .call_with(
+                "create",
+                params,
+                Instant::now() + REQUEST_TIMEOUT,
+                &mut sink,
+                None,
+            )
+            .map(drop)
+    }
+
+    fn wait_address(
+        &self,
+        vm_name: &str,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<Endpoint, PluginError> {
+        let params = json!({ "vm_name": vm_name, "timeout_ms": remaining_ms(deadline) });
+        let result = self.0.call_with(
+            "wait_address",
+            params,
+            deadline + Duration::from_secs(5),
+            &mut |_| {},
+            Some(cancel),
+        )?;
+        serde_json::from_value(result).map_err(|err| {
+            PluginError::msg(format!(
+                "executable plugin answered `wait_address` with a bad endpoint ({err})"
+            ))
+        })
+    }
+
+    fn destroy(&self, vm_name: &str) -> Result<(), PluginError> {
+        self.0
+            .call("destroy", json!({ "vm_name": vm_name }), REQUEST_TIMEOUT)
+            .map(drop)
+    }
+
+    fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
+        let result = self.0.call("list_owned", json!({}), REQUEST_TIMEOUT)?;
+        let vms = field(&result, "vms", "list_owned")?
+            .as_array()
+            .ok_or_else(|| {
+                PluginError::msg("executable plugin answered `list_owned` without a list")
+            })?;
+        vms.iter()
+            .map(|vm| {
+                let number = |key: &str| vm.get(key).and_then(Value::as_u64);
+                match (vm.get("vm_name").and_then(Value::as_str), number("job_id"), number("created_unix"), number("deadline_unix")) {
+                    (Some(name), Some(job_id), Some(created), Some(deadline)) => Ok(OwnedVm {
+                        vm_name: name.to_string(),
+                        job_id,
+                        created_unix: created,
+                        deadline_unix: deadline,
+                    }),
+                    _ => Err(PluginError::msg("executable plugin listed a VM without name, job id, creation time or deadline")),
+                }
+            })
+            .collect()
+    }
+
+    fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
+        let result = self.0.call(
+            "console_tail",
+            json!({ "vm_name": vm_name }),
+            REQUEST_TIMEOUT,
+        )?;
+        Ok(field(&result, "text", "console_tail")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
+struct ExecTransport(Shared);
+
+impl Transport for ExecTransport {
+    fn ready_timeout(&self) -> Duration {
+        self.0
+            .call("ready_timeout", json!({}), REQUEST_TIMEOUT)
+            .ok()
+            .and_then(|result| result.get("secs").and_then(Value::as_u64))
+            .map_or(Duration::from_secs(300), Duration::from_secs)
+    }
+
+    fn login_user(&self) -> Option<String> {
+        self.0
+            .call("login_user", json!({}), REQUEST_TIMEOUT)
+            .ok()
+            .and_then(|result| {
+                result
+                    .get("user")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+    }
+
+    fn wait_ready(
+        &self,
+        endpoint: &Endpoint,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError> {
+        let params =
+            json!({ "endpoint": endpoint_json(endpoint), "timeout_ms": remaining_ms(deadline) });
+        self.0
+            .call_with(
+                "wait_ready",
+                params,
+                deadline + Duration::from_secs(5),
+                &mut |_| {},
+                Some(cancel),
+            )
+            .map(drop)
+    }
+
+    fn run_script(
+        &self,
+        endpoint: &Endpoint,
+        request: &ScriptRequest<'_>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<RemoteExit, PluginError> {
+        let params = json!({
+            "endpoint": endpoint_json(endpoint),
+            "interpreter": request.interpreter,
+            "script": base64::engine::general_purpose::STANDARD.encode(request.script),
+        });
+        let mut sink = |incoming: Incoming| {
+            if let Incoming::Stream { stream, data, .. } = incoming {
+                let out: &mut dyn Write = match stream {
+                    OutputStream::Stdout => &mut *stdout,
+                    OutputStream::Stderr => &mut *stderr,
+                };
+                let _ = out.write_all(&data);
+                let _ = out.flush();
+            }
+        };
+        // A script may run for hours: the job timeout bounds it, not us.
+        let deadline = Instant::now() + Duration::from_secs(7 * 24 * 3600);
+        let result = self.0.call_with(
+            "run_script",
+            params,
+            deadline,
+            &mut sink,
+            Some(request.cancel),
+        )?;
+        if request.cancel.load(Ordering::Relaxed) {
+            return Err(PluginError::Interrupted(
+                "while the script was running".into(),
+            ));
+        }
+        if let Some(signal) = result.get("signal").and_then(Value::as_str) {
+            return Ok(RemoteExit::Signal(signal.to_string()));
+        }
+        result
+            .get("exit_code")
+            .and_then(Value::as_i64)
+            .and_then(|code| i32::try_from(code).ok())
+            .map(RemoteExit::Code)
+            .ok_or_else(|| {
+                PluginError::msg(
+                    "executable plugin answered `run_script` without `exit_code` or `signal`",
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_hello_is_accepted() {
+        let hello = parse_hello(
+            r#"{"hello":{"protocol":1,"kind":"transport","name":"ssh-cli","version":"0.1.0"}}"#,
+        )
+        .expect("valid");
+
+        assert_eq!(
+            hello,
+            Hello {
+                kind: Kind::Transport,
+                name: "ssh-cli".into(),
+                version: "0.1.0".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_hello_with_another_protocol_version_names_both() {
+        let err =
+            parse_hello(r#"{"hello":{"protocol":2,"kind":"backend","name":"x","version":"1"}}"#)
+                .expect_err("v2");
+
+        assert_eq!(err, "speaks protocol 2, hyperjob speaks 1");
+    }
+
+    #[test]
+    fn garbage_instead_of_a_hello_is_refused() {
+        assert!(parse_hello("Traceback (most recent call last):")
+            .expect_err("text")
+            .starts_with("hello is not JSON"));
+        assert_eq!(
+            parse_hello(r#"{"id":1,"result":{}}"#).expect_err("no hello"),
+            "the first message is not a hello"
+        );
+        assert!(parse_hello(
+            r#"{"hello":{"protocol":1,"kind":"hypervisor","name":"x","version":"1"}}"#
+        )
+        .is_err());
+        assert!(parse_hello(
+            r#"{"hello":{"protocol":1,"kind":"backend","name":"a\nb","version":"1"}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn results_errors_streams_and_progress_are_told_apart() {
+        assert_eq!(
+            parse_incoming(r#"{"id":3,"result":{"ok":true}}"#).expect("result"),
+            Incoming::Result {
+                id: 3,
+                result: json!({"ok": true})
+            }
+        );
+        assert_eq!(
+            parse_incoming(r#"{"id":4,"stream":"stderr","data":"aGk="}"#).expect("frame"),
+            Incoming::Stream {
+                id: 4,
+                stream: OutputStream::Stderr,
+                data: b"hi".to_vec()
+            }
+        );
+        assert_eq!(
+            parse_incoming(r#"{"progress":"booting"}"#).expect("progress"),
+            Incoming::Progress {
+                message: "booting".into()
+            }
+        );
+        let Incoming::Error { id, error } =
+            parse_incoming(r#"{"id":5,"error":{"class":"not_found","message":"no image\nhere"}}"#)
+                .expect("error")
+        else {
+            panic!("not an error");
+        };
+        assert_eq!(id, 5);
+        assert!(matches!(error, PluginError::NotFound(ref m) if m == "no image here"));
+    }
+
+    #[test]
+    fn out_of_protocol_messages_are_refused_with_a_reason() {
+        assert!(parse_incoming("not json")
+            .expect_err("text")
+            .starts_with("sent a line that is not JSON"));
+        assert_eq!(
+            parse_incoming(r#"{"result":{}}"#).expect_err("no id"),
+            "sent a message without a numeric `id`"
+        );
+        assert_eq!(
+            parse_incoming(r#"{"id":1,"error":{"class":"oops","message":"m"}}"#)
+                .expect_err("class"),
+            "sent an error without a known `class`"
+        );
+        assert_eq!(
+            parse_incoming(r#"{"id":1,"stream":"stdout","data":"***"}"#).expect_err("b64"),
+            "sent a stream frame without base64 `data`"
+        );
+        assert_eq!(
+            parse_incoming(r#"{"id":1}"#).expect_err("empty"),
+            "sent a message that is neither result, error, stream nor progress"
+        );
+    }
+
+    #[test]
+    fn only_named_executables_are_discovered() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, mode) in [
+            ("hyperjob-transport-b", 0o755),
+            ("hyperjob-backend-a", 0o755),
+            ("hyperjob-backend-noexec", 0o644),
+            ("other", 0o755),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "#!/bin/sh\n").expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+
+        let found = executables_in(dir.path()).expect("list");
+
+        let names: Vec<_> = found
+            .iter()
+            .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["hyperjob-backend-a", "hyperjob-transport-b"]);
+    }
+
+    fn script_plugin(dir: &tempfile::TempDir, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join("hyperjob-backend-test");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    #[test]
+    fn a_plugin_that_exits_before_hello_is_a_clear_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugin = script_plugin(&dir, "exit 3");
+        let mut registry = Registry::default();
+
+        let err = load_executable(&plugin, &mut registry).expect_err("exits");
+
+        assert!(
+            err.to_string().ends_with("exited (closed its stdout)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_plugin_that_never_says_hello_times_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugin = script_plugin(&dir, "exec sleep 30");
+        let mut registry = Registry::default();
+        let started = Instant::now();
+
+        let err = load_executable(&plugin, &mut registry).expect_err("hangs");
+
+        assert!(err.to_string().contains("did not answer within"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_malformed_answer_to_configure_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugin = script_plugin(
+            &dir,
+            r#"echo '{"hello":{"protocol":1,"kind":"backend","name":"bad","version":"1"}}'; read line; echo 'this is not json'; read line"#,
+        );
+        let mut registry = Registry::default();
+        load_executable(&plugin, &mut registry).expect("hello is fine");
+        let ctx = PluginContext {
+            state_dir: dir.path().to_path_buf(),
+            guest_keys: GuestKeyMode::Pinned,
+        };
+
+        let entry = registry.backend("bad").expect("registered");
+        let err = (entry.build)(&ctx, &toml::Table::new())
+            .map(drop)
+            .expect_err("malformed");
+
+        assert!(
+            err.to_string().contains("sent a line that is not JSON"),
+            "{err}"
+        );
+    }
+}
