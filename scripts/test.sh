@@ -29,6 +29,8 @@ scripts/testenv.sh up
 export HYPERJOB_TEST_ENV_FILE="$HYPERJOB_TESTENV_STATE/env"
 export HYPERJOB_TEST_IMAGE_ENV="$image_dir/image.env"
 export HYPERJOB_BIN="$root/target/debug/hyperjob"
+# Built by `cargo build --workspace` above: the direct-QEMU backend, as a shared-library plugin.
+export HYPERJOB_QEMU_PLUGIN="$root/target/debug/libhyperjob_backend_qemu.so"
 started=$(date +%s)
 scripts/testenv.sh exec cargo test --workspace --locked --offline -- "$@"
 echo "test.sh: cargo test took $(( $(date +%s) - started )) s"

@@ -232,7 +232,10 @@ mod tests {
             PathBuf::from("/run/hj/hyperjob-job-7.console.log")
         );
         assert_eq!(paths.pidfile, PathBuf::from("/run/hj/hyperjob-job-7.pid"));
-        assert_eq!(paths.qmp_socket, PathBuf::from("/run/hj/hyperjob-job-7.qmp"));
+        assert_eq!(
+            paths.qmp_socket,
+            PathBuf::from("/run/hj/hyperjob-job-7.qmp")
+        );
         assert_eq!(
             paths.state,
             PathBuf::from("/run/hj/hyperjob-job-7.qemu.json")
@@ -242,7 +245,10 @@ mod tests {
 
     #[test]
     fn machine_size_disk_console_and_monitor_are_set() {
-        let args = args_of(&config("accel = \"tcg\"\nvcpus = 1\nmemory_mib = 512"), false);
+        let args = args_of(
+            &config("accel = \"tcg\"\nvcpus = 1\nmemory_mib = 512"),
+            false,
+        );
 
         assert_eq!(value_of(&args, "-name"), "guest=hyperjob-job-7");
         assert_eq!(value_of(&args, "-machine"), "accel=tcg");
@@ -358,10 +364,10 @@ mod tests {
         let args = args_of(&config("accel = \"tcg\""), true);
 
         let fixed = [
-            "guest", "accel", "tcg", "none", "chardev", "console", "file", "id", "path",
-            "socket", "qmp", "server", "on", "off", "wait", "mode", "control", "if", "virtio",
-            "format", "qcow2", "raw", "readonly", "discard", "unmap", "user", "net0",
-            "restrict", "hostfwd", "tcp", "netdev", "pci", "net", "rng", "order", "c",
+            "guest", "accel", "tcg", "none", "chardev", "console", "file", "id", "path", "socket",
+            "qmp", "server", "on", "off", "wait", "mode", "control", "if", "virtio", "format",
+            "qcow2", "raw", "readonly", "discard", "unmap", "user", "net0", "restrict", "hostfwd",
+            "tcp", "netdev", "pci", "net", "rng", "order", "c",
         ];
         let vm_files = ["seed", "iso", "log", "pid", "hyperjob", "job"];
         for arg in args.iter().filter(|a| !a.starts_with('-')) {

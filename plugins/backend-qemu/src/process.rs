@@ -111,8 +111,8 @@ mod sys {
     use super::*;
 
     pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-        let pid = libc::pid_t::try_from(pid)
-            .map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+        let pid =
+            libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
         // SAFETY: pidfd_open(2) takes two integers and returns a new file descriptor or -1;
         // no memory is shared with the kernel.
         #[allow(unsafe_code)]
@@ -189,7 +189,10 @@ mod tests {
     fn until_ours(pid: u32, overlay: &Path) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !is_our_qemu(pid, overlay) {
-            assert!(Instant::now() < deadline, "pid {pid} never looked like ours");
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} never looked like ours"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -198,7 +201,7 @@ mod tests {
     fn argv_must_hold_exactly_our_drive_after_a_drive_flag() {
         let overlay = Path::new("/i/hyperjob-job-3.qcow2");
         let drive = overlay_drive(overlay);
-        let mut ours = b"qemu-system-x86_64\0-m\0512\0-drive\0".to_vec();
+        let mut ours = b"qemu-system-x86_64\0-m\x00512\0-drive\0".to_vec();
         ours.extend_from_slice(drive.as_bytes());
         ours.push(0);
         let mut other_vm = b"qemu-system-x86_64\0-drive\0".to_vec();

@@ -133,6 +133,8 @@ mod tests {
         let fake = thread::spawn(move || {
             let mut reader = BufReader::new(server_end);
             server(&mut reader);
+            // The fake QEMU is done talking (as if it exited): the client sees end of stream.
+            let _ = reader.get_ref().shutdown(std::net::Shutdown::Write);
             // Whatever the client sent after the script ended.
             let mut rest = String::new();
             let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
@@ -180,7 +182,7 @@ mod tests {
             expect_line(server, "{\"execute\":\"qmp_capabilities\"}");
             send(server, "{\"return\": {}}\n");
             expect_line(server, "{\"execute\":\"quit\"}");
-            // QEMU exits without answering: the server end is dropped.
+            // QEMU exits without answering.
         });
 
         result.expect("a vanished QEMU is what quit asked for");
@@ -209,7 +211,10 @@ mod tests {
 
         let err = result.expect_err("not QMP");
         assert_eq!(err.kind(), ErrorKind::InvalidData);
-        assert!(rest.is_empty(), "sent a command to a non-QMP peer: {rest:?}");
+        assert!(
+            rest.is_empty(),
+            "sent a command to a non-QMP peer: {rest:?}"
+        );
     }
 
     #[test]

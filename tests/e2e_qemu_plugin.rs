@@ -1,0 +1,406 @@
+//! End-to-end: the real `hyperjob` binary with `backend = "qemu"` loaded from the shared-library
+//! plugin (`plugins/backend-qemu`), driven as GitLab Runner drives a Custom executor
+//! (tests/harness), booting real TCG guests from the test image with plain QEMU.
+//!
+//! No libvirt is involved: QEMU's user-mode network forwards a loopback port to the guest's
+//! SSH, so these tests need only loopback (they also run inside scripts/test.sh's namespace).
+//! The plugin is not built here: set `HYPERJOB_QEMU_PLUGIN` to the built library.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
+use support::{list_dir, qemu_processes_of, unique_job_id, GitServer, TestEnv, Workspace};
+
+/// The guest reaches the host's loopback at this address (QEMU user networking).
+const HOST_FROM_GUEST: &str = "10.0.2.2";
+
+/// The built plugin library; fails loudly, with instructions, without it.
+fn plugin_library() -> PathBuf {
+    let path = std::env::var_os("HYPERJOB_QEMU_PLUGIN")
+        .map(PathBuf::from)
+        .expect(
+            "HYPERJOB_QEMU_PLUGIN must name the QEMU backend plugin library: build it with \
+         `cargo build -p hyperjob-backend-qemu` and set \
+         HYPERJOB_QEMU_PLUGIN=$PWD/target/debug/libhyperjob_backend_qemu.so",
+        );
+    assert!(
+        path.is_absolute() && path.is_file(),
+        "HYPERJOB_QEMU_PLUGIN={} is not an absolute path to a file: build it with \
+         `cargo build -p hyperjob-backend-qemu`",
+        path.display()
+    );
+    path
+}
+
+/// A hyperjob config for the qemu backend from the plugin: TCG guests from the test image,
+/// everything the VM owns in the workspace's images dir.
+fn qemu_config(env: &TestEnv, ws: &Workspace) -> String {
+    format!(
+        r#"plugins = ["{plugin}"]
+backend = "qemu"
+transport = "ssh"
+state_dir = "{state}"
+
+[backends.qemu]
+accel = "tcg"
+base_image = "{base}"
+images_dir = "{images}"
+vcpus = 1
+memory_mib = 512
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{cmdline}"
+
+[transports.ssh]
+user = "{user}"
+identity_file = "{identity}"
+known_hosts = "{known_hosts}"
+ready_timeout_secs = 180
+connect_timeout_secs = 2
+"#,
+        plugin = plugin_library().display(),
+        state = ws.state_dir.display(),
+        base = env.base_image.display(),
+        images = ws.images_dir.display(),
+        kernel = env.kernel.display(),
+        initrd = env.initrd.display(),
+        cmdline = env.cmdline,
+        user = env.guest_user,
+        identity = env.identity_file.display(),
+        known_hosts = env.known_hosts.display(),
+    )
+}
+
+fn workspace(env: &TestEnv, name: &str) -> Workspace {
+    let ws = env.workspace(name);
+    ws.write_config(&qemu_config(env, &ws));
+    ws
+}
+
+/// The qemu config for the cloud-init image with `guest_keys = "per-job"`: no client key and
+/// no known_hosts, the seed brings the job's own.
+fn per_job_keys_config(env: &TestEnv, ws: &Workspace) -> String {
+    let config = qemu_config(env, ws)
+        .replacen(
+            "transport = \"ssh\"\n",
+            "transport = \"ssh\"\nguest_keys = \"per-job\"\n",
+            1,
+        )
+        .replace(
+            &format!("base_image = \"{}\"", env.base_image.display()),
+            &format!("base_image = \"{}\"", env.cloudinit_image.display()),
+        )
+        .replace(
+            &format!("cmdline = \"{}\"", env.cmdline),
+            &format!("cmdline = \"{}\"", env.cloudinit_cmdline),
+        );
+    config
+        .lines()
+        .filter(|line| !line.starts_with("identity_file") && !line.starts_with("known_hosts"))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
+    Driver::single_binary(&env.hyperjob)
+        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+}
+
+fn settings() -> RunnerSettings {
+    RunnerSettings {
+        preparation_retry_interval: Duration::from_millis(200),
+        ..RunnerSettings::default()
+    }
+}
+
+fn vm_name(job_id: i64) -> String {
+    format!("hyperjob-job-{job_id}")
+}
+
+/// Live processes whose command line names `overlay` (however QEMU was started).
+fn processes_naming(overlay: &Path) -> Vec<u32> {
+    let needle = overlay.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.windows(needle.len()).any(|window| window == needle)
+        })
+        .collect()
+}
+
+/// Nothing of `vm_name` remains: no QEMU process, no file in the images or state dir.
+fn assert_nothing_left(ws: &Workspace, vm_name: &str) {
+    let overlay = ws.images_dir.join(format!("{vm_name}.qcow2"));
+    // A QEMU killed a moment ago may still be a zombie waiting for PID 1: its command line
+    // is empty then, so it is not counted.
+    let processes = [qemu_processes_of(vm_name), processes_naming(&overlay)].concat();
+    assert!(
+        processes.is_empty(),
+        "QEMU of {vm_name} still runs: pids {processes:?}"
+    );
+    for dir in [&ws.images_dir, &ws.state_dir] {
+        let leftovers = list_dir(dir);
+        assert!(
+            leftovers.is_empty(),
+            "left behind in {}: {leftovers:?}",
+            dir.display()
+        );
+    }
+}
+
+/// One hyperjob command, run by hand with the runner's fixed environment.
+struct Stage {
+    tmp: tempfile::TempDir,
+    command: Command,
+}
+
+impl Stage {
+    fn new(env: &TestEnv, ws: &Workspace, job_id: i64, args: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let response = tmp.path().join("response.json");
+        fs::write(&response, format!("{{\"id\":{job_id}}}\n")).expect("response file");
+        let mut command = Command::new(&env.hyperjob);
+        command
+            .args(args)
+            .current_dir(tmp.path())
+            .env("HYPERJOB_CONFIG", &ws.config_path)
+            .env("JOB_RESPONSE_FILE", &response)
+            .env("BUILD_FAILURE_EXIT_CODE", "1")
+            .env("SYSTEM_FAILURE_EXIT_CODE", "2")
+            .env("BUILD_EXIT_CODE_FILE", tmp.path().join("build_exit_code"))
+            .stdin(Stdio::null());
+        Self { tmp, command }
+    }
+
+    fn output(mut self) -> Output {
+        self.command.output().expect("run hyperjob")
+    }
+}
+
+#[test]
+fn plugin_lists_the_qemu_backend_from_its_library() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-plugins");
+
+    let output = Stage::new(&env, &ws, unique_job_id(), &["plugins"]).output();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some("qemu"))
+        .unwrap_or_else(|| panic!("no qemu backend listed: {stdout}"));
+    assert!(line.starts_with("backend"), "{line}");
+    assert!(
+        line.ends_with(&format!("library {}", plugin_library().display())),
+        "{line}"
+    );
+}
+
+#[test]
+fn job_runs_every_stage_in_a_plain_qemu_guest_and_cleanup_removes_it() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-full-job");
+    let git = GitServer::start(
+        "127.0.0.1",
+        "demo",
+        &[("hello.txt", "hello from the repository\n")],
+    );
+    let repo_url = git.repo_url.replacen("127.0.0.1", HOST_FROM_GUEST, 1);
+    let id = unique_job_id();
+    let mut job = Job::new(
+        id,
+        "group/demo",
+        &repo_url,
+        &git.sha,
+        &[
+            "cat hello.txt",
+            "echo \"build runs as $(id -un) on $(hostname) with kernel $(uname -r)\"",
+            "echo build-stderr >&2",
+        ],
+    );
+    job.steps.push(Step::new(
+        "release",
+        &["echo \"release step sees $GREETING\""],
+    ));
+    job.after_script = vec!["echo \"after_script sees $CI_JOB_STATUS\"".to_string()];
+    job.variables.push(JobVariable::new("GREETING", "it's me"));
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    assert_eq!(
+        report.run_stages(),
+        [
+            "prepare_script",
+            "get_sources",
+            "build_script",
+            "step_release",
+            "after_script",
+            "cleanup_file_variables"
+        ]
+    );
+    assert!(
+        log.contains(&format!(
+            "Creating VM {} with the qemu backend",
+            vm_name(id)
+        )),
+        "{log}"
+    );
+    assert!(log.contains("Guest ready at 127.0.0.1:"), "{log}");
+    assert!(log.contains("hello from the repository"), "{log}");
+    assert!(
+        log.contains("build runs as gitlab-runner on hyperjob-guest with kernel ")
+            && log.contains("-cloud-amd64"),
+        "{log}"
+    );
+    assert!(log.contains("build-stderr"), "{log}");
+    assert!(log.contains("release step sees it's me"), "{log}");
+    assert!(log.contains("after_script sees success"), "{log}");
+    assert_eq!(report.invocations_of("cleanup").len(), 1);
+    assert_nothing_left(&ws, &vm_name(id));
+}
+
+#[test]
+fn failing_script_is_a_build_failure_carrying_its_exit_code() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-exit-42");
+    let id = unique_job_id();
+    let mut job = Job::new(
+        id,
+        "group/fails",
+        "",
+        "",
+        &["echo before the failure", "exit 42", "echo never printed"],
+    );
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(
+        report.result,
+        JobResult::BuildFailure { exit_code: 42 },
+        "{log}"
+    );
+    assert!(log.contains("before the failure"), "{log}");
+    assert!(!log.contains("never printed"), "{log}");
+    assert_nothing_left(&ws, &vm_name(id));
+}
+
+#[test]
+fn per_job_keys_reach_a_cloud_init_guest_through_the_seed_disk() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-per-job-keys");
+    let config = per_job_keys_config(&env, &ws);
+    assert!(
+        config.contains("guest_keys = \"per-job\"")
+            && config.contains(&env.cloudinit_image.display().to_string())
+            && !config.contains("identity_file")
+            && !config.contains("known_hosts"),
+        "{config}"
+    );
+    ws.write_config(&config);
+    let id = unique_job_id();
+    let mut job = Job::new(
+        id,
+        "group/keys",
+        "",
+        "",
+        &[
+            "echo \"host keys in the guest: $(ls /etc/ssh/ | grep -c '_key$')\"",
+            "echo \"authorized: $(wc -l < ~/.ssh/authorized_keys)\"",
+        ],
+    );
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    assert!(
+        log.contains("cloud-init seed with the job's SSH keys created"),
+        "{log}"
+    );
+    assert!(log.contains("host keys in the guest: 1"), "{log}");
+    assert!(log.contains("authorized: 1"), "{log}");
+    // The seed (it holds the guest's private host key) and the job's key directory are gone.
+    assert_nothing_left(&ws, &vm_name(id));
+}
+
+#[test]
+fn prepare_killed_mid_boot_leaves_a_qemu_that_cleanup_removes() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-killed-prepare");
+    let id = unique_job_id();
+    let vm = vm_name(id);
+    let record = ws.images_dir.join(format!("{vm}.qemu.json"));
+
+    let mut prepare = Stage::new(&env, &ws, id, &["prepare"]);
+    let mut child = prepare
+        .command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prepare");
+    // Kill it once QEMU runs (its pid is recorded) and the guest is still booting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let recorded = fs::read_to_string(&record).unwrap_or_default();
+        if recorded.contains("\"pid\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "QEMU never started: {recorded}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().expect("SIGKILL prepare");
+    let status = child.wait().expect("wait prepare");
+    drop(prepare.tmp);
+
+    let orphaned = qemu_processes_of(&vm);
+    let mode = fs::metadata(&record).map(|m| m.permissions().mode() & 0o777);
+    let cleanup = Stage::new(&env, &ws, id, &["cleanup"]).output();
+
+    assert!(!status.success(), "prepare finished before it was killed");
+    assert!(
+        !orphaned.is_empty(),
+        "QEMU should outlive the killed prepare (it runs detached)"
+    );
+    assert_eq!(mode.ok(), Some(0o600), "state file must be 0600");
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    assert_nothing_left(&ws, &vm);
+}
+
+#[test]
+fn cleanup_without_a_prepare_succeeds_and_repeats() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-cleanup-only");
+    let id = unique_job_id();
+
+    let first = Stage::new(&env, &ws, id, &["cleanup"]).output();
+    let second = Stage::new(&env, &ws, id, &["cleanup"]).output();
+
+    for output in [&first, &second] {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_nothing_left(&ws, &vm_name(id));
+}
