@@ -32,6 +32,6 @@ export HYPERJOB_BIN="$root/target/debug/hyperjob"
 # Built by `cargo build --workspace` above: the direct-QEMU backend, as a shared-library plugin.
 export HYPERJOB_QEMU_PLUGIN="$root/target/debug/libhyperjob_backend_qemu.so"
 started=$(date +%s)
-scripts/testenv.sh exec cargo test --workspace --locked --offline -- "$@"
+scripts/testenv.sh exec cargo test --workspace --locked --offline --no-fail-fast -- "$@"
 echo "test.sh: cargo test took $(( $(date +%s) - started )) s"
 scripts/leak-check.sh

@@ -287,6 +287,12 @@ fn table_text(table: &toml::Table) -> Result<String, PluginError> {
     toml::to_string(table).map_err(|err| PluginError::Config(err.to_string()))
 }
 
+/// Whether a file name looks like a shared object: `libx.so` or `libx.so.1`.
+pub fn is_shared_object_name(path: &Path) -> bool {
+    let name = path.file_name().and_then(OsStr::to_str).unwrap_or_default();
+    name.ends_with(".so") || name.contains(".so.")
+}
+
 /// The `*.so` files in a plugin directory, sorted.
 pub fn libraries_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
@@ -473,6 +479,14 @@ mod tests {
             err.to_string().starts_with("cannot load plugin library"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn shared_object_names_are_recognised() {
+        assert!(is_shared_object_name(Path::new("/x/libq.so")));
+        assert!(is_shared_object_name(Path::new("/lib/libc.so.6")));
+        assert!(!is_shared_object_name(Path::new("/x/hyperjob-backend-so")));
+        assert!(!is_shared_object_name(Path::new("/x/plugin.py")));
     }
 
     #[test]

@@ -37,8 +37,9 @@ const MAX_LINE: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecPluginError {
-    #[error("executable plugin {path}: {message}")]
-    Plugin { path: PathBuf, message: String },
+    /// The message already names the plugin.
+    #[error(transparent)]
+    Start(#[from] PluginError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
@@ -393,10 +394,7 @@ fn connect_and_configure(
 
 /// Starts the executable, reads its hello and registers what it offers.
 pub fn load_executable(path: &Path, registry: &mut Registry) -> Result<(), ExecPluginError> {
-    let (connection, hello) = Connection::start(path).map_err(|err| ExecPluginError::Plugin {
-        path: path.to_path_buf(),
-        message: err.to_string(),
-    })?;
+    let (connection, hello) = Connection::start(path)?;
     drop(connection);
     let origin = Origin::Executable(path.to_path_buf());
     let owned = path.to_path_buf();

@@ -172,9 +172,10 @@ impl Registry {
         let mut registry = Self::builtin()?;
         let mut libraries = Vec::new();
         let mut executables = Vec::new();
-        // `plugins` entries: `*.so` files are libraries, anything else an executable plugin.
+        // `plugins` entries: shared objects (`*.so`, `*.so.N`) are libraries, anything else
+        // an executable plugin.
         for path in &config.plugins {
-            if path.extension().is_some_and(|ext| ext == "so") {
+            if crate::abi::is_shared_object_name(path) {
                 libraries.push(path.clone());
             } else {
                 executables.push(path.clone());
