@@ -18,11 +18,47 @@ printf 'int main(void) { return 0; }\n' > main.c
 echo "checksum of the sources: $(cat main.c build.sh | sha256sum | cut -c1-16)"
 "#;
 
+/// With `HYPERJOB_DEMO_BACKEND=qemu`: the config that selects the direct-QEMU backend, loaded
+/// from the plugin library named by `HYPERJOB_QEMU_PLUGIN`.
+fn qemu_config(env: &TestEnv, ws: &support::Workspace, plugin: &str) -> String {
+    format!(
+        "plugins = [{plugin:?}]\nbackend = \"qemu\"\ntransport = \"ssh\"\nstate_dir = {state:?}\n\n\
+         [backends.qemu]\naccel = \"tcg\"\nbase_image = {base:?}\nimages_dir = {images:?}\nvcpus = 1\nmemory_mib = 512\n\
+         kernel = {kernel:?}\ninitrd = {initrd:?}\ncmdline = {cmdline:?}\n\n\
+         [transports.ssh]\nuser = {user:?}\nidentity_file = {identity:?}\nknown_hosts = {known:?}\nconnect_timeout_secs = 2\n",
+        state = ws.state_dir.display().to_string(),
+        base = env.base_image.display().to_string(),
+        images = ws.images_dir.display().to_string(),
+        kernel = env.kernel.display().to_string(),
+        initrd = env.initrd.display().to_string(),
+        cmdline = env.cmdline,
+        user = env.guest_user,
+        identity = env.identity_file.display().to_string(),
+        known = env.known_hosts.display().to_string(),
+    )
+}
+
 fn main() -> ExitCode {
     let env = TestEnv::load();
     let ws = env.workspace("demo");
+    let qemu_plugin = match std::env::var("HYPERJOB_DEMO_BACKEND").as_deref() {
+        Ok("qemu") => Some(
+            std::env::var("HYPERJOB_QEMU_PLUGIN")
+                .expect("HYPERJOB_QEMU_PLUGIN names the QEMU backend plugin library"),
+        ),
+        _ => None,
+    };
+    // The libvirt guests reach the host at the bridge address; QEMU user-mode guests reach the
+    // host's loopback at 10.0.2.2.
+    let (bind_ip, guest_sees_host) = match &qemu_plugin {
+        Some(plugin) => {
+            ws.write_config(&qemu_config(&env, &ws, plugin));
+            ("127.0.0.1".to_string(), "10.0.2.2".to_string())
+        }
+        None => (env.bridge_ip.clone(), env.bridge_ip.clone()),
+    };
     let git = GitServer::start(
-        &env.bridge_ip,
+        &bind_ip,
         "hello",
         &[
             (
@@ -32,11 +68,12 @@ fn main() -> ExitCode {
             ("build.sh", BUILD_SH),
         ],
     );
+    let repo_url = git.repo_url.replacen(&bind_ip, &guest_sees_host, 1);
     let id = unique_job_id();
     let mut job = Job::new(
         id,
         "demo/hello",
-        &git.repo_url,
+        &repo_url,
         &git.sha,
         &[
             "echo \"this is $(hostname), kernel $(uname -r), user $(id -un)\"",
@@ -59,7 +96,15 @@ fn main() -> ExitCode {
         ..Default::default()
     };
 
-    println!("== demo: job {id} through {} ==", env.hyperjob.display());
+    let backend = if qemu_plugin.is_some() {
+        "qemu (plugin library)"
+    } else {
+        "libvirt"
+    };
+    println!(
+        "== demo: job {id} through {} with the {backend} backend ==",
+        env.hyperjob.display()
+    );
     let report = run_job(&driver, &job, &settings);
 
     println!("\n== time per driver invocation ==");

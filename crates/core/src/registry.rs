@@ -193,7 +193,7 @@ impl Registry {
         }
         for library in libraries {
             let took = crate::abi::load_library(&library, &mut registry)?;
-            tracing::debug!(library = %library.display(), ms = took.as_millis() as u64, "plugin library loaded");
+            tracing::debug!(library = %library.display(), micros = took.as_micros() as u64, "plugin library loaded");
         }
         for executable in executables {
             crate::exec_plugin::load_executable(&executable, &mut registry)?;
