@@ -195,3 +195,43 @@ fn the_same_name_twice_is_refused_naming_both_origins() {
         "{err}"
     );
 }
+
+#[test]
+fn plugin_dirs_load_every_library_and_named_executable_in_them() {
+    let setup = Setup::new("libvirt", &[]);
+    let dir = setup.dir.path().join("plugins.d");
+    std::fs::create_dir(&dir).expect("plugin dir");
+    std::fs::copy(fixture("panicky"), dir.join("libpanicky.so")).expect("copy library");
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins/transport-sshcli/hyperjob-transport-sshcli");
+    std::fs::copy(&python, dir.join("hyperjob-transport-sshcli")).expect("copy executable");
+    std::fs::write(dir.join("README.txt"), "not a plugin").expect("write");
+    let config = setup.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replacen(
+            "plugins = []",
+            &format!("plugin_dirs = [{:?}]", dir.display().to_string()),
+            1,
+        ),
+    )
+    .expect("config");
+
+    let output = setup.run(&["plugins"]);
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout.contains(&format!("library {}", dir.join("libpanicky.so").display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "executable {}",
+            dir.join("hyperjob-transport-sshcli").display()
+        )),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+}
