@@ -10,10 +10,10 @@ set -euo pipefail
 
 cd "$(dirname -- "$0")/.."
 root=$(pwd)
+# shellcheck source=scripts/lib/session.sh
+. scripts/lib/session.sh
 
-scripts/install-deps.sh
-image_dir=${HYPERJOB_IMAGE_DIR:-/var/lib/hyperjob-test/image}
-scripts/build-guest-image.sh "$image_dir"
+hj_prepare_host
 cargo build --release --locked --quiet --bin hyperjob --example demo
 cargo build --release --locked --quiet -p hyperjob-backend-qemu
 case "${1:-libvirt}" in
@@ -25,16 +25,6 @@ case "${1:-libvirt}" in
     *) echo "usage: scripts/demo.sh [libvirt|qemu]" >&2; exit 2 ;;
 esac
 
-export HYPERJOB_TESTENV_STATE=${HYPERJOB_TESTENV_STATE:-/run/hyperjob-testenv}
-teardown() {
-    local rc=$?
-    "$root/scripts/testenv.sh" down || rc=1
-    exit "$rc"
-}
-trap teardown EXIT
-scripts/testenv.sh up
-
-export HYPERJOB_TEST_ENV_FILE="$HYPERJOB_TESTENV_STATE/env"
-export HYPERJOB_TEST_IMAGE_ENV="$image_dir/image.env"
+hj_start_session
 export HYPERJOB_BIN="$root/target/release/hyperjob"
 scripts/testenv.sh exec "$root/target/release/examples/demo"

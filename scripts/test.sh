@@ -8,26 +8,16 @@ set -euo pipefail
 
 cd "$(dirname -- "$0")/.."
 root=$(pwd)
+# shellcheck source=scripts/lib/session.sh
+. scripts/lib/session.sh
 
-scripts/install-deps.sh
-image_dir=${HYPERJOB_IMAGE_DIR:-/var/lib/hyperjob-test/image}
-scripts/build-guest-image.sh "$image_dir"
+hj_prepare_host
 
 # Build outside the namespace: inside it there is no route to crates.io.
 cargo build --workspace --all-targets --locked --quiet
 cargo test --workspace --locked --no-run --quiet
 
-export HYPERJOB_TESTENV_STATE=${HYPERJOB_TESTENV_STATE:-/run/hyperjob-testenv}
-teardown() {
-    local rc=$?
-    "$root/scripts/testenv.sh" down || rc=1
-    exit "$rc"
-}
-trap teardown EXIT
-scripts/testenv.sh up
-
-export HYPERJOB_TEST_ENV_FILE="$HYPERJOB_TESTENV_STATE/env"
-export HYPERJOB_TEST_IMAGE_ENV="$image_dir/image.env"
+hj_start_session
 export HYPERJOB_BIN="$root/target/debug/hyperjob"
 # Built by `cargo build --workspace` above: the direct-QEMU backend, as a shared-library plugin.
 export HYPERJOB_QEMU_PLUGIN="$root/target/debug/libhyperjob_backend_qemu.so"
