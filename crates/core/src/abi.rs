@@ -295,13 +295,9 @@ pub fn is_shared_object_name(path: &Path) -> bool {
 
 /// The `*.so` files in a plugin directory, sorted.
 pub fn libraries_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path.extension() == Some(OsStr::new("so")) && path.is_file())
-        .collect();
-    found.sort();
-    Ok(found)
+    crate::registry::files_in(dir, |path| {
+        path.extension() == Some(OsStr::new("so")) && path.is_file()
+    })
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {

@@ -424,21 +424,15 @@ pub fn load_executable(path: &Path, registry: &mut Registry) -> Result<(), ExecP
 /// Executables in a plugin directory named `hyperjob-backend-*` or `hyperjob-transport-*`.
 pub fn executables_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     use std::os::unix::fs::PermissionsExt;
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            (name.starts_with("hyperjob-backend-") || name.starts_with("hyperjob-transport-"))
-                && std::fs::metadata(path)
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-        .collect();
-    found.sort();
-    Ok(found)
+    crate::registry::files_in(dir, |path| {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        (name.starts_with("hyperjob-backend-") || name.starts_with("hyperjob-transport-"))
+            && std::fs::metadata(path)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 fn endpoint_json(endpoint: &Endpoint) -> Value {

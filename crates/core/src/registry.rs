@@ -89,6 +89,20 @@ pub enum RegistryError {
     },
 }
 
+/// The files in `dir` that `keep` accepts, sorted (plugin discovery in `plugin_dirs`).
+pub fn files_in(
+    dir: &std::path::Path,
+    keep: impl Fn(&std::path::Path) -> bool,
+) -> std::io::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| keep(path))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
 /// Why the configured plugins could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
