@@ -25,7 +25,7 @@ fn qemu_config(env: &TestEnv, ws: &support::Workspace, plugin: &str) -> String {
         "plugins = [{plugin:?}]\nbackend = \"qemu\"\ntransport = \"ssh\"\nstate_dir = {state:?}\n\n\
          [backends.qemu]\naccel = \"tcg\"\nbase_image = {base:?}\nimages_dir = {images:?}\nvcpus = 1\nmemory_mib = 512\n\
          kernel = {kernel:?}\ninitrd = {initrd:?}\ncmdline = {cmdline:?}\n\n\
-         [transports.ssh]\nuser = {user:?}\nidentity_file = {identity:?}\nknown_hosts = {known:?}\nconnect_timeout_secs = 2\n",
+         [transports.ssh]\nuser = {user:?}\nidentity_file = {identity:?}\nknown_hosts = {known:?}\n",
         state = ws.state_dir.display().to_string(),
         base = env.base_image.display().to_string(),
         images = ws.images_dir.display().to_string(),

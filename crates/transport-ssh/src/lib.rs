@@ -239,6 +239,19 @@ impl SshTransport {
     }
 }
 
+/// The time one readiness attempt may take: short at first, doubling up to
+/// `connect_timeout`. Some port forwarders (QEMU user-mode networking) accept the TCP
+/// connection before the guest listens and then stall it for seconds; a short first attempt
+/// gives up on such a connection quickly, while a slow but live guest still gets the full
+/// timeout after a few attempts.
+pub fn attempt_timeout(attempt: u32, connect_timeout: Duration, remaining: Duration) -> Duration {
+    let grown = Duration::from_secs(2).saturating_mul(1u32 << attempt.min(16));
+    grown
+        .min(connect_timeout)
+        .min(remaining)
+        .max(Duration::from_millis(100))
+}
+
 fn warn_insecure_once() {
     static WARNED: Once = Once::new();
     WARNED.call_once(|| {
@@ -268,11 +281,11 @@ impl Transport for SshTransport {
     ) -> Result<(), PluginError> {
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut attempts = 0u32;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let attempt_timeout = remaining
-                .min(self.config.connect_timeout)
-                .max(Duration::from_millis(100));
+            let attempt_timeout = attempt_timeout(attempts, self.config.connect_timeout, remaining);
+            attempts = attempts.saturating_add(1);
             let attempt = self
                 .open_session(endpoint, attempt_timeout)
                 .and_then(|session| Self::probe(&session));
@@ -580,6 +593,28 @@ mod tests {
 
         assert!(rest.is_empty(), "{pid_line}");
         assert!(capture.pid().is_some_and(|pgid| pgid > 1), "{pid_line}");
+    }
+
+    #[test]
+    fn readiness_attempts_start_short_and_grow_to_the_connect_timeout() {
+        let timeouts: Vec<u64> = (0..5)
+            .map(|n| {
+                attempt_timeout(n, Duration::from_secs(10), Duration::from_secs(300)).as_secs()
+            })
+            .collect();
+
+        assert_eq!(timeouts, vec![2, 4, 8, 10, 10]);
+    }
+
+    #[test]
+    fn a_readiness_attempt_never_outlasts_the_deadline() {
+        let timeout = attempt_timeout(3, Duration::from_secs(10), Duration::from_millis(700));
+
+        assert_eq!(timeout, Duration::from_millis(700));
+        assert_eq!(
+            attempt_timeout(0, Duration::from_secs(10), Duration::ZERO),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]
