@@ -18,26 +18,6 @@ printf 'int main(void) { return 0; }\n' > main.c
 echo "checksum of the sources: $(cat main.c build.sh | sha256sum | cut -c1-16)"
 "#;
 
-/// With `HYPERJOB_DEMO_BACKEND=qemu`: the config that selects the direct-QEMU backend, loaded
-/// from the plugin library named by `HYPERJOB_QEMU_PLUGIN`.
-fn qemu_config(env: &TestEnv, ws: &support::Workspace, plugin: &str) -> String {
-    format!(
-        "plugins = [{plugin:?}]\nbackend = \"qemu\"\ntransport = \"ssh\"\nstate_dir = {state:?}\n\n\
-         [backends.qemu]\naccel = \"tcg\"\nbase_image = {base:?}\nimages_dir = {images:?}\nvcpus = 1\nmemory_mib = 512\n\
-         kernel = {kernel:?}\ninitrd = {initrd:?}\ncmdline = {cmdline:?}\n\n\
-         [transports.ssh]\nuser = {user:?}\nidentity_file = {identity:?}\nknown_hosts = {known:?}\n",
-        state = ws.state_dir.display().to_string(),
-        base = env.base_image.display().to_string(),
-        images = ws.images_dir.display().to_string(),
-        kernel = env.kernel.display().to_string(),
-        initrd = env.initrd.display().to_string(),
-        cmdline = env.cmdline,
-        user = env.guest_user,
-        identity = env.identity_file.display().to_string(),
-        known = env.known_hosts.display().to_string(),
-    )
-}
-
 fn main() -> ExitCode {
     let env = TestEnv::load();
     let ws = env.workspace("demo");
@@ -52,7 +32,7 @@ fn main() -> ExitCode {
     // host's loopback at 10.0.2.2.
     let (bind_ip, guest_sees_host) = match &qemu_plugin {
         Some(plugin) => {
-            ws.write_config(&qemu_config(&env, &ws, plugin));
+            ws.write_config(&ws.qemu_config(std::path::Path::new(plugin)));
             ("127.0.0.1".to_string(), "10.0.2.2".to_string())
         }
         None => (env.bridge_ip.clone(), env.bridge_ip.clone()),

@@ -38,55 +38,17 @@ fn plugin_library() -> PathBuf {
     path
 }
 
-/// A hyperjob config for the qemu backend from the plugin: TCG guests from the test image,
-/// everything the VM owns in the workspace's images dir.
-fn qemu_config(env: &TestEnv, ws: &Workspace) -> String {
-    format!(
-        r#"plugins = ["{plugin}"]
-backend = "qemu"
-transport = "ssh"
-state_dir = "{state}"
-
-[backends.qemu]
-accel = "tcg"
-base_image = "{base}"
-images_dir = "{images}"
-vcpus = 1
-memory_mib = 512
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{cmdline}"
-
-[transports.ssh]
-user = "{user}"
-identity_file = "{identity}"
-known_hosts = "{known_hosts}"
-ready_timeout_secs = 180
-connect_timeout_secs = 2
-"#,
-        plugin = plugin_library().display(),
-        state = ws.state_dir.display(),
-        base = env.base_image.display(),
-        images = ws.images_dir.display(),
-        kernel = env.kernel.display(),
-        initrd = env.initrd.display(),
-        cmdline = env.cmdline,
-        user = env.guest_user,
-        identity = env.identity_file.display(),
-        known_hosts = env.known_hosts.display(),
-    )
-}
-
 fn workspace(env: &TestEnv, name: &str) -> Workspace {
     let ws = env.workspace(name);
-    ws.write_config(&qemu_config(env, &ws));
+    ws.write_config(&ws.qemu_config(&plugin_library()));
     ws
 }
 
 /// The qemu config for the cloud-init image with `guest_keys = "per-job"`: no client key and
 /// no known_hosts, the seed brings the job's own.
 fn per_job_keys_config(env: &TestEnv, ws: &Workspace) -> String {
-    let config = qemu_config(env, ws)
+    let config = ws
+        .qemu_config(&plugin_library())
         .replacen(
             "transport = \"ssh\"\n",
             "transport = \"ssh\"\nguest_keys = \"per-job\"\n",

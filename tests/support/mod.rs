@@ -177,6 +177,46 @@ ready_timeout_secs = 180
         )
     }
 
+    /// A config for the direct-QEMU backend loaded from the plugin library `plugin`: TCG guests
+    /// from the test image, everything the VM owns in the workspace's images dir.
+    pub fn qemu_config(&self, plugin: &Path) -> String {
+        let env = &self.env;
+        format!(
+            r#"plugins = ["{plugin}"]
+backend = "qemu"
+transport = "ssh"
+state_dir = "{state}"
+
+[backends.qemu]
+accel = "tcg"
+base_image = "{base}"
+images_dir = "{images}"
+vcpus = 1
+memory_mib = 512
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{cmdline}"
+
+[transports.ssh]
+user = "{user}"
+identity_file = "{identity}"
+known_hosts = "{known_hosts}"
+ready_timeout_secs = 180
+connect_timeout_secs = 2
+"#,
+            plugin = plugin.display(),
+            state = self.state_dir.display(),
+            base = env.base_image.display(),
+            images = self.images_dir.display(),
+            kernel = env.kernel.display(),
+            initrd = env.initrd.display(),
+            cmdline = env.cmdline,
+            user = env.guest_user,
+            identity = env.identity_file.display(),
+            known_hosts = env.known_hosts.display(),
+        )
+    }
+
     /// The default config, booting the image's own bootloader instead of a kernel file.
     pub fn bootloader_config(&self) -> String {
         let env = &self.env;
