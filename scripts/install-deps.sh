@@ -28,7 +28,8 @@ apt_get install -qq --no-install-recommends -t "${codename}-backports" \
     libvirt-clients libvirt-dev mmdebstrap >/dev/null
 # iptables: the firewall backend libvirt's network driver picks first (network.conf) for the
 # NAT network inside the test namespace; dnsmasq-base: its DHCP server; iproute2: `ip netns`;
-# util-linux: flock. git: also the host side of the tests (`git daemon`).
+# util-linux: flock. git: also the host side of the tests (`git daemon`). strace: the secrets
+# test records every exec of the driver and its children.
 # syslinux, syslinux-common, mtools, dosfstools, fdisk (sfdisk): the guest image's bootable
 # variant (MBR + FAT boot partition + SYSLINUX), assembled from plain files without mounting.
 # genisoimage (xorriso as the fallback): cloud-init NoCloud seeds, ISO9660 images labelled
@@ -36,6 +37,6 @@ apt_get install -qq --no-install-recommends -t "${codename}-backports" \
 # -rock user-data meta-data`, or `xorriso -as mkisofs` with the same flags).
 apt_get install -qq --no-install-recommends \
     libssh2-1-dev libssl-dev pkg-config e2fsprogs openssh-client iproute2 dnsmasq-base \
-    iptables util-linux git ca-certificates procps \
+    iptables util-linux git ca-certificates procps strace \
     syslinux syslinux-common mtools dosfstools fdisk genisoimage xorriso >/dev/null
 echo "install-deps.sh: packages installed"

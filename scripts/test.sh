@@ -21,7 +21,19 @@ hj_start_session
 export HYPERJOB_BIN="$root/target/debug/hyperjob"
 # Built by `cargo build --workspace` above: the direct-QEMU backend, as a shared-library plugin.
 export HYPERJOB_QEMU_PLUGIN="$root/target/debug/libhyperjob_backend_qemu.so"
+# The runner's per-job temporary files (the harness's custom-executor* dirs with the
+# response file) go to a directory of this run's own, so the leak check can see every one.
+HYPERJOB_TEST_TMPDIR=$(mktemp -d /tmp/hyperjob-test-tmp.XXXXXX)
+chmod 0755 "$HYPERJOB_TEST_TMPDIR"
+export HYPERJOB_TEST_TMPDIR TMPDIR=$HYPERJOB_TEST_TMPDIR
 started=$(date +%s)
-scripts/testenv.sh exec cargo test --workspace --locked --offline --no-fail-fast -- "$@"
-echo "test.sh: cargo test took $(( $(date +%s) - started )) s"
-scripts/leak-check.sh
+rc=0
+scripts/testenv.sh exec cargo test --workspace --locked --offline --no-fail-fast -- "$@" || rc=$?
+echo "test.sh: cargo test took $(( $(date +%s) - started )) s (exit $rc)"
+# The leak check runs whatever the tests did, and a leak fails the run even when they passed.
+scripts/leak-check.sh || rc=1
+rm -rf -- "$HYPERJOB_TEST_TMPDIR"
+if [ "$rc" -ne 0 ]; then
+    echo "test.sh: FAILED" >&2
+fi
+exit "$rc"

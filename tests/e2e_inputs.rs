@@ -81,6 +81,8 @@ fn unreachable_libvirtd_fails_prepare_with_a_reason_and_leaves_nothing() {
     system_failure(&report);
     assert_eq!(report.invocations_of("prepare").len(), 3);
     let errors = driver_errors(&report);
+    // One error line per attempt: `all` below must not pass on an empty list.
+    assert_eq!(errors.len(), 3, "{}", report.log_text());
     assert!(
         errors.iter().all(|e| e.contains(
             "cannot connect to libvirt at qemu:///system?socket=/nonexistent/libvirt-sock"
@@ -291,48 +293,222 @@ fn processes_with_in_argv(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// Watches the guest for the whole job: over a separate SSH connection (started as soon as
+/// prepare recorded the guest's address), sweeps every process's argv in the guest for the
+/// secret, which it reads from stdin so that it never sits on a command line itself.
+struct GuestSampler {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// The sampler, in the guest's bash. Reads the secret and a harmless canary from stdin;
+/// prints `up`, then `sweep N` after every pass over /proc, `HIT <file>` for an argument
+/// carrying the secret and `CANARY` for one carrying the canary (which the job puts on a
+/// command line on purpose: proof that the sampler sees the job's processes). Builtins only.
+const SAMPLER: &str = r#"IFS= read -r secret; IFS= read -r canary; echo up; n=0
+while :; do
+  for f in /proc/[0-9]*/cmdline; do
+    { while IFS= read -r -d '' arg; do case "$arg" in *"$secret"*) echo "HIT $f";; *"$canary"*) echo CANARY;; esac; done < "$f"; } 2>/dev/null
+  done
+  n=$((n + 1)); echo "sweep $n"
+done"#;
+
+impl GuestSampler {
+    fn start(env: &TestEnv, host: &str, secret: &str, canary: &str) -> Self {
+        use std::io::{BufRead, Write};
+        let mut child = Command::new("ssh")
+            .args(["-i", env.identity_file.to_str().expect("utf-8")])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", env.known_hosts.display()))
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+            .args(["-o", "ConnectTimeout=30"])
+            .arg(format!("{}@{host}", env.guest_user))
+            .arg(format!("bash -c '{}'", SAMPLER.replace('\'', r"'\''")))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start ssh");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{secret}\n{canary}").expect("send the secret to the sampler");
+        // Kept open: the sampler ends with the VM (or when the test kills ssh).
+        std::mem::forget(stdin);
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Stops the sampler (our own ssh child, by pid) and returns everything it printed.
+    fn finish(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lines.try_iter().collect()
+    }
+}
+
+/// The guest address prepare recorded, once the job's state says it is ready.
+fn ready_guest_host(ws: &Workspace, job_id: i64) -> Option<String> {
+    let text = fs::read_to_string(ws.state_dir.join(format!("job-{job_id}.json"))).ok()?;
+    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+    (state["phase"] == "ready")
+        .then(|| state["endpoint"]["host"].as_str().map(str::to_string))
+        .flatten()
+}
+
+/// A driver wrapper that records every exec of the driver and its children with strace, and
+/// holds each `run` until the guest-side sampler is up (so it sees every stage).
+fn traced_driver(env: &TestEnv, ws: &Workspace, trace_dir: &Path, ready: &Path) -> Driver {
+    let strace = ["/usr/bin/strace", "/bin/strace"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .expect("strace is installed (scripts/install-deps.sh)");
+    let wrapper = ws.dir.join("traced-hyperjob");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = run ]; then\n\
+             \x20 i=0; while [ ! -e '{ready}' ] && [ $i -lt 6000 ]; do sleep 0.05; i=$((i + 1)); done\n\
+             fi\n\
+             exec {strace} -f -qq -e trace=execve,execveat -s 65536 -ff -o '{trace}/exec' '{hyperjob}' \"$@\"\n",
+            ready = ready.display(),
+            trace = trace_dir.display(),
+            hyperjob = env.hyperjob.display(),
+        ),
+    )
+    .expect("write wrapper");
+    fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod wrapper");
+    Driver::single_binary(&wrapper)
+        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+}
+
 #[test]
 fn secrets_stay_out_of_argv_logs_and_readable_guest_files() {
     let env = TestEnv::load();
     let ws = env.workspace("secrets");
     let id = unique_job_id();
     let secret = format!("hj-secret-{id}-value");
+    let canary = format!("hj-canary-{id}");
     let mut job = job(
         id,
         &[
-            // Builtins only: the check itself must not put the secret on a command line.
-            "found=0; for f in /proc/[0-9]*/cmdline; do { while IFS= read -r -d '' arg; do case \"$arg\" in *\"$MASKED_VAR\"*) found=1;; esac; done < \"$f\"; } 2>/dev/null; done; echo \"guest argv carries secret: $found\"",
             "echo \"file variable mode: $(stat -c %a \"$FILE_VAR\")\"",
-            "sleep 3",
+            // Long enough for the sampler to sweep the guest while it runs; the canary sits in
+            // argv on purpose.
+            &format!("sh -c 'sleep 3' {canary}"),
         ],
     );
+    job.after_script = vec!["echo after-script-ran".to_string()];
     job.variables
         .push(JobVariable::masked("MASKED_VAR", &secret));
     job.variables.push(JobVariable::file(
         "FILE_VAR",
         &format!("file content {secret}"),
     ));
+    let trace_dir = ws.dir.join("trace");
+    fs::create_dir_all(&trace_dir).expect("trace dir");
+    let ready = ws.dir.join("sampler-up");
     let watching = AtomicBool::new(true);
 
-    let (report, host_hits) = thread::scope(|scope| {
+    let (report, host_hits, sampler) = thread::scope(|scope| {
         let watcher = scope.spawn(|| {
             let mut hits = Vec::new();
             while watching.load(Ordering::Relaxed) {
                 hits.extend(processes_with_in_argv(&secret));
-                thread::sleep(Duration::from_millis(50));
+                thread::sleep(Duration::from_millis(20));
             }
             hits
         });
-        let report = run_job(&driver(&env, &ws), &job, &settings(1));
+        let starter = scope.spawn(|| {
+            let host = loop {
+                if let Some(host) = ready_guest_host(&ws, id) {
+                    break Some(host);
+                }
+                if !watching.load(Ordering::Relaxed) {
+                    break None;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }?;
+            let sampler = GuestSampler::start(&env, &host, &secret, &canary);
+            match sampler.lines.recv_timeout(Duration::from_secs(300)) {
+                Ok(line) if line == "up" => fs::write(&ready, "").expect("mark sampler up"),
+                other => panic!("the guest sampler did not start: {other:?}"),
+            }
+            Some(sampler)
+        });
+        let report = run_job(
+            &traced_driver(&env, &ws, &trace_dir, &ready),
+            &job,
+            &settings(1),
+        );
         watching.store(false, Ordering::Relaxed);
-        (report, watcher.join().expect("watcher"))
+        let sampler = starter.join().expect("sampler starter");
+        (report, watcher.join().expect("watcher"), sampler)
     });
 
     let log = report.log_text();
     assert_eq!(report.result, JobResult::Success, "{log}");
     assert!(host_hits.is_empty(), "secret in host argv: {host_hits:?}");
-    assert!(log.contains("guest argv carries secret: 0"), "{log}");
+
+    // The guest, sampled from before the first stage until the VM was gone.
+    let sampled = sampler
+        .expect("prepare never recorded a ready guest")
+        .finish();
+    let sweeps = sampled.iter().filter(|l| l.starts_with("sweep ")).count();
+    let guest_hits: Vec<_> = sampled.iter().filter(|l| l.starts_with("HIT ")).collect();
+    println!("guest sampler: {sweeps} sweeps of every process's argv over the whole job");
+    assert!(
+        guest_hits.is_empty(),
+        "secret in guest argv: {guest_hits:?}"
+    );
+    assert!(sweeps >= 3, "the sampler hardly ran: {sampled:?}");
+    assert!(
+        sampled.iter().any(|l| l == "CANARY"),
+        "the sampler never saw the job's own command line: {sampled:?}"
+    );
+
+    // Every exec of the driver and of everything it started, for every stage.
+    let mut execs = Vec::new();
+    for file in list_dir(&trace_dir) {
+        let text = fs::read_to_string(trace_dir.join(&file)).expect("trace");
+        execs.extend(
+            text.lines()
+                .filter(|line| line.starts_with("execve"))
+                .map(str::to_string),
+        );
+        fs::remove_file(trace_dir.join(&file)).expect("remove trace");
+    }
+    fs::remove_dir(&trace_dir).expect("remove trace dir");
+    fs::remove_file(&ready).expect("remove marker");
+    fs::remove_file(ws.dir.join("traced-hyperjob")).expect("remove wrapper");
+    let hyperjob_runs = execs
+        .iter()
+        .filter(|line| line.contains(&format!("\"{}\"", env.hyperjob.display())))
+        .count();
+    println!("strace: {} execs, {hyperjob_runs} of hyperjob", execs.len());
+    // config, prepare, one run per stage (at least 5 here), cleanup.
+    assert!(hyperjob_runs >= 8, "{execs:#?}");
+    assert!(
+        execs.iter().any(|line| line.contains("qemu-img")),
+        "strace did not follow the driver's children: {execs:#?}"
+    );
+    let leaked: Vec<_> = execs.iter().filter(|line| line.contains(&secret)).collect();
+    assert!(leaked.is_empty(), "secret in an exec's argv: {leaked:#?}");
+
     assert!(log.contains("file variable mode: 600"), "{log}");
+    assert!(log.contains("after-script-ran"), "{log}");
     assert!(
         !log.contains(&secret),
         "the job never prints it, so nobody else may: {log}"

@@ -325,14 +325,25 @@ fn unknown_config_key_fails_config_exec_naming_key_and_file() {
     assert!(log.contains(&ws.config_path.display().to_string()), "{log}");
 }
 
+/// When the job log line containing `needle` arrived (panics if there is none).
+fn line_at(report: &JobReport, needle: &str) -> std::time::Instant {
+    report
+        .log
+        .iter()
+        .find(|line| line.text.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in the job log:\n{}", report.log_text()))
+        .at
+}
+
 #[test]
 fn guest_whose_ssh_never_answers_fails_prepare_within_ready_timeout_and_is_removed() {
     let env = TestEnv::load();
     let ws = env.workspace("never-ready");
-    // Nothing listens on this port in the guest.
+    // Nothing listens on this port in the guest. The timeout leaves room for the guest to get
+    // its address even with four TCG guests on two cores, so what expires is the SSH wait.
     ws.write_config(&ws.default_config().replace(
         "ready_timeout_secs = 180",
-        "ready_timeout_secs = 25\nport = 2222",
+        "ready_timeout_secs = 90\nport = 2222",
     ));
     let id = unique_job_id();
     let job = Job::new(id, "group/p", "", "", &["true"]);
@@ -346,12 +357,24 @@ fn guest_whose_ssh_never_answers_fails_prepare_within_ready_timeout_and_is_remov
     let message = system_failure_message(&report);
     let prepare = report.invocations_of("prepare");
     assert_eq!(prepare.len(), 1, "{message}");
+    let log = report.log_text();
     assert!(
-        prepare[0].duration < Duration::from_secs(25 + 15),
-        "prepare took {:?}",
+        prepare[0].duration < Duration::from_secs(90 + 30),
+        "prepare took {:?}: {log}",
         prepare[0].duration
     );
-    let log = report.log_text();
+    // The guest had its address: the time ran out in the SSH wait, not before it.
+    let address_found = line_at(&report, "Guest address ");
+    println!(
+        "address after {:.1} s; prepare gave up {:.1} s later",
+        address_found
+            .saturating_duration_since(prepare[0].started)
+            .as_secs_f64(),
+        prepare[0]
+            .ended
+            .saturating_duration_since(address_found)
+            .as_secs_f64()
+    );
     assert!(log.contains("timed out after"), "{log}");
     assert!(log.contains("waiting for SSH at"), "{log}");
     ws.assert_nothing_left(&vm_name(id));
@@ -385,6 +408,20 @@ fn guest_with_an_unpinned_host_key_is_refused_at_once() {
     assert!(
         log.contains(&format!("is not in {}", pinned.display())),
         "{log}"
+    );
+    // At once: after the first handshake, not after retrying until ready_timeout (180 s).
+    let prepare = report.invocations_of("prepare");
+    assert_eq!(prepare.len(), 1, "{log}");
+    let refused_after = prepare[0]
+        .ended
+        .saturating_duration_since(line_at(&report, "Guest address "));
+    println!(
+        "host key refused {:.2} s after the guest had its address",
+        refused_after.as_secs_f64()
+    );
+    assert!(
+        refused_after < Duration::from_secs(30),
+        "refusal took {refused_after:?}: {log}"
     );
     assert!(log.contains("SHA256:"), "{log}");
     assert!(report.run_stages().is_empty());

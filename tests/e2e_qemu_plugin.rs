@@ -15,7 +15,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
-use support::{list_dir, qemu_processes_of, unique_job_id, GitServer, TestEnv, Workspace};
+use support::{
+    list_dir, qemu_processes_of, unique_job_id, wait_until, GitServer, TestEnv, Workspace,
+};
 
 /// The guest reaches the host's loopback at this address (QEMU user networking).
 const HOST_FROM_GUEST: &str = "10.0.2.2";
@@ -311,24 +313,27 @@ fn prepare_killed_mid_boot_leaves_a_qemu_that_cleanup_removes() {
     let mut prepare = Stage::new(&env, &ws, id, &["prepare"]);
     let mut child = prepare
         .command
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("start prepare");
-    // Kill it once QEMU runs (its pid is recorded) and the guest is still booting.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let recorded = fs::read_to_string(&record).unwrap_or_default();
-        if recorded.contains("\"pid\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "QEMU never started: {recorded}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    // Kill it as soon as QEMU runs (its pid is recorded): the guest is booting.
+    wait_until("QEMU's pid in the record", Duration::from_secs(300), || {
+        fs::read_to_string(&record).is_ok_and(|recorded| recorded.contains("\"pid\""))
+    });
     child.kill().expect("SIGKILL prepare");
     let status = child.wait().expect("wait prepare");
+    let mut progress = String::new();
+    std::io::Read::read_to_string(
+        &mut child.stdout.take().expect("prepare's stdout"),
+        &mut progress,
+    )
+    .expect("read prepare's output");
     drop(prepare.tmp);
+    assert!(
+        !progress.contains("Guest ready"),
+        "the kill came after the boot: {progress}"
+    );
 
     let orphaned = qemu_processes_of(&vm);
     let mode = fs::metadata(&record).map(|m| m.permissions().mode() & 0o777);

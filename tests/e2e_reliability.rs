@@ -12,7 +12,10 @@ use hyperjob_test_harness::{
     run_job, Driver, ExecutorSession, ExitInfo, Invocation, Job, JobResult, JobVariable,
     RunnerSettings, RunningInvocation, Stage, Step,
 };
-use support::{list_dir, qemu_processes_of, unique_job_id, virsh, TestEnv, Workspace};
+use support::{
+    domain_exists, list_dir, qemu_processes_of, session_log, unique_job_id, virsh, wait_for_log,
+    wait_until, TestEnv, Workspace,
+};
 
 const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
@@ -55,26 +58,30 @@ fn prepared(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
 }
 
 fn log_text(session: &ExecutorSession) -> String {
-    session
-        .log()
-        .iter()
-        .map(|line| line.text.as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
+    session_log(session)
 }
 
-/// Sends `signal` to the driver's process group after `delay`; returns the finished
-/// invocation and how long it took to exit after the signal.
-fn signal_after(
-    running: RunningInvocation,
-    delay: Duration,
-    signal: i32,
-) -> (Invocation, Duration) {
-    thread::sleep(delay);
+/// Generous bounds: four TCG guests may share the two cores of a test machine.
+const LOG_WAIT: Duration = Duration::from_secs(300);
+
+/// Sends `signal` to the driver's process group now; returns the finished invocation and how
+/// long it took to exit after the signal.
+fn signal_now(running: RunningInvocation, signal: i32) -> (Invocation, Duration) {
     let sent = Instant::now();
     let _ = running.signal_group(signal);
     let invocation = running.wait();
     (invocation, sent.elapsed())
+}
+
+fn state_file(ws: &Workspace, job_id: i64) -> std::path::PathBuf {
+    ws.state_dir.join(format!("job-{job_id}.json"))
+}
+
+/// The `phase` prepare recorded in the job's state file, if there is a readable one.
+fn recorded_phase(ws: &Workspace, job_id: i64) -> Option<String> {
+    let text = std::fs::read_to_string(state_file(ws, job_id)).ok()?;
+    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+    state["phase"].as_str().map(str::to_string)
 }
 
 #[test]
@@ -90,18 +97,24 @@ fn sigterm_during_run_stops_the_remote_process_tree_promptly() {
             "sleep 300",
         ],
     );
+    // The guest-side helper sends SIGKILL one second after SIGTERM: the check waits (up to
+    // 30 s) for the job's processes to be gone rather than for a fixed time.
     job.steps.push(Step::new(
         "check",
-        &["if kill -0 \"$(cat /tmp/background.pid)\" 2>/dev/null; then echo background-survived; exit 3; fi", "if pgrep -x sleep; then echo sleep-survived; exit 4; fi", "echo no-job-process-left"],
+        &[
+            "for i in $(seq 300); do kill -0 \"$(cat /tmp/background.pid)\" 2>/dev/null || pgrep -x sleep >/dev/null || break; sleep 0.1; done",
+            "if kill -0 \"$(cat /tmp/background.pid)\" 2>/dev/null; then echo background-survived; exit 3; fi",
+            "if pgrep -x sleep; then echo sleep-survived; exit 4; fi",
+            "echo no-job-process-left",
+        ],
     ));
     let session = prepared(&env, &ws, &job);
     let running = session
         .spawn_stage(&Stage::UserStep("script".into()))
         .expect("start build_script");
+    wait_for_log(&session, "started", LOG_WAIT);
 
-    let (invocation, took) = signal_after(running, Duration::from_secs(3), SIGTERM);
-    // The helper in the guest sends SIGKILL one second after SIGTERM; give it that second.
-    thread::sleep(Duration::from_secs(2));
+    let (invocation, took) = signal_now(running, SIGTERM);
     let check = session
         .run_stage(&Stage::UserStep("check".into()))
         .expect("run step_check");
@@ -111,11 +124,10 @@ fn sigterm_during_run_stops_the_remote_process_tree_promptly() {
         took.as_secs_f64()
     );
     let log = log_text(&session);
-    assert!(log.contains("started"), "{log}");
     // hyperjob handled the signal and exited as a system failure (it was not killed).
     assert_eq!(invocation.exit, ExitInfo::Exited(2), "{log}");
     assert!(
-        took < Duration::from_secs(10),
+        took < Duration::from_secs(30),
         "run ignored SIGTERM for {took:?}"
     );
     assert!(check.is_some_and(|c| c.error.is_none()), "{log}");
@@ -132,13 +144,18 @@ fn sigterm_during_prepare_removes_everything_it_created() {
     let job = job(id, &["true"]);
     let session = session(&env, &ws, &job);
     let running = session.spawn_prepare().expect("start prepare");
+    // The domain exists once prepare waits for its address: there is something to remove.
+    wait_for_log(&session, "Waiting for the guest address", LOG_WAIT);
+    assert!(domain_exists(&env.libvirt_uri, &vm_name(id)));
 
-    let (invocation, took) = signal_after(running, Duration::from_secs(4), SIGTERM);
+    let (invocation, took) = signal_now(running, SIGTERM);
 
     println!("prepare exited {:.2} s after SIGTERM", took.as_secs_f64());
-    assert_eq!(invocation.exit, ExitInfo::Exited(2));
+    let log = log_text(&session);
+    assert!(!log.contains("Guest ready"), "SIGTERM came too late: {log}");
+    assert_eq!(invocation.exit, ExitInfo::Exited(2), "{log}");
     assert!(
-        took < Duration::from_secs(15),
+        took < Duration::from_secs(60),
         "prepare ignored SIGTERM for {took:?}"
     );
     // prepare itself removed the VM: nothing is left even before cleanup runs.
@@ -146,15 +163,54 @@ fn sigterm_during_prepare_removes_everything_it_created() {
     session.cleanup();
 }
 
-fn sigkill_prepare_then_cleanup(name: &str, delay: Duration) {
+/// Where prepare is when the test SIGKILLs it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum KillPoint {
+    /// The state record exists (phase `creating`); the VM is still being created.
+    Creating,
+    /// The domain exists and prepare waits for the guest.
+    Booting,
+}
+
+fn sigkill_prepare_then_cleanup(name: &str, point: KillPoint) {
     let env = TestEnv::load();
     let ws = env.workspace(name);
     let id = unique_job_id();
     let job = job(id, &["true"]);
     let session = session(&env, &ws, &job);
     let running = session.spawn_prepare().expect("start prepare");
+    match point {
+        KillPoint::Creating => {
+            wait_until("the state record", LOG_WAIT, || {
+                recorded_phase(&ws, id).is_some()
+            });
+        }
+        KillPoint::Booting => {
+            wait_for_log(&session, "Waiting for the guest address", LOG_WAIT);
+        }
+    }
 
-    let (invocation, _) = signal_after(running, delay, SIGKILL);
+    let (invocation, _) = signal_now(running, SIGKILL);
+    let log = log_text(&session);
+    // The kill really hit the phase it is named after.
+    assert_eq!(
+        recorded_phase(&ws, id).as_deref(),
+        Some("creating"),
+        "{log}"
+    );
+    match point {
+        KillPoint::Creating => assert!(
+            !log.contains("Waiting for the guest address"),
+            "the VM was already created when the kill arrived: {log}"
+        ),
+        KillPoint::Booting => {
+            assert!(
+                !log.contains("Guest address"),
+                "the guest had booted: {log}"
+            );
+            assert!(domain_exists(&env.libvirt_uri, &vm_name(id)), "{log}");
+        }
+    }
     let cleanup = session.cleanup().expect("cleanup_exec ran");
 
     assert_eq!(invocation.exit, ExitInfo::Signaled(SIGKILL));
@@ -168,12 +224,12 @@ fn sigkill_prepare_then_cleanup(name: &str, delay: Duration) {
 
 #[test]
 fn sigkill_of_prepare_while_creating_the_vm_then_cleanup_leaves_nothing() {
-    sigkill_prepare_then_cleanup("sigkill-prepare-create", Duration::from_millis(150));
+    sigkill_prepare_then_cleanup("sigkill-prepare-create", KillPoint::Creating);
 }
 
 #[test]
 fn sigkill_of_prepare_while_the_guest_boots_then_cleanup_leaves_nothing() {
-    sigkill_prepare_then_cleanup("sigkill-prepare-boot", Duration::from_secs(4));
+    sigkill_prepare_then_cleanup("sigkill-prepare-boot", KillPoint::Booting);
 }
 
 #[test]
@@ -186,8 +242,9 @@ fn sigkill_of_run_then_cleanup_leaves_nothing() {
     let running = session
         .spawn_stage(&Stage::UserStep("script".into()))
         .expect("start build_script");
+    wait_for_log(&session, "started", LOG_WAIT);
 
-    let (invocation, _) = signal_after(running, Duration::from_secs(2), SIGKILL);
+    let (invocation, _) = signal_now(running, SIGKILL);
     let log = log_text(&session);
     let cleanup = session.cleanup().expect("cleanup_exec ran");
 
@@ -210,11 +267,11 @@ fn cleanup_while_a_run_is_still_running_removes_everything_and_the_run_fails() {
     let running = session
         .spawn_stage(&Stage::UserStep("script".into()))
         .expect("start build_script");
-    thread::sleep(Duration::from_secs(2));
+    wait_for_log(&session, "started", LOG_WAIT);
 
     let cleanup = session.cleanup().expect("cleanup_exec ran");
     let run = running
-        .wait_timeout(Duration::from_secs(120))
+        .wait_timeout(Duration::from_secs(300))
         .unwrap_or_else(|_| panic!("run did not end after its VM was destroyed"));
 
     assert!(
@@ -238,7 +295,9 @@ fn prepare_after_a_killed_attempt_starts_clean_and_the_job_runs() {
     let job = job(id, &["echo second attempt works"]);
     let first = session(&env, &ws, &job);
     let running = first.spawn_prepare().expect("start prepare");
-    let _ = signal_after(running, Duration::from_secs(4), SIGKILL);
+    wait_for_log(&first, "Waiting for the guest address", LOG_WAIT);
+    let _ = signal_now(running, SIGKILL);
+    assert!(domain_exists(&env.libvirt_uri, &vm_name(id)));
 
     // No cleanup in between: the next prepare must cope with the leftovers itself.
     let second = prepared(&env, &ws, &job);
@@ -269,8 +328,20 @@ fn hyperjob_gc(env: &TestEnv, ws: &Workspace, dry_run: bool) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The gc tests run one at a time. Each gc only judges VMs whose ownership record names its
+/// own state_dir (every workspace has its own), so they could not hit each other's or any
+/// other test's VMs anyway; serialising them keeps their reports about their own jobs only.
+static GC_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn gc_test_lock() -> std::sync::MutexGuard<'static, ()> {
+    GC_TESTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn gc_removes_a_job_whose_vm_died_and_keeps_a_live_one() {
+    let _serial = gc_test_lock();
     let env = TestEnv::load();
     let ws = env.workspace("gc-gone");
     let dead_id = unique_job_id();
@@ -311,6 +382,7 @@ fn gc_removes_a_job_whose_vm_died_and_keeps_a_live_one() {
 
 #[test]
 fn gc_removes_vms_past_their_deadline() {
+    let _serial = gc_test_lock();
     let env = TestEnv::load();
     let ws = env.workspace("gc-deadline");
     ws.write_config(&ws.default_config().replacen(
@@ -322,7 +394,16 @@ fn gc_removes_vms_past_their_deadline() {
     let mut job = job(id, &["true"]);
     job.timeout_secs = 1;
     let _session = prepared(&env, &ws, &job);
-    thread::sleep(Duration::from_secs(2));
+    let text = std::fs::read_to_string(state_file(&ws, id)).expect("state file");
+    let deadline = serde_json::from_str::<serde_json::Value>(&text).expect("state JSON")
+        ["deadline_unix"]
+        .as_u64()
+        .expect("deadline_unix");
+    wait_until(
+        "the job's deadline to pass",
+        Duration::from_secs(30),
+        || support::unix_now() > deadline,
+    );
 
     let report = hyperjob_gc(&env, &ws, false);
 
@@ -342,14 +423,18 @@ fn three_jobs_in_parallel_each_run_in_their_own_vm() {
     let reports: Vec<_> = thread::scope(|scope| {
         let handles: Vec<_> = ids
             .iter()
-            .map(|&id| {
+            .enumerate()
+            .map(|(slot, &id)| {
                 let driver = driver(&env, &ws);
                 scope.spawn(move || {
                     let job = job(
                         id,
-                        &["echo \"job $CI_JOB_ID ran in $(cat /proc/sys/kernel/random/boot_id)\""],
+                        &["echo \"job $CI_JOB_ID slot $CI_CONCURRENT_ID ran in $(cat /proc/sys/kernel/random/boot_id)\""],
                     );
-                    run_job(&driver, &job, &RunnerSettings::default())
+                    // As the runner does: every job running at once has its own concurrent id.
+                    let mut settings = RunnerSettings::default();
+                    settings.identity.concurrent_id = u32::try_from(slot).expect("slot");
+                    run_job(&driver, &job, &settings)
                 })
             })
             .collect();
@@ -360,12 +445,12 @@ fn three_jobs_in_parallel_each_run_in_their_own_vm() {
     });
 
     let mut boot_ids = Vec::new();
-    for (id, report) in ids.iter().zip(&reports) {
+    for (slot, (id, report)) in ids.iter().zip(&reports).enumerate() {
         let log = report.log_text();
         assert_eq!(report.result, JobResult::Success, "{log}");
         let line = log
             .lines()
-            .find(|l| l.starts_with(&format!("job {id} ran in ")))
+            .find(|l| l.starts_with(&format!("job {id} slot {slot} ran in ")))
             .unwrap_or_else(|| panic!("job {id} output missing: {log}"));
         boot_ids.push(line.rsplit(' ').next().expect("boot id").to_string());
         for other in ids.iter().filter(|other| *other != id) {

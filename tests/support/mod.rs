@@ -466,3 +466,61 @@ fn wait_for_port(ip: &str, port: u16) {
     }
     panic!("git daemon did not listen on {ip}:{port}");
 }
+
+/// Polls `condition` every few milliseconds until it holds; panics naming `what` after
+/// `timeout`. Returns how long it took. Tests wait for conditions, never for fixed times.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if condition() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "gave up after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The job log of `session` so far, one line per log line.
+pub fn session_log(session: &hyperjob_test_harness::ExecutorSession) -> String {
+    session
+        .log()
+        .iter()
+        .map(|line| line.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Waits until a line of the job log contains `needle` (what a running stage printed).
+pub fn wait_for_log(
+    session: &hyperjob_test_harness::ExecutorSession,
+    needle: &str,
+    timeout: Duration,
+) {
+    let started = Instant::now();
+    while !session.log().iter().any(|line| line.text.contains(needle)) {
+        assert!(
+            started.elapsed() < timeout,
+            "gave up after {timeout:?} waiting for {needle:?} in the job log:\n{}",
+            session_log(session)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether libvirt has a domain named `vm_name` (running or not) right now.
+pub fn domain_exists(uri: &str, vm_name: &str) -> bool {
+    virsh(uri, &["list", "--all", "--name"])
+        .lines()
+        .any(|line| line.trim() == vm_name)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
