@@ -67,14 +67,52 @@ mod tests {
     }
 
     #[test]
-    fn sleep_stops_at_once_when_cancelled() {
-        let mut backoff = Backoff::new(Duration::from_secs(10), Duration::from_secs(10));
+    fn sleep_stops_at_once_when_cancelled_before_it_starts() {
+        let mut backoff = Backoff::new(Duration::from_secs(600), Duration::from_secs(600));
         let cancel = AtomicBool::new(true);
         let started = Instant::now();
 
-        let keep_going = backoff.sleep(started + Duration::from_secs(10), &cancel);
+        let keep_going = backoff.sleep(started + Duration::from_secs(600), &cancel);
 
         assert!(!keep_going);
-        assert!(started.elapsed() < Duration::from_secs(1));
+        // "At once": far from the 600 s it would otherwise sleep, generous for a loaded host.
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn sleep_stops_soon_after_a_cancel_from_another_thread_arrives() {
+        const DELAY: Duration = Duration::from_millis(300);
+        let mut backoff = Backoff::new(Duration::from_secs(600), Duration::from_secs(600));
+        let cancel = AtomicBool::new(false);
+        let started = Instant::now();
+
+        let (keep_going, cancelled_at, returned_at) = std::thread::scope(|scope| {
+            let canceller = scope.spawn(|| {
+                // The cancel arrives while the sleep is under way: DELAY after it began.
+                std::thread::sleep(DELAY);
+                let at = Instant::now();
+                cancel.store(true, Ordering::Relaxed);
+                at
+            });
+            let keep_going = backoff.sleep(started + Duration::from_secs(600), &cancel);
+            let returned_at = Instant::now();
+            (
+                keep_going,
+                canceller.join().expect("canceller"),
+                returned_at,
+            )
+        });
+
+        assert!(!keep_going);
+        // It slept until the cancel came (it did not return early on its own)...
+        assert!(returned_at >= cancelled_at);
+        assert!(returned_at - started >= DELAY);
+        // ...and stopped soon after: its slices are 50 ms; the bound is generous for a
+        // loaded host and far below the 600 s it would otherwise sleep.
+        assert!(
+            returned_at - cancelled_at < Duration::from_secs(10),
+            "took {:?} after the cancel",
+            returned_at - cancelled_at
+        );
     }
 }

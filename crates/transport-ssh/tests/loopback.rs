@@ -2,7 +2,8 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -96,14 +97,31 @@ fn server_that_speaks_garbage_fails_the_handshake() {
     );
 }
 
+/// A loopback port that refuses connections for as long as the returned socket lives: bound
+/// by this test but never listening. Nobody else can bind or listen on it meanwhile (the socket
+/// has no SO_REUSEADDR), so it stays closed however many tests run in parallel.
+fn closed_port() -> (socket2::Socket, u16) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let port = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("inet")
+        .port();
+    (socket, port)
+}
+
 #[test]
 fn closed_port_times_out_naming_the_connection_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = transport(&dir);
-    let port = {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("addr").port()
-    };
+    let (_held, port) = closed_port();
+    let refused = std::net::TcpStream::connect(("127.0.0.1", port)).expect_err("closed");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     let started = Instant::now();
 
     let err = transport
@@ -114,31 +132,88 @@ fn closed_port_times_out_naming_the_connection_error() {
         )
         .expect_err("nobody listens");
 
+    assert!(matches!(err, PluginError::Timeout { .. }), "{err}");
     assert!(
         err.to_string().contains("TCP connection to 127.0.0.1"),
         "{err}"
     );
 }
 
+/// A server that accepts connections and never says anything; tells `accepted` of each.
+fn silent_server(accepted: mpsc::Sender<()>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in listener.incoming().flatten() {
+            open.push(stream);
+            if accepted.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    port
+}
+
 #[test]
 fn cancel_stops_the_wait_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let transport = transport(&dir);
-    let port = server(|stream| {
-        thread::sleep(Duration::from_secs(30));
-        drop(stream);
-    });
+    let (accepted, _) = mpsc::channel();
+    let port = silent_server(accepted);
     let cancel = AtomicBool::new(true);
     let started = Instant::now();
 
     let err = transport
         .wait_ready(
             &Endpoint::new("127.0.0.1", Some(port)),
-            started + Duration::from_secs(30),
+            started + Duration::from_secs(600),
             &cancel,
         )
         .expect_err("cancelled");
 
     assert!(matches!(err, PluginError::Interrupted(_)), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // Far below the 600 s deadline; generous for a loaded host.
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_cancel_arriving_during_the_wait_ends_it_soon_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = transport(&dir);
+    let (accepted, connections) = mpsc::channel();
+    let port = silent_server(accepted);
+    let cancel = AtomicBool::new(false);
+    let started = Instant::now();
+
+    let (result, cancelled_at, returned_at) = thread::scope(|scope| {
+        let cancel = &cancel;
+        let canceller = scope.spawn(move || {
+            // The wait is under way once the transport has connected to the server.
+            connections
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the transport connected");
+            let at = Instant::now();
+            cancel.store(true, Ordering::Relaxed);
+            at
+        });
+        let result = transport.wait_ready(
+            &Endpoint::new("127.0.0.1", Some(port)),
+            started + Duration::from_secs(600),
+            cancel,
+        );
+        let returned_at = Instant::now();
+        (result, canceller.join().expect("canceller"), returned_at)
+    });
+
+    let err = result.expect_err("cancelled");
+    assert!(matches!(err, PluginError::Interrupted(_)), "{err}");
+    assert!(returned_at >= cancelled_at);
+    // An SSH attempt runs for at most connect_timeout (1 s here) before the flag is looked at
+    // again; the bound is generous for a loaded host and far below the 600 s deadline.
+    assert!(
+        returned_at - cancelled_at < Duration::from_secs(20),
+        "took {:?} after the cancel",
+        returned_at - cancelled_at
+    );
 }

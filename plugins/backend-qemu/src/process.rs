@@ -163,17 +163,22 @@ mod sys {
     }
 }
 
+/// Stand-ins for a VM's QEMU in unit tests: real processes whose argv holds the VM's drive.
 #[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
+pub(crate) mod test_support {
+    use std::path::Path;
     use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
 
-    use super::*;
+    use super::is_our_qemu;
+    use crate::argv::overlay_drive;
 
     /// A real process whose argv holds `-drive <overlay drive>` like QEMU's: `sh` waiting on
-    /// its stdin with the drive as a positional argument (no child process of its own).
-    fn fake_qemu(overlay: &Path) -> Child {
-        Command::new("sh")
+    /// its stdin (held open by the returned `Child`) with the drive as a positional argument,
+    /// and no child process of its own. Returns once `/proc` shows that command line (spawn
+    /// returns right after fork, before the exec).
+    pub(crate) fn qemu_lookalike(overlay: &Path) -> Child {
+        let child = Command::new("sh")
             .arg("-c")
             .arg("read line")
             .arg("sh")
@@ -182,20 +187,34 @@ mod tests {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
-            .expect("spawn sh")
-    }
-
-    /// Waits until `/proc` shows the exec'd command line (spawn returns right after fork).
-    fn until_ours(pid: u32, overlay: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !is_our_qemu(pid, overlay) {
+            .expect("spawn sh");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_our_qemu(child.id(), overlay) {
             assert!(
                 Instant::now() < deadline,
-                "pid {pid} never looked like ours"
+                "pid {} never looked like ours",
+                child.id()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        child
     }
+
+    /// SIGKILLs and reaps a lookalike: afterwards it is really gone.
+    pub(crate) fn kill_and_reap(mut child: Child) {
+        use std::os::unix::process::ExitStatusExt;
+        child.kill().expect("kill");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::test_support::qemu_lookalike;
+    use super::*;
 
     #[test]
     fn argv_must_hold_exactly_our_drive_after_a_drive_flag() {
@@ -220,41 +239,53 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let overlay = dir.path().join("hyperjob-job-1.qcow2");
         let other = dir.path().join("hyperjob-job-2.qcow2");
-        let mut child = fake_qemu(&overlay);
+        let mut child = qemu_lookalike(&overlay);
         let pid = child.id();
-        until_ours(pid, &overlay);
 
+        // Really alive and really ours: our child, not exited, reachable through its pidfd.
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "exited early"
+        );
         assert!(!is_our_qemu(pid, &other));
         assert_eq!(find_our_qemus(&overlay), vec![pid]);
         assert!(OurQemu::open(pid, &other).expect("open").is_none());
         let ours = OurQemu::open(pid, &overlay)
             .expect("open")
             .expect("is ours");
-        assert!(!ours.wait_exit(Duration::from_millis(50)).expect("poll"));
+        assert_eq!(ours.pid, pid);
+        sys::pidfd_send_signal(&ours.pidfd, 0).expect("signal 0 reaches a live process");
+        assert!(!ours.wait_exit(Duration::ZERO).expect("poll"));
+        assert!(child.try_wait().expect("try_wait").is_none(), "exited");
+
         ours.kill().expect("kill");
-        assert!(ours.wait_exit(Duration::from_secs(5)).expect("poll"));
+        assert!(ours.wait_exit(Duration::from_secs(30)).expect("poll"));
         // Not reaped yet: a zombie, whose empty command line is nobody's QEMU.
         assert!(!is_our_qemu(pid, &overlay));
         ours.kill().expect("killing an exited process is fine");
         let status = child.wait().expect("wait");
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+
+        // Really gone: reaped. The pidfd names that very process, so a recycled pid cannot
+        // stand in for it.
+        let gone = sys::pidfd_send_signal(&ours.pidfd, 0).expect_err("reaped");
+        assert_eq!(gone.raw_os_error(), Some(libc::ESRCH));
         assert!(find_our_qemus(&overlay).is_empty());
+        assert!(OurQemu::open(pid, &overlay).expect("open").is_none());
     }
 
     #[test]
     fn a_process_of_another_vm_is_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let overlay = dir.path().join("hyperjob-job-1.qcow2");
-        let mut bystander = fake_qemu(&dir.path().join("hyperjob-job-10.qcow2"));
-        until_ours(bystander.id(), &dir.path().join("hyperjob-job-10.qcow2"));
+        let mut bystander = qemu_lookalike(&dir.path().join("hyperjob-job-10.qcow2"));
 
         let opened = OurQemu::open(bystander.id(), &overlay).expect("open");
 
         assert!(opened.is_none());
         assert!(bystander.try_wait().expect("try_wait").is_none(), "killed");
-        bystander.kill().expect("kill");
-        bystander.wait().expect("wait");
+        test_support::kill_and_reap(bystander);
     }
 
     #[test]
@@ -268,11 +299,35 @@ mod tests {
         assert!(!is_our_qemu(1, &overlay));
     }
 
+    /// `pick_free_port` releases the port before QEMU binds it, so no test can prove the port
+    /// is still free later (another process may take it; `QemuBackend::create` retries with a
+    /// new port by design, see `a_port_taken_meanwhile_is_retried_with_another…` in lib.rs).
+    /// What holds regardless: the kernel hands out an ephemeral port, never one that is held.
     #[test]
-    fn a_free_port_is_a_loopback_port_nobody_holds() {
-        let port = pick_free_port().expect("port");
+    fn a_picked_port_is_an_ephemeral_port_that_nobody_holds_when_picked() {
+        let held: Vec<TcpListener> = (0..8)
+            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind"))
+            .collect();
+        let held_ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().expect("addr").port())
+            .collect();
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("ephemeral port range");
+        let bounds: Vec<u16> = range
+            .split_whitespace()
+            .map(|n| n.parse().expect("port number"))
+            .collect();
 
-        assert_ne!(port, 0);
-        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("still free");
+        let picked: Vec<u16> = (0..32).map(|_| pick_free_port().expect("port")).collect();
+
+        for port in picked {
+            assert!(
+                (bounds[0]..=bounds[1]).contains(&port),
+                "{port} outside {range:?}"
+            );
+            assert!(!held_ports.contains(&port), "{port} is held by this test");
+        }
+        drop(held);
     }
 }
