@@ -223,20 +223,67 @@ mod tests {
         assert!(std::fs::metadata(&overlay).expect("meta").len() < (1 << 20));
     }
 
+    fn files_in(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|entry| entry.expect("entry").path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// The failure happens *during* create: a real qcow2 base (4 PiB virtual, 512 KiB
+    /// clusters) is too large for an overlay with qemu-img's default 64 KiB clusters, which
+    /// qemu-img finds out after it has created and written the overlay file.
     #[test]
     fn failed_create_leaves_no_overlay() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let base = dir.path().join("base.raw");
-        std::fs::write(&base, b"x").expect("base");
-        let overlay = dir.path().join("no-such-dir").join("job.qcow2");
+        let base = dir.path().join("base.qcow2");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512k"])
+            .arg(&base)
+            .arg("4P")
+            .status()
+            .expect("qemu-img");
+        assert!(made.success());
+        assert_eq!(
+            base_image_format(&base).expect("readable"),
+            ImageFormat::Qcow2
+        );
+        let overlay = dir.path().join("job.qcow2");
 
-        let err = create(&base, &overlay).expect_err("no dir");
+        let err = create(&base, &overlay).expect_err("too large");
+
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "qemu-img could not create overlay {}:",
+                overlay.display()
+            )),
+            "{message}"
+        );
+        assert!(message.contains("too large"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+        assert_eq!(files_in(dir.path()), vec![base]);
+    }
+
+    /// qemu-img leaves the overlay path alone when it cannot open the backing file; what an
+    /// earlier, killed attempt left there goes too.
+    #[test]
+    fn failed_create_removes_a_partial_overlay_of_a_killed_attempt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.qcow2");
+        std::fs::write(&base, b"QFI\xfbnot a qcow2 header at all").expect("base");
+        let overlay = dir.path().join("job.qcow2");
+        std::fs::write(&overlay, b"QFI\xfb half-written").expect("partial overlay");
+
+        let err = create(&base, &overlay).expect_err("corrupt base");
 
         assert!(
             err.to_string()
                 .contains("qemu-img could not create overlay"),
             "{err}"
         );
-        assert!(!overlay.exists());
+        assert_eq!(files_in(dir.path()), vec![base]);
     }
 }

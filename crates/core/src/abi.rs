@@ -394,11 +394,112 @@ impl Transport for GuardedTransport {
 mod tests {
     use super::*;
 
+    /// A plugin as `export_plugin!` builds one: its header is a static evaluated at compile
+    /// time in the plugin, which the host reads as raw memory before anything else.
+    mod exported {
+        use crate::plugin::{Backend, PluginError};
+        use crate::registry::PluginContext;
+
+        fn build(_ctx: &PluginContext, _text: &str) -> Result<Box<dyn Backend>, PluginError> {
+            Err(PluginError::Unsupported("building in a unit test"))
+        }
+
+        crate::export_plugin! {
+            backends: ["unit-test" => build],
+            transports: [],
+        }
+    }
+
+    /// The bytes of a header, as the loader sees them.
+    fn bytes_of(header: &PluginHeader) -> Vec<u8> {
+        let size = std::mem::size_of::<PluginHeader>();
+        // SAFETY: PluginHeader is #[repr(C)] plain data without padding (asserted by
+        // `the_header_layout_is_frozen`), so all of its `size` bytes are initialised.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(header).cast::<u8>(), size).to_vec()
+        }
+    }
+
     #[test]
-    fn current_header_matches_itself() {
-        assert!(PluginHeader::current()
-            .mismatches(&PluginHeader::current())
-            .is_empty());
+    fn the_header_a_plugin_exports_is_accepted_by_the_host() {
+        // SAFETY: read exactly as `load_library` reads the symbol of a loaded library.
+        #[allow(unsafe_code)]
+        let plugin: PluginHeader = unsafe {
+            std::ptr::read_unaligned(std::ptr::from_ref(&exported::HYPERJOB_PLUGIN_HEADER))
+        };
+        let host = PluginHeader::current();
+
+        assert_eq!(plugin.mismatches(&host), Vec::<String>::new());
+        assert_eq!(bytes_of(&plugin), bytes_of(&host));
+        let mut registrar = PluginRegistrar::default();
+        exported::hyperjob_plugin_register(&mut registrar);
+        assert_eq!(registrar.backends.len(), 1);
+        assert_eq!(registrar.backends[0].0, "unit-test");
+        assert!(registrar.transports.is_empty());
+    }
+
+    /// The header is frozen: built here byte by byte from its documented layout, it must equal
+    /// what this hyperjob-core writes. A reordered, resized or retyped field fails this.
+    #[test]
+    fn the_header_layout_is_frozen() {
+        let mut expected = Vec::new();
+        expected.extend_from_slice(b"HYPERJOB");
+        expected.extend_from_slice(&1u32.to_ne_bytes());
+        expected.extend_from_slice(&CORE_API_VERSION.to_ne_bytes());
+        for value in [RUSTC_VERSION, env!("CARGO_PKG_VERSION"), TARGET] {
+            let mut field = [0u8; 96];
+            field[..value.len()].copy_from_slice(value.as_bytes());
+            expected.extend_from_slice(&field);
+        }
+
+        assert_eq!(std::mem::size_of::<PluginHeader>(), 8 + 4 + 4 + 3 * 96);
+        assert_eq!(std::mem::align_of::<PluginHeader>(), 4);
+        assert_eq!(bytes_of(&PluginHeader::current()), expected);
+    }
+
+    /// What the header carries comes from the real build: a build script that could not ask
+    /// rustc would write the same placeholder into host and plugin, and they would "match".
+    #[test]
+    fn the_header_records_the_real_compiler_and_target() {
+        assert!(RUSTC_VERSION.starts_with("rustc 1."), "{RUSTC_VERSION}");
+        assert!(
+            TARGET.starts_with(std::env::consts::ARCH),
+            "{TARGET} is not for {}",
+            std::env::consts::ARCH
+        );
+        assert!(
+            TARGET.contains(std::env::consts::OS),
+            "{TARGET} is not for {}",
+            std::env::consts::OS
+        );
+        assert_eq!(crate::VERSION, env!("CARGO_PKG_VERSION"));
+    }
+
+    /// Each field, changed alone, is refused, and the refusal names that field.
+    #[test]
+    fn a_header_differing_in_any_one_field_is_refused_naming_it() {
+        type Change = fn(&mut PluginHeader);
+        let changes: [(&str, Change); 7] = [
+            ("magic", |h| h.magic[7] ^= 1),
+            ("header version", |h| h.header_version += 1),
+            ("core API version", |h| h.core_api_version -= 1),
+            ("rustc", |h| h.rustc_version[6] ^= 1),
+            ("hyperjob-core", |h| h.core_version[0] ^= 1),
+            ("target", |h| h.target[0] ^= 1),
+            // Past the text's terminating NUL: invisible when printed, still a difference.
+            ("target", |h| h.target[TEXT - 1] = b'x'),
+        ];
+
+        for (field, change) in changes {
+            let mut plugin = PluginHeader::current();
+            change(&mut plugin);
+
+            let found = plugin.mismatches(&PluginHeader::current());
+
+            assert_eq!(found.len(), 1, "{field}: {found:?}");
+            assert!(found[0].contains(field), "{field}: {found:?}");
+        }
     }
 
     #[test]

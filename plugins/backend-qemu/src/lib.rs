@@ -468,6 +468,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
+    use crate::process::test_support::{kill_and_reap, qemu_lookalike};
 
     fn backend_in(images_dir: &Path) -> QemuBackend {
         QemuBackend::new(
@@ -639,7 +640,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let backend = backend_in(dir.path());
         let cancel = AtomicBool::new(false);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(600);
 
         let err = backend
             .wait_address("hyperjob-job-5", deadline, &cancel)
@@ -647,16 +648,25 @@ mod tests {
         assert!(matches!(err, PluginError::NotFound(_)), "{err}");
 
         let paths = backend.paths("hyperjob-job-5");
+        let qemu = qemu_lookalike(&paths.overlay);
         let mut record = backend.record(&request(5), &paths, 40001);
-        record.pid = Some(std::process::id());
+        record.pid = Some(qemu.id());
         state::write(&paths.state, &paths.state_tmp, &record).expect("state");
         fs::write(&paths.console_log, "boot\nKernel panic - not syncing\n").expect("log");
 
+        // While its QEMU runs, the VM is reached through the forwarded port.
+        let endpoint = backend
+            .wait_address("hyperjob-job-5", deadline, &cancel)
+            .expect("running");
+        assert_eq!(endpoint, Endpoint::new("127.0.0.1", Some(40001)));
+
+        kill_and_reap(qemu);
         let started = Instant::now();
         let err = backend
             .wait_address("hyperjob-job-5", deadline, &cancel)
-            .expect_err("not our QEMU");
-        assert!(started.elapsed() < Duration::from_secs(1));
+            .expect_err("its QEMU is gone");
+        // At once: nowhere near the deadline (generous for a loaded machine).
+        assert!(started.elapsed() < Duration::from_secs(30));
         assert_eq!(
             err.to_string(),
             "QEMU of VM hyperjob-job-5 is not running (it exited while booting); last console \
@@ -665,13 +675,72 @@ mod tests {
     }
 
     #[test]
-    fn list_owned_reports_nothing_without_a_live_qemu() {
+    fn wait_address_refuses_a_live_process_that_is_not_the_vms_qemu() {
         let dir = tempfile::tempdir().expect("tempdir");
         let backend = backend_in(dir.path());
         let paths = backend.paths("hyperjob-job-5");
         let mut record = backend.record(&request(5), &paths, 40001);
+        // Alive for as long as this test runs, and not a QEMU of this VM.
         record.pid = Some(std::process::id());
         state::write(&paths.state, &paths.state_tmp, &record).expect("state");
+
+        let err = backend
+            .wait_address(
+                "hyperjob-job-5",
+                Instant::now() + Duration::from_secs(600),
+                &AtomicBool::new(false),
+            )
+            .expect_err("not our QEMU");
+
+        assert!(
+            err.to_string()
+                .starts_with("QEMU of VM hyperjob-job-5 is not running"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn console_tail_is_the_last_lines_of_the_vms_console_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = backend_in(dir.path());
+        let log: String = (1..=60)
+            .map(|n| format!("\x1b[1mboot line {n}\x1b[0m\r\n"))
+            .collect();
+        fs::write(backend.paths("hyperjob-job-5").console_log, log).expect("log");
+
+        let tail = backend.console_tail("hyperjob-job-5").expect("tail");
+
+        let expected: Vec<String> = (61 - CONSOLE_TAIL_LINES..=60)
+            .map(|n| format!("boot line {n}"))
+            .collect();
+        assert_eq!(tail.lines().collect::<Vec<_>>(), expected);
+        assert_eq!(
+            backend.last_console_line("hyperjob-job-5").as_deref(),
+            Some("boot line 60")
+        );
+    }
+
+    #[test]
+    fn list_owned_reports_nothing_without_a_live_qemu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = backend_in(dir.path());
+        // A VM whose QEMU ran and is gone (killed and reaped).
+        let gone = backend.paths("hyperjob-job-5");
+        let qemu = qemu_lookalike(&gone.overlay);
+        let mut record = backend.record(&request(5), &gone, 40001);
+        record.pid = Some(qemu.id());
+        state::write(&gone.state, &gone.state_tmp, &record).expect("state");
+        assert_eq!(
+            backend.list_owned().expect("list").len(),
+            1,
+            "while it runs"
+        );
+        kill_and_reap(qemu);
+        // A VM whose recorded pid is a live process that is not its QEMU (this test).
+        let other = backend.paths("hyperjob-job-6");
+        let mut record = backend.record(&request(6), &other, 40002);
+        record.pid = Some(std::process::id());
+        state::write(&other.state, &other.state_tmp, &record).expect("state");
         fs::write(dir.path().join("unrelated.qemu.json"), b"{}").expect("write");
 
         assert_eq!(backend.list_owned().expect("list"), vec![]);
@@ -688,19 +757,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let backend = backend_in(dir.path());
         let paths = backend.paths("hyperjob-job-5");
-        let mut fake = Command::new("sh")
-            .args(["-c", "read line", "sh", "-drive"])
-            .arg(argv::overlay_drive(&paths.overlay))
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut fake = qemu_lookalike(&paths.overlay);
         let mut record = backend.record(&request(5), &paths, 40001);
         record.pid = Some(fake.id());
         state::write(&paths.state, &paths.state_tmp, &record).expect("state");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !process::is_our_qemu(fake.id(), &paths.overlay) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
 
         let owned = backend.list_owned().expect("list");
         backend.destroy("hyperjob-job-5").expect("destroy kills it");
