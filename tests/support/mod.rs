@@ -394,27 +394,13 @@ impl GitServer {
                 repo.to_str().expect("utf-8"),
             ],
         );
-        let port = free_port(bind_ip);
-        let child = Command::new("git")
-            .args([
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                "--informative-errors",
-            ])
-            .arg(format!("--listen={bind_ip}"))
-            .arg(format!("--port={port}"))
-            .arg(format!("--base-path={}", dir.path().display()))
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // Its own process group: the daemon forks one child per connection, and those
-            // must go with it.
-            .process_group(0)
-            .spawn()
-            .expect("start git daemon");
-        wait_for_port(bind_ip, port);
+        // A port picked here can be taken by someone else before the daemon binds it (any
+        // outgoing connection in the namespace uses the same ephemeral range): then the daemon
+        // exits, or another listener answers. Only a daemon that serves this very repository
+        // counts; otherwise try another port.
+        let (child, port) = (0..10)
+            .find_map(|_| start_git_daemon(dir.path(), bind_ip, project, &sha))
+            .expect("git daemon could not listen on any of 10 ports");
         Self {
             child,
             repo_url: format!("git://{bind_ip}:{port}/{project}.git"),
@@ -427,12 +413,62 @@ impl GitServer {
 impl Drop for GitServer {
     fn drop(&mut self) {
         // Our own child and its connection handlers, by process group id.
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_process_group(&mut self.child);
     }
+}
+
+/// Starts `git daemon` for `base` on a free port of `ip`; the child and its port once it serves
+/// `project` at `sha`, None (with the daemon stopped) if the port was taken meanwhile.
+fn start_git_daemon(base: &Path, ip: &str, project: &str, sha: &str) -> Option<(Child, u16)> {
+    let port = free_port(ip);
+    let mut child = Command::new("git")
+        .args([
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--informative-errors",
+        ])
+        .arg(format!("--listen={ip}"))
+        .arg(format!("--port={port}"))
+        .arg(format!("--base-path={}", base.display()))
+        .arg(base)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: the daemon forks one child per connection, and those
+        // must go with it.
+        .process_group(0)
+        .spawn()
+        .expect("start git daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = format!("git://{ip}:{port}/{project}.git");
+    while Instant::now() < deadline {
+        if child.try_wait().expect("poll git daemon").is_some() {
+            return None;
+        }
+        if std::net::TcpStream::connect((ip, port)).is_ok() {
+            let served = Command::new("git")
+                .args(["ls-remote", &url, "refs/heads/main"])
+                .output()
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).starts_with(sha));
+            if served {
+                return Some((child, port));
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop_process_group(&mut child);
+    None
+}
+
+/// Ends our own child `child` and everything in its process group.
+fn stop_process_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -454,17 +490,6 @@ fn free_port(ip: &str) -> u16 {
         .and_then(|listener| listener.local_addr())
         .expect("find a free port")
         .port()
-}
-
-fn wait_for_port(ip: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect((ip, port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("git daemon did not listen on {ip}:{port}");
 }
 
 /// Polls `condition` every few milliseconds until it holds; panics naming `what` after
