@@ -1,8 +1,8 @@
 //! `xml::parse_metadata` on arbitrary text (the metadata element libvirt returns for any domain
 //! on the host, hyperjob's or not) and `xml::escape` on the same text.
 //!
-//! Invariants: no panic; a record that was read back re-reads identically from hyperjob's own
-//! rendering; escaped text has no `<`, `>`, `'` or `"`, every `&` starts one of the five XML
+//! Invariants: no panic; a record that was read back (owner included) re-reads identically from
+//! hyperjob's own rendering; escaped text has no `<`, `>`, `'` or `"`, every `&` starts one of the five XML
 //! entities, no control character other than tab, newline and carriage return survives, and
 //! unescaping gives the input back (control characters as U+FFFD).
 
@@ -64,10 +64,15 @@ fuzz_target!(|data: &[u8]| {
     check_escape(text);
 
     if let Some(record) = xml::parse_metadata(text) {
+        let owner = record
+            .owner
+            .as_deref()
+            .map(|owner| format!("<hyperjob:owner>{}</hyperjob:owner>", xml::escape(owner)))
+            .unwrap_or_default();
         let rendered = format!(
             "<hyperjob:job xmlns:hyperjob='{METADATA_NS}'><hyperjob:id>{}</hyperjob:id>\
              <hyperjob:created>{}</hyperjob:created><hyperjob:deadline>{}</hyperjob:deadline>\
-             </hyperjob:job>",
+             {owner}</hyperjob:job>",
             record.job_id, record.created_unix, record.deadline_unix
         );
         assert_eq!(xml::parse_metadata(&rendered), Some(record), "{text:?}");

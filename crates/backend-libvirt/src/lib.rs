@@ -116,6 +116,7 @@ impl LibvirtBackend {
             job_id: request.job_id,
             created_unix: request.created_unix,
             deadline_unix: request.deadline_unix,
+            owner: &request.owner,
         };
         let conn = self.connect()?;
         conn.create_domain_xml(&xml::domain_xml(&spec), virt::sys::VIR_DOMAIN_NONE)
@@ -252,6 +253,7 @@ impl Backend for LibvirtBackend {
                 job_id: record.job_id,
                 created_unix: record.created_unix,
                 deadline_unix: record.deadline_unix,
+                owner: record.owner,
             });
         }
         Ok(owned)

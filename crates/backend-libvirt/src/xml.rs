@@ -24,6 +24,8 @@ pub struct DomainSpec<'a> {
     pub job_id: u64,
     pub created_unix: u64,
     pub deadline_unix: u64,
+    /// The installation that made the VM (`VmRequest::owner`).
+    pub owner: &'a str,
 }
 
 /// Renders the domain XML. Every value from outside is escaped.
@@ -44,6 +46,11 @@ pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
         xml,
         "      <hyperjob:deadline>{}</hyperjob:deadline>",
         spec.deadline_unix
+    );
+    let _ = writeln!(
+        xml,
+        "      <hyperjob:owner>{}</hyperjob:owner>",
+        escape(spec.owner)
     );
     let _ = writeln!(xml, "    </hyperjob:job>");
     let _ = writeln!(xml, "  </metadata>");
@@ -110,37 +117,94 @@ pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
 }
 
 /// The ownership record read back from a domain's hyperjob metadata element.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetadataRecord {
     pub job_id: u64,
     pub created_unix: u64,
     pub deadline_unix: u64,
+    /// `None` for a domain of a hyperjob that recorded no owner.
+    pub owner: Option<String>,
 }
 
 /// Parses the metadata element as libvirt returns it (libvirt may re-serialise it with its own
-/// namespace prefix and quoting, so only the element names and numbers are relied on).
+/// namespace prefix, quoting and character references, so only the element names, the numbers
+/// and the owner's text are relied on). An owner that is not well-formed text, or holds a
+/// control character (hyperjob never writes one), makes the whole record not hyperjob's.
 pub fn parse_metadata(xml: &str) -> Option<MetadataRecord> {
+    let owner = match element_text(xml, "owner") {
+        None => None,
+        Some(text) => Some(unescape(text).filter(|o| !o.contains(char::is_control))?),
+    };
     Some(MetadataRecord {
         job_id: element_number(xml, "id")?,
         created_unix: element_number(xml, "created")?,
         deadline_unix: element_number(xml, "deadline")?,
+        owner,
     })
 }
 
 fn element_number(xml: &str, name: &str) -> Option<u64> {
+    element_text(xml, name)?.trim().parse().ok()
+}
+
+/// The raw text of the first element whose local name is `name` (`""` when it is empty).
+fn element_text<'x>(xml: &'x str, name: &str) -> Option<&'x str> {
     let mut rest = xml;
     while let Some(open) = rest.find('<') {
         rest = &rest[open + 1..];
         let end = rest.find('>')?;
         let tag = &rest[..end];
-        let local = tag.rsplit(':').next().unwrap_or(tag);
-        if !tag.starts_with('/') && local == name {
+        if tag.starts_with(['/', '?', '!']) {
+            continue;
+        }
+        let empty = tag.ends_with('/');
+        let tag_name = tag
+            .trim_end_matches('/')
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        let local = tag_name.rsplit(':').next().unwrap_or(tag_name);
+        if local == name {
+            if empty {
+                return Some("");
+            }
             let body = &rest[end + 1..];
             let close = body.find('<')?;
-            return body[..close].trim().parse().ok();
+            return Some(&body[..close]);
         }
     }
     None
+}
+
+/// Reverses XML escaping: the five named entities and numeric character references. `None`
+/// for anything else after a `&`.
+pub fn unescape(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        rest = &rest[amp + 1..];
+        let semi = rest.find(';')?;
+        let entity = &rest[..semi];
+        let c = match entity {
+            "amp" => '&',
+            "lt" => '<',
+            "gt" => '>',
+            "apos" => '\'',
+            "quot" => '"',
+            _ => {
+                let code = match entity.strip_prefix("#x").or(entity.strip_prefix("#X")) {
+                    Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                    None => entity.strip_prefix('#')?.parse().ok()?,
+                };
+                char::from_u32(code)?
+            }
+        };
+        out.push(c);
+        rest = &rest[semi + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 fn escape_path(path: &Path) -> String {
@@ -185,6 +249,7 @@ mod tests {
             job_id: 42,
             created_unix: 1000,
             deadline_unix: 8200,
+            owner: "/var/lib/hyperjob",
         }
     }
 
@@ -258,6 +323,7 @@ mod tests {
         assert!(xml.contains("<hyperjob:id>42</hyperjob:id>"));
         assert!(xml.contains("<hyperjob:created>1000</hyperjob:created>"));
         assert!(xml.contains("<hyperjob:deadline>8200</hyperjob:deadline>"));
+        assert!(xml.contains("<hyperjob:owner>/var/lib/hyperjob</hyperjob:owner>"));
     }
 
     #[test]
@@ -266,12 +332,23 @@ mod tests {
         let log = PathBuf::from("/o.log");
         let mut spec = spec(&overlay, &log, None);
         spec.network = "net'/><evil/>";
+        let owner = "/srv/a'b</hyperjob:owner><evil/>&\"c";
+        spec.owner = owner;
 
         let xml = domain_xml(&spec);
 
         assert!(xml.contains("<source file='/images/a&apos;b&lt;c&gt;&amp;&quot;d.qcow2'/>"));
         assert!(xml.contains("<source network='net&apos;/&gt;&lt;evil/&gt;'/>"));
+        assert!(xml.contains(
+            "<hyperjob:owner>/srv/a&apos;b&lt;/hyperjob:owner&gt;&lt;evil/&gt;&amp;&quot;c\
+             </hyperjob:owner>"
+        ));
         assert!(!xml.contains("<evil/>"));
+        assert_eq!(xml.matches("</hyperjob:owner>").count(), 1);
+        let start = xml.find("<hyperjob:job").expect("metadata element");
+        let end = xml.find("</hyperjob:job>").expect("end");
+        let record = parse_metadata(&xml[start..end]).expect("ours");
+        assert_eq!(record.owner.as_deref(), Some(owner));
     }
 
     #[test]
@@ -289,13 +366,29 @@ mod tests {
             Some(MetadataRecord {
                 job_id: 42,
                 created_unix: 1000,
-                deadline_unix: 8200
+                deadline_unix: 8200,
+                owner: Some("/var/lib/hyperjob".into()),
             })
         );
     }
 
     #[test]
     fn metadata_as_libvirt_returns_it_is_parsed() {
+        let returned = "<job xmlns=\"http://hyperjob.dev/xmlns/job/1\">\n  <id>7</id>\n  <created>5</created>\n  <deadline>9</deadline>\n  <owner>/srv/h&#xE9;&amp;&#39;j&gt;</owner>\n</job>";
+
+        assert_eq!(
+            parse_metadata(returned),
+            Some(MetadataRecord {
+                job_id: 7,
+                created_unix: 5,
+                deadline_unix: 9,
+                owner: Some("/srv/h\u{e9}&'j>".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn metadata_of_an_older_hyperjob_has_no_owner() {
         let returned = "<job xmlns=\"http://hyperjob.dev/xmlns/job/1\">\n  <id>7</id>\n  <created>5</created>\n  <deadline>9</deadline>\n</job>";
 
         assert_eq!(
@@ -303,8 +396,25 @@ mod tests {
             Some(MetadataRecord {
                 job_id: 7,
                 created_unix: 5,
-                deadline_unix: 9
+                deadline_unix: 9,
+                owner: None,
             })
+        );
+    }
+
+    #[test]
+    fn an_owner_that_is_not_clean_text_makes_the_record_not_ours() {
+        for owner in ["/a&bogus;b", "/a&b", "/a&#1;b", "/a&#xD800;b", "/a\u{1}b"] {
+            let xml = format!("<job><id>7</id><created>5</created><deadline>9</deadline><owner>{owner}</owner></job>");
+
+            assert_eq!(parse_metadata(&xml), None, "{owner:?}");
+        }
+        assert_eq!(
+            parse_metadata(
+                "<job><id>7</id><created>5</created><deadline>9</deadline><owner/></job>"
+            )
+            .and_then(|r| r.owner),
+            Some(String::new())
         );
     }
 

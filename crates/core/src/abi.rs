@@ -38,8 +38,8 @@ pub const HEADER_MAGIC: [u8; 8] = *b"HYPERJOB";
 /// layout gets a new number.
 pub const HEADER_VERSION: u32 = 1;
 /// Version of the plugin API (the traits, `PluginContext`, the registrar). Bumped whenever a
-/// plugin built against the old API would misbehave.
-pub const CORE_API_VERSION: u32 = 1;
+/// plugin built against the old API would misbehave. 2: `VmRequest::owner`, `OwnedVm::owner`.
+pub const CORE_API_VERSION: u32 = 2;
 /// The rustc that built this hyperjob-core.
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The target this hyperjob-core was built for.

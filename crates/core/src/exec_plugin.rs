@@ -456,6 +456,38 @@ fn field<'a>(value: &'a Value, key: &str, method: &str) -> Result<&'a Value, Plu
     })
 }
 
+/// One entry of a `list_owned` answer. `owner` is optional: a plugin (or a VM) from before
+/// owners were recorded has none.
+fn owned_vm(vm: &Value) -> Result<OwnedVm, PluginError> {
+    let number = |key: &str| vm.get(key).and_then(Value::as_u64);
+    let owner = match vm.get("owner") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(owner)) => Some(owner.clone()),
+        Some(_) => {
+            return Err(PluginError::msg(
+                "executable plugin listed a VM whose `owner` is not a string",
+            ))
+        }
+    };
+    match (
+        vm.get("vm_name").and_then(Value::as_str),
+        number("job_id"),
+        number("created_unix"),
+        number("deadline_unix"),
+    ) {
+        (Some(name), Some(job_id), Some(created), Some(deadline)) => Ok(OwnedVm {
+            vm_name: name.to_string(),
+            job_id,
+            created_unix: created,
+            deadline_unix: deadline,
+            owner,
+        }),
+        _ => Err(PluginError::msg(
+            "executable plugin listed a VM without name, job id, creation time or deadline",
+        )),
+    }
+}
+
 struct ExecBackend(Shared);
 
 impl Backend for ExecBackend {
@@ -473,6 +505,7 @@ impl Backend for ExecBackend {
             "job_id": request.job_id,
             "created_unix": request.created_unix,
             "deadline_unix": request.deadline_unix,
+            "owner": request.owner,
             "keys": keys,
         });
         let mut sink = |incoming: Incoming| {
@@ -525,20 +558,7 @@ impl Backend for ExecBackend {
             .ok_or_else(|| {
                 PluginError::msg("executable plugin answered `list_owned` without a list")
             })?;
-        vms.iter()
-            .map(|vm| {
-                let number = |key: &str| vm.get(key).and_then(Value::as_u64);
-                match (vm.get("vm_name").and_then(Value::as_str), number("job_id"), number("created_unix"), number("deadline_unix")) {
-                    (Some(name), Some(job_id), Some(created), Some(deadline)) => Ok(OwnedVm {
-                        vm_name: name.to_string(),
-                        job_id,
-                        created_unix: created,
-                        deadline_unix: deadline,
-                    }),
-                    _ => Err(PluginError::msg("executable plugin listed a VM without name, job id, creation time or deadline")),
-                }
-            })
-            .collect()
+        vms.iter().map(owned_vm).collect()
     }
 
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
@@ -752,6 +772,34 @@ mod tests {
             parse_incoming(r#"{"id":1}"#).expect_err("empty"),
             "sent a message that is neither result, error, stream nor progress"
         );
+    }
+
+    #[test]
+    fn listed_vms_carry_their_owner_when_the_plugin_reports_one() {
+        let with = owned_vm(&json!({"vm_name": "hyperjob-job-1", "job_id": 1,
+            "created_unix": 5, "deadline_unix": 9, "owner": "/var/lib/hyperjob"}))
+        .expect("valid");
+        let without = owned_vm(&json!({"vm_name": "hyperjob-job-2", "job_id": 2,
+            "created_unix": 5, "deadline_unix": 9}))
+        .expect("valid without an owner");
+
+        assert_eq!(
+            with,
+            OwnedVm {
+                vm_name: "hyperjob-job-1".into(),
+                job_id: 1,
+                created_unix: 5,
+                deadline_unix: 9,
+                owner: Some("/var/lib/hyperjob".into()),
+            }
+        );
+        assert_eq!(without.owner, None);
+        assert!(
+            owned_vm(&json!({"vm_name": "x", "job_id": 1, "created_unix": 5,
+            "deadline_unix": 9, "owner": 7}))
+            .is_err()
+        );
+        assert!(owned_vm(&json!({"vm_name": "x", "job_id": 1, "created_unix": 5})).is_err());
     }
 
     #[test]

@@ -111,6 +111,10 @@ pub struct VmRequest {
     pub created_unix: u64,
     /// Unix time (seconds) after which the VM is certainly abandoned (job timeout plus margin).
     pub deadline_unix: u64,
+    /// The installation that creates the VM: the absolute path of its config's `state_dir`
+    /// ([`crate::gc::owner_of`]). Recorded with the VM and reported back as
+    /// [`OwnedVm::owner`]: `hyperjob gc` only acts on VMs of its own installation.
+    pub owner: String,
     /// With `guest_keys = "per-job"`: keys the backend must put into the guest before boot.
     /// A backend that cannot inject keys must fail with [`PluginError::Unsupported`].
     pub keys: Option<crate::keys::GuestKeys>,
@@ -123,6 +127,8 @@ pub struct OwnedVm {
     pub job_id: u64,
     pub created_unix: u64,
     pub deadline_unix: u64,
+    /// [`VmRequest::owner`] as recorded; `None` for a VM of a hyperjob that recorded no owner.
+    pub owner: Option<String>,
 }
 
 /// Reports progress to the job log. Implemented by the core; plugins only call it.

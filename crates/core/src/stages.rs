@@ -113,6 +113,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         deadline_unix: ctx
             .job
             .deadline_unix(created_unix, ctx.config.deadline_margin_secs),
+        owner: crate::gc::owner_of(&ctx.config.state_dir),
         keys: None,
     };
     // The record comes first, so whatever happens next can be found and removed again.

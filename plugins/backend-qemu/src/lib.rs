@@ -214,6 +214,7 @@ impl QemuBackend {
             pid: None,
             qmp_socket: paths.qmp_socket.clone(),
             overlay: paths.overlay.clone(),
+            owner: Some(request.owner.clone()),
         }
     }
 
@@ -439,6 +440,7 @@ impl Backend for QemuBackend {
                     job_id: record.job_id,
                     created_unix: record.created_unix,
                     deadline_unix: record.deadline_unix,
+                    owner: record.owner,
                 });
             }
         }
@@ -494,6 +496,7 @@ mod tests {
             job_id,
             created_unix: 100,
             deadline_unix: 200,
+            owner: "/var/lib/hyperjob".to_string(),
             keys: None,
         }
     }
@@ -772,6 +775,7 @@ mod tests {
                 job_id: 5,
                 created_unix: 100,
                 deadline_unix: 200,
+                owner: Some("/var/lib/hyperjob".to_string()),
             }]
         );
         use std::os::unix::process::ExitStatusExt;

@@ -34,6 +34,10 @@ pub struct QemuState {
     pub pid: Option<u32>,
     pub qmp_socket: PathBuf,
     pub overlay: PathBuf,
+    /// The installation that made the VM (`VmRequest::owner`); absent in records of a
+    /// hyperjob from before owners were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl QemuState {
@@ -108,6 +112,7 @@ mod tests {
             pid: None,
             qmp_socket: PathBuf::from("/i/hyperjob-job-9.qmp"),
             overlay: PathBuf::from("/i/hyperjob-job-9.qcow2"),
+            owner: Some("/var/lib/hyperjob".to_string()),
         }
     }
 
@@ -142,6 +147,26 @@ mod tests {
         fs::write(&path, b"{not json").expect("write");
         let err = read(&path).expect_err("garbage");
         assert!(err.to_string().ends_with("is not a QEMU state"), "{err}");
+    }
+
+    #[test]
+    fn a_record_written_without_an_owner_reads_as_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hyperjob-job-9.qemu.json");
+        let mut old = serde_json::to_value(sample()).expect("encode");
+        old.as_object_mut().expect("object").remove("owner");
+        fs::write(&path, old.to_string()).expect("write");
+
+        let record = read(&path).expect("read").expect("present");
+
+        assert_eq!(record.owner, None);
+        assert_eq!(
+            record,
+            QemuState {
+                owner: None,
+                ..sample()
+            }
+        );
     }
 
     #[test]
