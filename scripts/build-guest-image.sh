@@ -18,6 +18,21 @@
 #   image.env               shell-sourceable facts (KERNEL, INITRD, CMDLINE, BASE_IMAGE,
 #                           BOOTABLE_IMAGE, CLOUDINIT_IMAGE, ...)
 #   stamp                   written last; names the script version and build parameters
+# >>> stock.qcow2
+#   stock.qcow2             a guest as stock cloud images are: Debian with systemd as PID 1,
+#                           OpenSSH started by Debian's ssh.service, cloud-init with its four
+#                           systemd stages, systemd-networkd. Three baked host keys (ed25519,
+#                           ecdsa, rsa); gitlab-runner with id_ed25519.pub. Same vmlinuz/initrd.img.
+#   stock_known_hosts       those three host keys, "* <type> <base64>" per line
+#   stock_ssh_host_{ed25519,ecdsa,rsa}_key
+#                           their private halves (OpenSSH format), reused on rebuilds
+#   stock.stamp             stock.qcow2's own stamp, written last. Code used only for stock.qcow2
+#                           sits between '# >>> stock.qcow2' and '# <<< stock.qcow2' lines; the
+#                           stamp of the images above hashes the script without those blocks,
+#                           so a change to stock.qcow2 alone never rebuilds (or replaces) them.
+#                           A machine that has the other images builds only stock.qcow2 and
+#                           adds STOCK_IMAGE, STOCK_CMDLINE, STOCK_KNOWN_HOSTS to image.env.
+# <<< stock.qcow2
 #
 # A complete image built by the same script version with the same parameters is reused as is.
 # Tunables (all optional): HYPERJOB_IMAGE_SUITE (bookworm), HYPERJOB_IMAGE_MIRROR
@@ -36,6 +51,12 @@ readonly SYSLINUX_MBR=/usr/lib/syslinux/mbr/mbr.bin
 readonly HOST_KEY=/etc/dropbear/dropbear_ed25519_host_key
 readonly REQUIRED_FILES="base.qcow2 bootable.qcow2 cloudinit.qcow2 vmlinuz initrd.img id_ed25519
     id_ed25519.pub known_hosts ssh_host_ed25519_key image.env stamp"
+# >>> stock.qcow2
+readonly STOCK_CMDLINE=$CMDLINE
+readonly STOCK_KEY_TYPES="ed25519 ecdsa rsa"
+readonly STOCK_REQUIRED_FILES="stock.qcow2 stock_known_hosts stock_ssh_host_ed25519_key
+    stock_ssh_host_ecdsa_key stock_ssh_host_rsa_key stock.stamp"
+# <<< stock.qcow2
 
 SELF=$(readlink -f -- "${BASH_SOURCE[0]}")
 readonly SELF
@@ -330,6 +351,90 @@ EOF
     guest_trim "$root"
 }
 
+# >>> stock.qcow2
+# stock.qcow2: the guest as a stock cloud image is, booted by the same vmlinuz/initrd.img.
+# systemd is PID 1 (systemd-sysv's /sbin/init: the initramfs runs it, nothing on the command
+# line); udev loads the drivers; systemd-networkd does DHCP with the configuration cloud-init
+# renders (its fallback: DHCP on the first NIC); Debian's ssh.service starts sshd (Debian has no
+# sshd-keygen.service: its host keys come from openssh-server's postinst, replaced here by the
+# three baked keys, or from cloud-init's ssh module, which cloud-init.service runs Before=
+# sshd.service, the alias of ssh.service); cloud-init's four units run as Debian ships them.
+# $2 is stock.qcow2's work directory: its out/ holds the host keys, modules/ the kernel modules
+# of base.qcow2 (matching vmlinuz); the client key is IDENTITY_FILE's public half ($3).
+customize_hook_stock() {
+    local root=$1 work=$2 client_pub=$3 hostname=$4
+    local home=/home/$GUEST_USER unit type
+
+    echo "$hostname" >"$root/etc/hostname"
+    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' \
+        "$hostname" >"$root/etc/hosts"
+    # No locales package: C.UTF-8 (else cloud-init's locale module runs update-locale for en_US).
+    echo 'LANG=C.UTF-8' >"$root/etc/default/locale"
+    # Empty, as in cloud images: every VM makes its own at first boot.
+    : >"$root/etc/machine-id"
+    rm -f "$root/var/lib/dbus/machine-id"
+    printf 'LABEL=hyperjob-root / ext4 rw,errors=remount-ro 0 1\n' >"$root/etc/fstab"
+
+    # --- kernel modules of vmlinuz (no kernel package: the image boots base.qcow2's kernel) ---
+    install -d -m 0755 "$root/usr/lib/modules"
+    cp -a -- "$work/modules/." "$root/usr/lib/modules/"
+
+    # --- systemd ------------------------------------------------------------------------------
+    chroot "$root" systemctl enable systemd-networkd.service >/dev/null 2>&1 ||
+        die "systemctl enable systemd-networkd failed in the stock guest root"
+    # Timers and jobs a stock image has but that only cost CPU under TCG and have nothing to do
+    # with SSH or cloud-init. Masked, so they never start.
+    for unit in apt-daily.timer apt-daily-upgrade.timer apt-daily.service \
+        apt-daily-upgrade.service dpkg-db-backup.timer e2scrub_all.timer e2scrub_reap.service \
+        fstrim.timer; do
+        ln -sfn /dev/null "$root/etc/systemd/system/$unit"
+    done
+    for unit in multi-user.target.wants/ssh.service sshd.service \
+        cloud-init.target.wants/cloud-init-local.service \
+        cloud-init.target.wants/cloud-init.service \
+        cloud-init.target.wants/cloud-config.service \
+        cloud-init.target.wants/cloud-final.service \
+        multi-user.target.wants/systemd-networkd.service; do
+        [ -L "$root/etc/systemd/system/$unit" ] || die "stock guest: $unit is not enabled"
+    done
+
+    # --- SSH host keys: the three baked ones (stock_known_hosts pins them) --------------------
+    rm -f "$root/etc/ssh/ssh_host_"*
+    for type in $STOCK_KEY_TYPES; do
+        install -m 0600 "$work/out/stock_ssh_host_${type}_key" \
+            "$root/etc/ssh/ssh_host_${type}_key"
+        install -m 0644 "$work/stock_ssh_host_${type}_key.pub" \
+            "$root/etc/ssh/ssh_host_${type}_key.pub"
+    done
+
+    # --- cloud-init ---------------------------------------------------------------------------
+    cat >"$root/etc/cloud/cloud.cfg.d/99_hyperjob.cfg" <<'CFG'
+# hyperjob stock test guest: Debian's cloud-init and its four systemd units as shipped, except:
+# Only a NoCloud seed (a disk labelled cidata: hyperjob attaches one with guest_keys =
+# "per-job"), else None: never probe the network for other data sources.
+datasource_list: [ NoCloud, None ]
+# The baked host keys are pinned (stock_known_hosts). Without a seed every boot is a new
+# instance (datasource None): cloud-init must neither delete them (ssh_deletekeys defaults to
+# true) nor add other types (the default ssh_genkeytypes includes dsa). A seed's user-data
+# overrides both: hyperjob's per-job seed deletes them and installs the job's key.
+ssh_deletekeys: false
+ssh_genkeytypes: [ed25519, ecdsa, rsa]
+CFG
+    rm -rf "$root/var/lib/cloud/"* "$root/var/log/cloud-init"*
+
+    # --- CI user (pinned keys: IDENTITY_FILE logs in) ---------------------------------------
+    chroot "$root" useradd --create-home --home-dir "$home" --shell /bin/bash --user-group \
+        "$GUEST_USER"
+    chroot "$root" usermod --password '*' "$GUEST_USER"
+    install -d -m 0700 "$root$home/.ssh"
+    install -m 0600 "$client_pub" "$root$home/.ssh/authorized_keys"
+    install -d -m 0755 "$root$home/builds"
+    chroot "$root" chown -R "$GUEST_USER:$GUEST_USER" "$home"
+    chmod 0755 "$root$home"
+
+    guest_trim "$root"
+}
+# <<< stock.qcow2
 # ---------------------------------------------------------------------------------------------
 # Build
 # ---------------------------------------------------------------------------------------------
@@ -577,11 +682,155 @@ EOF
     chmod 0644 "$image/stamp"
 }
 
+# >>> stock.qcow2
+# The images above are stamped with a hash of this script without its stock.qcow2 blocks.
+base_script_sha256() {
+    sed '/^[[:space:]]*# >>> stock\.qcow2/,/^[[:space:]]*# <<< stock\.qcow2/d' "$SELF" |
+        sha256sum | cut -d' ' -f1
+}
+
+# The stamp stock.qcow2 must carry: the whole script, and the other images' stamp (which names
+# the build parameters; the kernel modules come from base.qcow2).
+stock_stamp() {
+    printf 'hyperjob-stock-image script=%s base=%s\n' "$(sha256sum "$SELF" | cut -d' ' -f1)" \
+        "$(sha256sum "$1/stamp" | cut -d' ' -f1)"
+}
+
+stock_complete() {
+    local dir=$1 f
+    for f in $STOCK_REQUIRED_FILES; do
+        [ -s "$dir/$f" ] || return 1
+    done
+    grep -q '^STOCK_IMAGE=' "$dir/image.env" || return 1
+    [ "$(cat "$dir/stock.stamp")" = "$(stock_stamp "$dir")" ]
+}
+
+# stock_modules OUT WORK: /usr/lib/modules/<version> of base.qcow2 into WORK/modules, read with
+# debugfs from a raw copy (no mount, no loop device).
+stock_modules() {
+    local out=$1 work=$2 raw=$2/base.raw dir listing kver
+    qemu-img convert -f qcow2 -O raw "$out/base.qcow2" "$raw" ||
+        die "qemu-img convert of base.qcow2 failed"
+    for dir in /usr/lib/modules /lib/modules; do
+        listing=$(debugfs -R "ls -p $dir" "$raw" 2>/dev/null) || continue
+        kver=$(printf '%s\n' "$listing" |
+            awk -F/ '$6 != "" && $6 != "." && $6 != ".." { print $6 }')
+        [ -n "$kver" ] && break
+    done
+    if [ -z "$kver" ] || [ "$(printf '%s\n' "$kver" | wc -l)" != 1 ]; then
+        die "base.qcow2 has not exactly one kernel in /usr/lib/modules: ${kver:-none}"
+    fi
+    mkdir -p "$work/modules"
+    debugfs -R "rdump $dir/$kver $work/modules" "$raw" >/dev/null 2>&1 ||
+        die "debugfs could not copy $dir/$kver out of base.qcow2"
+    [ -s "$work/modules/$kver/modules.dep" ] || die "no modules.dep in base.qcow2's $dir/$kver"
+    rm -f -- "$raw"
+}
+
+# Builds stock.qcow2 next to the complete images in OUT (the caller holds the lock). Only its
+# own files are replaced, one rename each, then image.env's STOCK_ lines, then stock.stamp.
+build_stock() {
+    local out=$1 start work image root type f
+    local packages=systemd,systemd-sysv,udev,dbus,openssh-server,openssh-sftp-server,cloud-init
+    packages+=,systemd-resolved,bash,git,ca-certificates,kmod,util-linux,procps,passwd,iproute2
+    [ -z "${HYPERJOB_IMAGE_EXTRA_PACKAGES:-}" ] || packages+=",$HYPERJOB_IMAGE_EXTRA_PACKAGES"
+    start=$(date +%s)
+    trap cleanup EXIT
+    trap 'on_signal 130' INT
+    trap 'on_signal 143' TERM
+    trap 'on_signal 129' HUP
+    WORK=$(mktemp -d "$(dirname "$out")/.$(basename "$out").stock.XXXXXX")
+    chmod 0755 "$WORK"
+    work=$WORK image=$WORK/out root=$WORK/rootfs-stock
+    mkdir -m 0755 "$image"
+
+    if [ "${HYPERJOB_IMAGE_NEW_KEYS:-0}" != 1 ] && [ -s "$out/stock_ssh_host_rsa_key" ]; then
+        log "reusing the stock guest's host keys of $out"
+    fi
+    for type in $STOCK_KEY_TYPES; do
+        f=stock_ssh_host_${type}_key
+        if [ "${HYPERJOB_IMAGE_NEW_KEYS:-0}" != 1 ] && [ -s "$out/$f" ]; then
+            install -m 0600 "$out/$f" "$image/$f"
+        else
+            ssh-keygen -q -t "$type" -N '' -C hyperjob-stock-guest -f "$image/$f"
+            rm -f "$image/$f.pub"
+        fi
+        ssh-keygen -y -f "$image/$f" >"$work/$f.pub" || die "ssh-keygen -y $f failed"
+        awk '{ print "* " $1 " " $2 }' "$work/$f.pub" >>"$image/stock_known_hosts"
+    done
+    [ "$(wc -l <"$image/stock_known_hosts")" = 3 ] || die "stock_known_hosts is not 3 keys"
+
+    log "stock.qcow2: kernel modules of base.qcow2 ..."
+    stock_modules "$out" "$work"
+    log "mmdebstrap $SUITE ($MIRROR) with systemd, OpenSSH and cloud-init ..."
+    make_tree "$root" "$work/mmdebstrap-stock.log" "$packages" \
+        --customize-hook="\"$SELF\" __customize-hook-stock \"\$1\" \"$work\" \"$out/id_ed25519.pub\" \"$GUEST_HOSTNAME\""
+    make_ext4 "$root" "$work/stock.raw"
+    qemu-img convert -f raw -O qcow2 "$work/stock.raw" "$image/stock.qcow2" ||
+        die "qemu-img convert of the stock image failed"
+    rm -f -- "$work/stock.raw"
+    chmod 0644 "$image/stock.qcow2" "$image/stock_known_hosts"
+
+    rm -f -- "$out/stock.stamp"
+    for f in stock_ssh_host_ed25519_key stock_ssh_host_ecdsa_key stock_ssh_host_rsa_key \
+        stock_known_hosts stock.qcow2; do
+        mv -f -- "$image/$f" "$out/$f"
+    done
+    {
+        grep -v -e '^STOCK_' -e '^# stock guest' "$out/image.env"
+        cat <<ENV
+# stock guest (systemd, OpenSSH, cloud-init; docs/testing.md): same KERNEL, INITRD and
+# IDENTITY_FILE; its own host keys, listed in STOCK_KNOWN_HOSTS.
+STOCK_IMAGE=$out/stock.qcow2
+STOCK_CMDLINE='$STOCK_CMDLINE'
+STOCK_KNOWN_HOSTS=$out/stock_known_hosts
+ENV
+    } >"$image/image.env"
+    chmod 0644 "$image/image.env"
+    mv -f -- "$image/image.env" "$out/image.env"
+    stock_stamp "$out" >"$image/stock.stamp"
+    chmod 0644 "$image/stock.stamp"
+    mv -f -- "$image/stock.stamp" "$out/stock.stamp"
+    cleanup
+    WORK=
+
+    log "built stock.qcow2 in $(( $(date +%s) - start )) s: $(du -m --apparent-size "$out/stock.qcow2" | cut -f1) MiB file"
+}
+
+# stock.qcow2 next to complete images in OUT, unless it is up to date. Takes the build lock.
+build_stock_unless_complete() {
+    local out=$1 parent
+    if stock_complete "$out"; then
+        log "up to date: $out/stock.qcow2"
+        return 0
+    fi
+    parent=$(dirname "$out")
+    check_searchable "$parent"
+    exec 9<"$parent"
+    flock 9
+    if stock_complete "$out"; then
+        log "up to date: $out/stock.qcow2 (built concurrently)"
+        return 0
+    fi
+    image_complete "$out" || die "$out changed while waiting for the build lock"
+    build_stock "$out"
+}
+# <<< stock.qcow2
 main() {
+    # >>> stock.qcow2
+    # The help without the marker lines (the case's -h entry, kept as it was, would print them).
+    if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+        sed -n '2,/^set -euo/p' "$SELF" | sed '/^# [<>]\{3\} stock\.qcow2/d; $d; s/^# \{0,1\}//'
+        return
+    fi
+    # <<< stock.qcow2
     case "${1:-}" in
     __essential-hook) essential_hook "$2"; return ;;
     __customize-hook) customize_hook "$2" "$3" "$4"; return ;;
     __customize-hook-cloudinit) customize_hook_cloudinit "$2" "$3"; return ;;
+    # >>> stock.qcow2
+    __customize-hook-stock) customize_hook_stock "$2" "$3" "$4" "$5"; return ;;
+    # <<< stock.qcow2
     -h|--help) sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; return ;;
     esac
     [ $# -le 1 ] || die "usage: $PROG [OUT_DIR]"
@@ -599,12 +848,21 @@ main() {
         command -v "$tool" >/dev/null || die "$tool not found (run scripts/install-deps.sh)"
     done
     [ -s "$SYSLINUX_MBR" ] || die "$SYSLINUX_MBR not found (run scripts/install-deps.sh)"
+    # >>> stock.qcow2
+    command -v debugfs >/dev/null || die "debugfs not found (run scripts/install-deps.sh)"
+    # <<< stock.qcow2
 
     out=$(realpath -m -- "$out")
     STAMP="hyperjob-guest-image script=$(sha256sum "$SELF" | cut -d' ' -f1) suite=$SUITE mirror=$MIRROR free_mb=$FREE_MB hostname=$GUEST_HOSTNAME extra=${HYPERJOB_IMAGE_EXTRA_PACKAGES:-}"
+    # >>> stock.qcow2
+    STAMP="hyperjob-guest-image script=$(base_script_sha256) ${STAMP#hyperjob-guest-image script=* }"
+    # <<< stock.qcow2
 
     if image_complete "$out"; then
         log "up to date: $out"
+        # >>> stock.qcow2
+        build_stock_unless_complete "$out"
+        # <<< stock.qcow2
         return 0
     fi
 
@@ -618,6 +876,9 @@ main() {
     flock 9
     if image_complete "$out"; then
         log "up to date: $out (built concurrently)"
+        # >>> stock.qcow2
+        build_stock_unless_complete "$out"
+        # <<< stock.qcow2
         return 0
     fi
 
@@ -631,6 +892,17 @@ main() {
     chmod 0755 "$WORK"
 
     build "$out" "$WORK"
+    # >>> stock.qcow2
+    # The swap below removes the old directory: keep the stock guest's host keys for its build.
+    local key
+    if [ "${HYPERJOB_IMAGE_NEW_KEYS:-0}" != 1 ]; then
+        for key in "$out"/stock_ssh_host_*_key; do
+            if [ -s "$key" ]; then
+                cp -p -- "$key" "$WORK/out/"
+            fi
+        done
+    fi
+    # <<< stock.qcow2
 
     # Swap in: the stamp is inside, so a half-moved or missing directory never looks complete.
     if [ -e "$out" ]; then
@@ -643,6 +915,9 @@ main() {
     OLD=
 
     log "built $out in $(( $(date +%s) - start )) s; base.qcow2: $(du -m --apparent-size "$out/base.qcow2" | cut -f1) MiB file, $(qemu-img info "$out/base.qcow2" | sed -n 's/^virtual size: \([^(]*\) (.*/\1/p') virtual; bootable.qcow2: $(du -m --apparent-size "$out/bootable.qcow2" | cut -f1) MiB file; cloudinit.qcow2: $(du -m --apparent-size "$out/cloudinit.qcow2" | cut -f1) MiB file"
+    # >>> stock.qcow2
+    build_stock_unless_complete "$out"
+    # <<< stock.qcow2
 }
 
 main "$@"
