@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod known_hosts;
+mod remote;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -18,6 +19,7 @@ use hyperjob_core::{Endpoint, PluginError, RemoteExit, ScriptRequest, Transport}
 use ssh2::Session;
 
 pub use config::{HostKeyPolicy, SshConfig};
+pub use remote::{kill_command, new_run_id, remote_command, PidCapture, RUN_ID_VAR};
 
 const READ_CHUNK: usize = 32 * 1024;
 /// How long the relay loop waits for the socket before checking for cancellation again.
@@ -338,79 +340,8 @@ impl From<SshError> for RelayError {
     }
 }
 
-/// First line the remote side prints on stderr: the process group of the remote shell. OpenSSH
-/// makes the shell a group leader; dropbear puts it in the group of its own session process.
-/// Either way every process the script starts (without `setsid` of its own) is in that group.
-const PID_MARKER: &str = "hyperjob-remote-pgid ";
 /// How long a cancelled script gets to finish and flush its output before we give up on it.
 const CANCEL_GRACE: Duration = Duration::from_millis(1500);
-
-/// The remote command: report the shell's process group (from /proc; the shell's pid where
-/// there is no /proc), then become the interpreter that reads the script from stdin.
-/// `interpreter` is one of a fixed set of names (`bash`, `sh`).
-pub fn remote_command(interpreter: &str, umask: u32) -> String {
-    format!(
-        "g=$$; if [ -r /proc/$$/stat ]; then read -r s < /proc/$$/stat; set -- ${{s##*\") \"}}; g=$3; fi; \
-         printf '{PID_MARKER}%s\\n' \"$g\" >&2; umask {umask:04o}; exec {interpreter}"
-    )
-}
-
-/// The command that stops the script's whole process group: SIGTERM now, SIGKILL a second
-/// later from a detached helper (so this command itself returns at once).
-pub fn kill_command(pgid: u32) -> String {
-    format!(
-        "kill -TERM -- -{pgid} 2>/dev/null; sh -c 'sleep 1; kill -KILL -- -{pgid} 2>/dev/null' </dev/null >/dev/null 2>&1 &"
-    )
-}
-
-/// Takes the pid line off the front of stderr and passes everything else through.
-#[derive(Debug, Default)]
-pub struct PidCapture {
-    head: Vec<u8>,
-    done: bool,
-    pid: Option<u32>,
-}
-
-impl PidCapture {
-    pub fn pid(&self) -> Option<u32> {
-        self.pid
-    }
-
-    /// At the end of the stream: what is still held back (a first line that never ended).
-    pub fn finish(&mut self) -> Vec<u8> {
-        self.done = true;
-        std::mem::take(&mut self.head)
-    }
-
-    /// Feeds stderr bytes; returns the bytes that belong to the script's stderr.
-    pub fn feed<'a>(&mut self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
-        if self.done {
-            return std::borrow::Cow::Borrowed(data);
-        }
-        self.head.extend_from_slice(data);
-        let Some(newline) = self.head.iter().position(|b| *b == b'\n') else {
-            if self.head.len() > 64 {
-                // Not our marker after all: stop looking and pass everything on.
-                self.done = true;
-                return std::borrow::Cow::Owned(std::mem::take(&mut self.head));
-            }
-            return std::borrow::Cow::Owned(Vec::new());
-        };
-        self.done = true;
-        let line = String::from_utf8_lossy(&self.head[..newline]).into_owned();
-        match line.strip_prefix(PID_MARKER) {
-            Some(pid) => {
-                // Process groups 0 and 1 would make the kill command hit everything the
-                // user can reach: never remember those.
-                self.pid = pid.trim().parse::<u32>().ok().filter(|pid| *pid > 1);
-                let rest = self.head.split_off(newline + 1);
-                self.head.clear();
-                std::borrow::Cow::Owned(rest)
-            }
-            None => std::borrow::Cow::Owned(std::mem::take(&mut self.head)),
-        }
-    }
-}
 
 /// Starts the interpreter, feeds it the script on stdin and relays its output until it exits.
 /// On cancellation the script's process group in the guest is stopped, its last output is
@@ -425,8 +356,9 @@ fn relay(
     let mut channel = session
         .channel_session()
         .map_err(|e| channel_error("opening a channel", &e))?;
+    let run_id = new_run_id();
     channel
-        .exec(&remote_command(request.interpreter, umask))
+        .exec(&remote_command(request.interpreter, umask, &run_id))
         .map_err(|e| channel_error("starting the guest shell", &e))?;
     channel
         .write_all(request.script)
@@ -449,7 +381,7 @@ fn relay(
     loop {
         if cancelled_at.is_none() && request.cancel.load(Ordering::Relaxed) {
             cancelled_at = Some(Instant::now());
-            stop_remote(session, capture.pid());
+            stop_remote(session, capture.pid(), &run_id);
         }
         if cancelled_at.is_some_and(|at| at.elapsed() > CANCEL_GRACE) {
             flush_held(&mut capture, stderr);
@@ -495,18 +427,18 @@ fn flush_held(capture: &mut PidCapture, stderr: &mut dyn Write) {
 }
 
 /// Sends the kill command on a second channel of the same session. Best effort: if it cannot
-/// be delivered, cleanup destroys the VM anyway.
-fn stop_remote(session: &Session, pgid: Option<u32>) {
-    let Some(pgid) = pgid else {
+/// be delivered, cleanup destroys the VM anyway. Without the process group (the pid line never
+/// came) the run's marker alone still finds the script's processes.
+fn stop_remote(session: &Session, pgid: Option<u32>, run_id: &str) {
+    if pgid.is_none() {
         tracing::warn!(
-            "the remote shell's pid is unknown; its processes stop when the VM is destroyed"
+            "the remote shell's process group is unknown; stopping the script by its run marker only"
         );
-        return;
-    };
+    }
     session.set_blocking(true);
     session.set_timeout(1000);
     let sent = session.channel_session().and_then(|mut channel| {
-        channel.exec(&kill_command(pgid))?;
+        channel.exec(&kill_command(pgid, run_id))?;
         channel.send_eof()
     });
     if let Err(err) = sent {
@@ -562,38 +494,7 @@ fn wait_readable(session: &Session) {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::process::CommandExt;
-
     use super::*;
-
-    #[test]
-    fn remote_command_reports_the_process_group_then_execs_the_interpreter() {
-        let command = remote_command("bash", 0o077);
-
-        assert!(command.contains("/proc/$$/stat"), "{command}");
-        assert!(
-            command
-                .ends_with("printf 'hyperjob-remote-pgid %s\\n' \"$g\" >&2; umask 0077; exec bash"),
-            "{command}"
-        );
-    }
-
-    #[test]
-    fn remote_command_prints_the_process_group_of_a_real_shell() {
-        let output = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(remote_command("true", 0o022))
-            .process_group(0)
-            .output()
-            .expect("run sh");
-        let pid_line = String::from_utf8_lossy(&output.stderr).into_owned();
-
-        let mut capture = PidCapture::default();
-        let rest = capture.feed(pid_line.as_bytes()).into_owned();
-
-        assert!(rest.is_empty(), "{pid_line}");
-        assert!(capture.pid().is_some_and(|pgid| pgid > 1), "{pid_line}");
-    }
 
     #[test]
     fn readiness_attempts_start_short_and_grow_to_the_connect_timeout() {
@@ -615,77 +516,5 @@ mod tests {
             attempt_timeout(0, Duration::from_secs(10), Duration::ZERO),
             Duration::from_millis(100)
         );
-    }
-
-    #[test]
-    fn kill_command_targets_the_process_group() {
-        let command = kill_command(4321);
-
-        assert!(command.starts_with("kill -TERM -- -4321 "), "{command}");
-        assert!(command.contains("kill -KILL -- -4321"), "{command}");
-    }
-
-    #[test]
-    fn pid_line_is_taken_off_stderr_even_when_split() {
-        let mut capture = PidCapture::default();
-
-        let first = capture.feed(b"hyperjob-remote-p").into_owned();
-        let second = capture.feed(b"gid 77\nreal stderr\n").into_owned();
-        let third = capture.feed(b"more\n").into_owned();
-
-        assert_eq!(capture.pid(), Some(77));
-        assert!(first.is_empty());
-        assert_eq!(second, b"real stderr\n");
-        assert_eq!(third, b"more\n");
-        assert!(
-            capture.finish().is_empty(),
-            "the marker line must not come back at the end"
-        );
-    }
-
-    #[test]
-    fn stderr_without_the_marker_passes_through_untouched() {
-        let mut capture = PidCapture::default();
-
-        let out = capture.feed(b"some shell complaint\nnext\n").into_owned();
-
-        assert_eq!(capture.pid(), None);
-        assert_eq!(out, b"some shell complaint\nnext\n");
-    }
-
-    #[test]
-    fn a_short_unterminated_stream_is_returned_by_finish() {
-        let mut capture = PidCapture::default();
-
-        let fed = capture.feed(b"*\xfb").into_owned();
-        let rest = capture.finish();
-
-        assert!(fed.is_empty());
-        assert_eq!(rest, b"*\xfb");
-        assert!(capture.finish().is_empty());
-    }
-
-    #[test]
-    fn process_groups_0_and_1_are_never_targeted() {
-        for marker in [
-            &b"hyperjob-remote-pgid 1\n"[..],
-            b"hyperjob-remote-pgid 0\n",
-        ] {
-            let mut capture = PidCapture::default();
-
-            let _ = capture.feed(marker);
-
-            assert_eq!(capture.pid(), None);
-        }
-    }
-
-    #[test]
-    fn long_first_line_without_newline_is_not_held_back() {
-        let mut capture = PidCapture::default();
-
-        let out = capture.feed(&[b'x'; 100]).into_owned();
-
-        assert_eq!(out.len(), 100);
-        assert_eq!(capture.pid(), None);
     }
 }
