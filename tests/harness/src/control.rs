@@ -27,14 +27,41 @@ pub enum CancelKind {
     Abort,
 }
 
-/// "Cancel the job once the invocation for `stage` has run for `after`".
+/// "Cancel the job once the invocation for `stage` has run for `after` and,
+/// when `after_output` is set, has printed a line containing that text".
 /// `stage` is the name a driver sees: a run_exec stage (`build_script`,
 /// `get_sources`, …), or `config` / `prepare` for config_exec / prepare_exec.
+/// Prefer [`CancelPlan::on_output`]: a line the stage prints once its signal
+/// handling is in place is a condition, a duration only a guess.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelPlan {
     pub stage: String,
     pub after: Duration,
+    pub after_output: Option<String>,
     pub kind: CancelKind,
+}
+
+impl CancelPlan {
+    /// Cancels once the invocation for `stage` has run for `after`.
+    pub fn after(stage: &str, after: Duration, kind: CancelKind) -> Self {
+        Self {
+            stage: stage.to_owned(),
+            after,
+            after_output: None,
+            kind,
+        }
+    }
+
+    /// Cancels as soon as the invocation for `stage` printed a line (stdout
+    /// or stderr) containing `text`.
+    pub fn on_output(stage: &str, text: &str, kind: CancelKind) -> Self {
+        Self {
+            stage: stage.to_owned(),
+            after: Duration::ZERO,
+            after_output: Some(text.to_owned()),
+            kind,
+        }
+    }
 }
 
 #[derive(Debug)]

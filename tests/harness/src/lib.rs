@@ -35,7 +35,8 @@
 //!   the script phase was not entered or it is empty; errors ignored unless
 //!   `AFTER_SCRIPT_IGNORE_ERRORS=false`), cleanup_file_variables, then
 //!   cleanup_exec (own timeout, never cancelled) and temp dir removal.
-//! * **Scripts** (§7): the 19.1+ bash/sh wrapper byte for byte,
+//! * **Scripts** (§7): the 19.1+ bash/sh wrapper byte for byte (or the
+//!   17.4–19.0 one, [`RunnerSettings::script_format`]),
 //!   `ShellEscape`, Go `%q` paths, file variables, `GITLAB_ENV`, the
 //!   get_sources body (template dir, external git config with Gitaly
 //!   correlation ID, bundle URIs and `insteadOf` credential rewrites, `git
@@ -101,8 +102,8 @@ pub use job::{Job, JobVariable, RefType, Service, Step};
 pub use log::{mask, LineKind, LogLine, LogStream};
 pub use runner::{run_job, run_job_with, JobReport, JobResult};
 pub use script::{
-    generate_script, wrap_script, GitSource, RunnerHooks, ScriptContext, ScriptShell, Stage,
-    UnsupportedStage,
+    generate_script, wrap_script, wrap_script_as, GitSource, RunnerHooks, ScriptContext,
+    ScriptFormat, ScriptShell, Stage, UnsupportedStage,
 };
 pub use session::{Driver, ExecutorSession, JobError, RunnerSettings, RunningInvocation};
 pub use variables::{

@@ -162,6 +162,19 @@ impl Recorder {
             .unwrap_or_default()
     }
 
+    /// Whether a line of `stage` that arrived at or after `since` contains
+    /// `needle` (`stage` `None`: any stage).
+    pub(crate) fn has_line(&self, stage: Option<&str>, since: Instant, needle: &str) -> bool {
+        let Ok(lines) = self.lines.lock() else {
+            return false;
+        };
+        lines.iter().any(|line| {
+            line.at >= since
+                && stage.is_none_or(|stage| line.stage == stage)
+                && line.text.contains(needle)
+        })
+    }
+
     pub(crate) fn invocations(&self) -> Vec<Invocation> {
         self.invocations
             .lock()

@@ -1,5 +1,6 @@
 //! The stage scripts the runner hands to run_exec (protocol §7): inner bodies
-//! per stage (§7.2, §7.4–7.6) and the bash wrapper of runner 19.1+ (§7.1).
+//! per stage (§7.2, §7.4–7.6) and the bash wrapper of runner 19.1+ or, on
+//! request, of runners 17.4–19.0 (§7.1).
 
 use crate::compat::{path_join, UrlParts};
 use crate::escape::{double_quote, go_quote, regexp_quote_meta, shell_escape};
@@ -10,6 +11,9 @@ const ANSI_BOLD_GREEN: &str = "\x1b[32;1m";
 const ANSI_RESET: &str = "\x1b[0;m";
 const ANSI_CLEAR: &str = "\x1b[0K";
 const TERM_TRAP: &str = "trap 'exit 1' TERM";
+/// The 17.4–19.0 trap: unquoted, so it installs the handler `exit` for the
+/// signals 1 (HUP) and TERM.
+const TERM_TRAP_17_4: &str = "trap exit 1 TERM";
 const GITLAB_ENV_FILE: &str = "gitlab_runner_env";
 const EXTERNAL_GIT_CONFIG: &str = ".gitlab-runner.ext.conf";
 const GLOBAL_GIT_CONFIG_SEED: &str = ".glr.gconf";
@@ -126,6 +130,22 @@ impl ScriptShell {
     }
 }
 
+/// Which runner versions' wrapper (§7.1) the scripts get. The inner bodies are
+/// always today's (19.x).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ScriptFormat {
+    /// 19.1 and later: `trap 'exit 1' TERM`, the `case "$(set -o)"` pipefail
+    /// check, and `(trap 'exit 1' TERM; eval …) < /dev/null` (or `: | eval …`
+    /// with `FF_USE_LEGACY_BASH_EVAL`). A terminated script exits with 1.
+    #[default]
+    Current,
+    /// 17.4 – 19.0: `trap exit 1 TERM` (unquoted), `if set -o | grep pipefail
+    /// …`, and `: | eval …` (`FF_USE_NEW_BASH_EVAL_STRATEGY` is not modelled:
+    /// it was off by default). A terminated script exits with the status of the
+    /// killed pipeline, e.g. 143.
+    Runner17_4,
+}
+
 /// Runner hooks from `[[runners]]` spliced into the scripts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunnerHooks {
@@ -156,6 +176,8 @@ pub struct GitSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScriptContext {
     pub shell: ScriptShell,
+    /// Whose wrapper: runner 19.1+ (default) or 17.4–19.0.
+    pub format: ScriptFormat,
     /// `GetAllVariables()`, expanded, in order.
     pub variables: Vec<JobVariable>,
     pub dirs: BuildDirs,
@@ -227,25 +249,48 @@ pub fn generate_script(
 /// The bash/sh wrapper (§7.1, runner 19.1+) around an already generated
 /// inner body.
 pub fn wrap_script(shell: ScriptShell, inner_body: &str, debug_trace: bool) -> String {
-    assemble_script(shell, &shell_escape(inner_body), debug_trace, false)
+    wrap_script_as(ScriptFormat::Current, shell, inner_body, debug_trace)
+}
+
+/// [`wrap_script`] with the wrapper of the runner versions `format` stands for.
+pub fn wrap_script_as(
+    format: ScriptFormat,
+    shell: ScriptShell,
+    inner_body: &str,
+    debug_trace: bool,
+) -> String {
+    assemble_script(format, shell, &shell_escape(inner_body), debug_trace, false)
 }
 
 /// `BashWriter.Finish`: shebang, TERM trap, errexit/pipefail, then the
 /// escaped body evaluated in a subshell with stdin from /dev/null
-/// (`FF_USE_LEGACY_BASH_EVAL` restores `: | eval …`).
+/// (`FF_USE_LEGACY_BASH_EVAL` restores `: | eval …`); for 17.4–19.0 the
+/// older trap, pipefail check and `: | eval …`.
 fn assemble_script(
+    format: ScriptFormat,
     shell: ScriptShell,
     escaped_body: &str,
     debug_trace: bool,
     legacy_eval: bool,
 ) -> String {
-    let mut out = format!("#!/usr/bin/env {}\n\n{TERM_TRAP}\n\n", shell.name());
+    let trap = match format {
+        ScriptFormat::Current => TERM_TRAP,
+        ScriptFormat::Runner17_4 => TERM_TRAP_17_4,
+    };
+    let mut out = format!("#!/usr/bin/env {}\n\n{trap}\n\n", shell.name());
     if debug_trace {
         out.push_str("set -o xtrace\n");
     }
-    out.push_str("case \"$(set -o)\" in *\"pipefail\"*) set -o pipefail;; esac; set -o errexit\n");
+    out.push_str(match format {
+        ScriptFormat::Current => {
+            "case \"$(set -o)\" in *\"pipefail\"*) set -o pipefail;; esac; set -o errexit\n"
+        }
+        ScriptFormat::Runner17_4 => {
+            "if set -o | grep pipefail > /dev/null; then set -o pipefail; fi; set -o errexit\n"
+        }
+    });
     out.push_str("set +o noclobber\n");
-    if legacy_eval {
+    if legacy_eval || format == ScriptFormat::Runner17_4 {
         out.push_str(&format!(": | eval {escaped_body}\n"));
     } else {
         out.push_str(&format!("({TERM_TRAP}; eval {escaped_body}) < /dev/null\n"));
@@ -288,6 +333,7 @@ struct ScriptWriter {
     indent: usize,
     tmp_dir: String,
     shell: ScriptShell,
+    format: ScriptFormat,
     debug_trace: bool,
     check_for_errors: bool,
     legacy_eval: bool,
@@ -301,6 +347,7 @@ impl ScriptWriter {
             indent: 0,
             tmp_dir: ctx.dirs.tmp_project_dir(),
             shell: ctx.shell,
+            format: ctx.format,
             debug_trace: ctx.settings.debug_trace,
             check_for_errors: ctx.settings.flag("FF_ENABLE_BASH_EXIT_CODE_CHECK"),
             legacy_eval: ctx.settings.flag("FF_USE_LEGACY_BASH_EVAL"),
@@ -501,6 +548,7 @@ impl ScriptWriter {
     fn finish(self) -> String {
         let escaped_body = self.escape(&self.body);
         assemble_script(
+            self.format,
             self.shell,
             &escaped_body,
             self.debug_trace,
@@ -1043,6 +1091,7 @@ mod tests {
         };
         ScriptContext {
             shell: ScriptShell::Bash,
+            format: ScriptFormat::Current,
             variables,
             settings: build_settings(&job, &RunnerIdentity::default(), &dirs),
             dirs,
@@ -1124,6 +1173,43 @@ mod tests {
         assert_eq!(
             script,
             "#!/usr/bin/env sh\n\ntrap 'exit 1' TERM\n\ncase \"$(set -o)\" in *\"pipefail\"*) set -o pipefail;; esac; set -o errexit\nset +o noclobber\n(trap 'exit 1' TERM; eval $'true\\n') < /dev/null\nexit 0\n"
+        );
+    }
+
+    #[test]
+    fn runner_17_4_wrapper_has_the_unquoted_trap_grep_pipefail_and_piped_eval() {
+        let script = wrap_script_as(ScriptFormat::Runner17_4, ScriptShell::Bash, "true\n", false);
+
+        assert_eq!(
+            script,
+            "#!/usr/bin/env bash\n\ntrap exit 1 TERM\n\nif set -o | grep pipefail > /dev/null; then set -o pipefail; fi; set -o errexit\nset +o noclobber\n: | eval $'true\\n'\nexit 0\n"
+        );
+    }
+
+    #[test]
+    fn runner_17_4_format_changes_only_the_wrapper_of_a_stage() {
+        let current = example_context(example_7_4_variables());
+        let old = ScriptContext {
+            format: ScriptFormat::Runner17_4,
+            ..current.clone()
+        };
+        let stage = Stage::UserStep("script".to_owned());
+
+        let current = generate_script(&stage, &current)
+            .expect("ok")
+            .expect("step");
+        let old = generate_script(&stage, &old).expect("ok").expect("step");
+
+        let body = |script: &str| {
+            let start = script.find("eval $'").expect("eval");
+            let end = script.rfind('\'').expect("quote");
+            script[start..=end].to_owned()
+        };
+        assert_eq!(body(&old), body(&current));
+        assert!(old.contains("\n: | eval $'"), "{old}");
+        assert!(
+            old.starts_with("#!/usr/bin/env bash\n\ntrap exit 1 TERM\n"),
+            "{old}"
         );
     }
 

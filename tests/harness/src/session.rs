@@ -22,7 +22,9 @@ use crate::invocation::{Invocation, InvocationKind};
 use crate::job::{Job, JobVariable};
 use crate::log::{LogLine, LogStream, Recorder};
 use crate::process::{self, KillTimeouts, ProcessOutcome, ProcessRequest, Running, Sink};
-use crate::script::{generate_script, GitSource, RunnerHooks, ScriptContext, ScriptShell, Stage};
+use crate::script::{
+    generate_script, GitSource, RunnerHooks, ScriptContext, ScriptFormat, ScriptShell, Stage,
+};
 use crate::variables::{
     all_variables, build_settings, overwrite_first, BuildDirs, BuildSettings, GitStrategy,
     RunnerIdentity,
@@ -105,6 +107,8 @@ pub struct RunnerSettings {
     pub cache_dir: Option<String>,
     /// `shell` (`bash` when unset).
     pub shell: Option<String>,
+    /// Whose script wrapper to write: runner 19.1+ (default) or 17.4–19.0.
+    pub script_format: ScriptFormat,
     /// `[runners.custom_build_dir] enabled` (allows `GIT_CLONE_PATH`).
     pub custom_build_dir_enabled: bool,
     pub identity: RunnerIdentity,
@@ -138,6 +142,7 @@ impl Default for RunnerSettings {
             builds_dir: None,
             cache_dir: None,
             shell: None,
+            script_format: ScriptFormat::Current,
             custom_build_dir_enabled: false,
             identity: RunnerIdentity::default(),
             hooks: RunnerHooks::default(),
@@ -234,6 +239,8 @@ struct Shared {
     exit_code_file: PathBuf,
     recorder: Arc<Recorder>,
     cancel: CancelHandle,
+    /// When this executor was created: log lines before it belong to others.
+    created: Instant,
     state: Mutex<State>,
 }
 
@@ -349,6 +356,7 @@ impl ExecutorSession {
                 response_file,
                 recorder,
                 cancel,
+                created: Instant::now(),
                 state: Mutex::new(State {
                     dirs: carry.dirs,
                     build_settings,
@@ -428,6 +436,23 @@ impl ExecutorSession {
 
     pub fn log(&self) -> Vec<LogLine> {
         self.shared.recorder.lines()
+    }
+
+    /// Waits until a log line (any stage, any stream) contains `needle`;
+    /// false when `timeout` passes first. For acting on a condition (a stage
+    /// printed "started") instead of after a guessed delay.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let since = self.shared.created;
+        loop {
+            if self.shared.recorder.has_line(None, since, needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(crate::control::POLL);
+        }
     }
 
     fn refresh_variables(&self, state: &mut State) {
@@ -646,12 +671,18 @@ impl ExecutorSession {
             .clone()
             .filter(|plan| plan.stage == kind.label());
         let handle = self.shared.cancel.clone();
+        let label = kind.label().to_owned();
         let running = self.start(kind, script)?;
         let started = running.started;
+        let recorder = Arc::clone(&self.shared.recorder);
         let mut plan_fired = false;
         let mut should_stop = || {
             if let Some(plan) = plan.as_ref().filter(|_| !plan_fired) {
-                if started.elapsed() >= plan.after {
+                let printed = plan
+                    .after_output
+                    .as_deref()
+                    .is_none_or(|text| recorder.has_line(Some(&label), started, text));
+                if started.elapsed() >= plan.after && printed {
                     plan_fired = true;
                     handle.trigger(plan.kind);
                 }
@@ -837,6 +868,7 @@ impl ExecutorSession {
         let identity = &self.shared.settings.identity;
         ScriptContext {
             shell: state.script_shell,
+            format: self.shared.settings.script_format,
             variables: state.variables.clone(),
             dirs: state.dirs.clone(),
             hostname: state.hostname.clone(),

@@ -528,14 +528,16 @@ fn failed_prepare_script_ends_the_script_phase() {
 #[test]
 fn graceful_cancel_stops_the_step_then_runs_after_script_with_canceled_status() {
     let fixture = Fixture::new();
-    let mut job = job(&["sleep 30"]);
+    // The script's TERM trap is its first line: output means it is in place.
+    // (The echoed command shows `$((6*7))`; only the output says 42.)
+    let mut job = job(&["echo \"$((6*7)) started\"", "sleep 30"]);
     job.after_script = vec!["echo status=$CI_JOB_STATUS".to_owned()];
     let settings = RunnerSettings {
-        cancel_plan: Some(CancelPlan {
-            stage: "build_script".to_owned(),
-            after: Duration::from_millis(300),
-            kind: CancelKind::Cancel,
-        }),
+        cancel_plan: Some(CancelPlan::on_output(
+            "build_script",
+            "42 started",
+            CancelKind::Cancel,
+        )),
         ..fixture.settings()
     };
 
@@ -573,11 +575,11 @@ fn abort_of_a_driver_ignoring_sigterm_escalates_to_sigkill_and_skips_later_stage
     let mut driver = fixture.driver(&[("HJT_IGNORE_TERM_STAGE", "build_script")]);
     driver.graceful_kill_timeout = Duration::from_millis(300);
     let settings = RunnerSettings {
-        cancel_plan: Some(CancelPlan {
-            stage: "build_script".to_owned(),
-            after: Duration::from_millis(200),
-            kind: CancelKind::Abort,
-        }),
+        cancel_plan: Some(CancelPlan::on_output(
+            "build_script",
+            "ignoring SIGTERM",
+            CancelKind::Abort,
+        )),
         ..fixture.settings()
     };
 
@@ -634,7 +636,18 @@ fn cancel_handle_from_another_thread_cancels_the_running_job() {
     let job = job(&["sleep 30"]);
 
     let worker = std::thread::spawn(move || run_job_with(&driver, &job, &settings, &handle));
-    std::thread::sleep(Duration::from_millis(1500));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !fixture
+        .calls()
+        .iter()
+        .any(|call| call == "run build_script")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "build_script never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     canceller.cancel();
     let report = worker.join().expect("the job thread ends");
 
@@ -732,7 +745,7 @@ fn killing_a_stage_by_hand_maps_the_signal_like_the_runner() {
     let fixture = Fixture::new();
     let session = ExecutorSession::new(
         &fixture.driver(&[]),
-        &job(&["sleep 30"]),
+        &job(&["echo \"$((6*7)) started\"", "sleep 30"]),
         &fixture.settings(),
     )
     .expect("session");
@@ -744,7 +757,7 @@ fn killing_a_stage_by_hand_maps_the_signal_like_the_runner() {
     let running = session
         .spawn_stage(&hyperjob_test_harness::Stage::parse("build_script"))
         .expect("build_script starts");
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(session.wait_for_log("42 started", Duration::from_secs(10)));
 
     running
         .signal_group(libc::SIGTERM)
@@ -768,11 +781,11 @@ fn cleanup_starts_while_a_stage_ignoring_sigterm_is_still_alive() {
     driver.graceful_kill_timeout = Duration::from_secs(2);
     let settings = RunnerSettings {
         wait_for_build_finish_timeout: Duration::from_millis(300),
-        cancel_plan: Some(CancelPlan {
-            stage: "build_script".to_owned(),
-            after: Duration::from_millis(200),
-            kind: CancelKind::Abort,
-        }),
+        cancel_plan: Some(CancelPlan::on_output(
+            "build_script",
+            "ignoring SIGTERM",
+            CancelKind::Abort,
+        )),
         ..fixture.settings()
     };
 
