@@ -157,13 +157,16 @@ fn init_logging() {
 }
 
 /// The first SIGTERM/SIGINT asks the running stage to stop cleanly; a second one ends the
-/// process at once.
+/// process at once, with `SYSTEM_FAILURE_EXIT_CODE` (a cancelled stage is never a build
+/// failure).
 fn install_signal_handlers() -> Arc<AtomicBool> {
     let cancel = Arc::new(AtomicBool::new(false));
+    let status = i32::from(hyperjob_core::job::ExitCodes::from_env().system_failure);
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // Registration only fails for forbidden signals, which these are not; without a
         // handler the default action (terminate) still applies, so carry on.
-        let _ = signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&cancel));
+        let _ =
+            signal_hook::flag::register_conditional_shutdown(signal, status, Arc::clone(&cancel));
         let _ = signal_hook::flag::register(signal, Arc::clone(&cancel));
     }
     cancel
