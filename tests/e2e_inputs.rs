@@ -164,7 +164,17 @@ fn guest_that_never_gets_an_address_fails_within_the_timeout_and_is_removed() {
         log.contains("waiting for a DHCP lease on network \"hyperjob-nodhcp\""),
         "{log}"
     );
-    assert!(log.contains("Last lines of the guest console:"), "{log}");
+    // The tail itself, not only its header: the guest's last words are its DHCP client
+    // asking in vain, the very reason prepare failed.
+    let tail: Vec<&str> = log
+        .lines()
+        .skip_while(|line| !line.contains("Last lines of the guest console:"))
+        .skip(1)
+        .take_while(|line| !line.starts_with("hyperjob "))
+        .collect();
+    println!("console tail ({} lines):\n{}", tail.len(), tail.join("\n"));
+    assert!(tail.len() >= 3, "{log}");
+    assert!(tail.iter().any(|line| line.contains("udhcpc")), "{log}");
     ws.assert_nothing_left(&vm_name(id));
 }
 
@@ -503,6 +513,17 @@ fn secrets_stay_out_of_argv_logs_and_readable_guest_files() {
     assert!(
         execs.iter().any(|line| line.contains("qemu-img")),
         "strace did not follow the driver's children: {execs:#?}"
+    );
+    // hyperjob talks to libvirt and to the guest through libraries, never through virsh/ssh.
+    let programs: Vec<&str> = execs
+        .iter()
+        .filter_map(|line| line.split('"').nth(1))
+        .collect();
+    assert!(
+        !programs
+            .iter()
+            .any(|p| p.ends_with("/virsh") || p.ends_with("/ssh")),
+        "{programs:?}"
     );
     let leaked: Vec<_> = execs.iter().filter(|line| line.contains(&secret)).collect();
     assert!(leaked.is_empty(), "secret in an exec's argv: {leaked:#?}");

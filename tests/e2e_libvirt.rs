@@ -133,7 +133,24 @@ fn image_with_a_bootloader_boots_without_kernel_keys() {
     assert!(!config.contains("kernel ="), "{config}");
     ws.write_config(&config);
     let id = unique_job_id();
-    let mut job = Job::new(id, "group/boot", "", "", &["cat /proc/cmdline"]);
+    // A second config: 2 vCPUs and 384 MiB, which the guest must see (the default config
+    // has 1 and 512). A table of a plugin that is not selected is ignored.
+    let config = config
+        .replace("vcpus = 1", "vcpus = 2")
+        .replace("memory_mib = 512", "memory_mib = 384")
+        + "\n[backends.unselected]\nanything = \"goes\"\n";
+    ws.write_config(&config);
+    let mut job = Job::new(
+        id,
+        "group/boot",
+        "",
+        "",
+        &[
+            "cat /proc/cmdline",
+            "echo \"cpus=$(nproc)\"",
+            "echo \"memory_kib=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB$/\\1/p' /proc/meminfo)\"",
+        ],
+    );
     job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
 
     let report = run_job(&driver(&env, &ws), &job, &settings());
@@ -142,6 +159,17 @@ fn image_with_a_bootloader_boots_without_kernel_keys() {
     assert_eq!(report.result, JobResult::Success, "{log}");
     // The command line comes from the image's syslinux.cfg: SeaBIOS booted the disk.
     assert!(log.contains("root=/dev/vda2"), "{log}");
+    assert!(log.contains("cpus=2"), "{log}");
+    let memory_kib: u64 = log
+        .lines()
+        .find_map(|line| line.strip_prefix("memory_kib="))
+        .and_then(|kib| kib.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no memory figure: {log}"));
+    // MemTotal is what is left after the kernel's own reservations.
+    assert!(
+        (300 * 1024..=384 * 1024).contains(&memory_kib),
+        "guest sees {memory_kib} KiB: {log}"
+    );
     ws.assert_nothing_left(&vm_name(id));
 }
 
@@ -180,6 +208,14 @@ fn per_job_keys_reach_a_stock_cloud_init_guest_and_are_removed_with_the_job() {
     let key_mode =
         std::fs::metadata(keys_dir.join("id_ed25519")).map(|m| m.permissions().mode() & 0o777);
     let seed_mode = std::fs::metadata(&seed).map(|m| m.permissions().mode() & 0o777);
+    let mode_of = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok()
+    };
+    let state_file_mode = mode_of(&ws.state_dir.join(format!("job-{id}.json")));
+    let state_dir_mode = mode_of(&ws.state_dir);
+    let keys_dir_mode = mode_of(&keys_dir);
     let state: serde_json::Value = serde_json::from_slice(
         &std::fs::read(ws.state_dir.join(format!("job-{id}.json"))).expect("state"),
     )
@@ -200,6 +236,13 @@ fn per_job_keys_reach_a_stock_cloud_init_guest_and_are_removed_with_the_job() {
     assert!(build.succeeded(), "{log}");
     assert_eq!(key_mode.ok(), Some(0o600), "client key must be 0600");
     assert_eq!(seed_mode.ok(), Some(0o600), "seed must be 0600");
+    assert_eq!(state_file_mode, Some(0o600), "state file must be 0600");
+    assert_eq!(state_dir_mode, Some(0o700), "state_dir must be 0700");
+    assert_eq!(
+        keys_dir_mode,
+        Some(0o700),
+        "the job's key directory must be 0700"
+    );
     let host_key = state["endpoint"]["host_key"]
         .as_str()
         .expect("state records the job's host key");
@@ -448,6 +491,13 @@ fn cleanup_succeeds_when_prepare_never_ran_and_when_repeated() {
         "{}",
         String::from_utf8_lossy(&second.stderr)
     );
+    // cleanup reports errors only: nothing to say when there was nothing to remove.
+    for output in [&first, &second] {
+        assert!(
+            output.stdout.is_empty() && output.stderr.is_empty(),
+            "{output:?}"
+        );
+    }
     ws.assert_nothing_left(&vm_name(id));
 }
 

@@ -17,6 +17,7 @@ use support::{
     wait_until, TestEnv, Workspace,
 };
 
+const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
 
@@ -163,6 +164,39 @@ fn sigterm_during_prepare_removes_everything_it_created() {
     session.cleanup();
 }
 
+#[test]
+fn a_second_signal_ends_prepare_at_once_as_a_system_failure_and_cleanup_removes_the_rest() {
+    let env = TestEnv::load();
+    let ws = env.workspace("double-signal");
+    let id = unique_job_id();
+    let job = job(id, &["true"]);
+    let session = session(&env, &ws, &job);
+    let running = session.spawn_prepare().expect("start prepare");
+    wait_for_log(&session, "Waiting for the guest address", LOG_WAIT);
+
+    // SIGINT asks for the clean stop (which takes libvirt a second or two to destroy the
+    // VM); the SIGTERM right behind it must end the process at once.
+    let sent = Instant::now();
+    running.signal_group(SIGINT).expect("SIGINT");
+    running.signal_group(SIGTERM).expect("SIGTERM");
+    let invocation = running.wait();
+    println!(
+        "prepare exited {:.2} s after SIGINT + SIGTERM",
+        sent.elapsed().as_secs_f64()
+    );
+
+    let log = log_text(&session);
+    // Never a build failure (1): a cancelled prepare is the system's failure.
+    assert_eq!(invocation.exit, ExitInfo::Exited(2), "{log}");
+    let cleanup = session.cleanup().expect("cleanup_exec ran");
+    assert!(
+        cleanup.error.is_none(),
+        "cleanup failed: {:?}",
+        cleanup.error
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
 /// Where prepare is when the test SIGKILLs it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum KillPoint {
@@ -232,6 +266,27 @@ fn sigkill_of_prepare_while_the_guest_boots_then_cleanup_leaves_nothing() {
     sigkill_prepare_then_cleanup("sigkill-prepare-boot", KillPoint::Booting);
 }
 
+/// Runs `hyperjob run` by hand for `session`'s job with `script`, as the runner would.
+fn run_by_hand(
+    env: &TestEnv,
+    ws: &Workspace,
+    session: &ExecutorSession,
+    script: &str,
+) -> std::process::Output {
+    let dir = tempfile::tempdir_in(&ws.dir).expect("tempdir");
+    let path = dir.path().join("script");
+    std::fs::write(&path, script).expect("script");
+    Command::new(&env.hyperjob)
+        .args(["run", path.to_str().expect("utf-8"), "build_script"])
+        .env("HYPERJOB_CONFIG", &ws.config_path)
+        .env("JOB_RESPONSE_FILE", session.response_file())
+        .env("BUILD_FAILURE_EXIT_CODE", "1")
+        .env("SYSTEM_FAILURE_EXIT_CODE", "2")
+        .env("BUILD_EXIT_CODE_FILE", dir.path().join("exit_code"))
+        .output()
+        .expect("run hyperjob run")
+}
+
 #[test]
 fn sigkill_of_run_then_cleanup_leaves_nothing() {
     let env = TestEnv::load();
@@ -239,6 +294,51 @@ fn sigkill_of_run_then_cleanup_leaves_nothing() {
     let id = unique_job_id();
     let job = job(id, &["echo started", "sleep 300"]);
     let session = prepared(&env, &ws, &job);
+
+    // While the VM is up: it is transient (nothing survives a destroy or a host reboot) and
+    // carries hyperjob's ownership record with the job's id and deadline.
+    let info = virsh(&env.libvirt_uri, &["dominfo", &vm_name(id)]);
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("Persistent:") && l.trim_end().ends_with("no")),
+        "{info}"
+    );
+    let metadata = virsh(
+        &env.libvirt_uri,
+        &["metadata", &vm_name(id), "http://hyperjob.dev/xmlns/job/1"],
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state_file(&ws, id)).expect("state"))
+            .expect("state JSON");
+    for (element, value) in [
+        ("owner", ws.state_dir.display().to_string()),
+        ("id", id.to_string()),
+        ("created", state["created_unix"].to_string()),
+        ("deadline", state["deadline_unix"].to_string()),
+    ] {
+        assert!(
+            metadata.contains(&format!(">{value}</")) && metadata.contains(element),
+            "{element} {value} not in {metadata}"
+        );
+    }
+    // The job's timeout (the harness's default 3600 s) plus the default margin of one hour.
+    assert_eq!(
+        state["deadline_unix"].as_u64().expect("deadline")
+            - state["created_unix"].as_u64().expect("created"),
+        3600 + 3600,
+        "{state}"
+    );
+    // stdout and stderr of the script stay apart on their way out of hyperjob.
+    let streams = run_by_hand(
+        &env,
+        &ws,
+        &session,
+        "#!/usr/bin/env bash\necho to-stdout\necho to-stderr >&2\n",
+    );
+    assert!(streams.status.success(), "{streams:?}");
+    assert_eq!(String::from_utf8_lossy(&streams.stdout), "to-stdout\n");
+    assert_eq!(String::from_utf8_lossy(&streams.stderr), "to-stderr\n");
+
     let running = session
         .spawn_stage(&Stage::UserStep("script".into()))
         .expect("start build_script");
@@ -249,6 +349,40 @@ fn sigkill_of_run_then_cleanup_leaves_nothing() {
     let cleanup = session.cleanup().expect("cleanup_exec ran");
 
     assert_eq!(invocation.exit, ExitInfo::Signaled(SIGKILL), "{log}");
+    assert!(
+        cleanup.error.is_none(),
+        "cleanup failed: {:?}",
+        cleanup.error
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+#[test]
+fn a_guest_that_hangs_under_a_running_script_is_a_system_failure_not_a_wait_for_the_job_timeout() {
+    let env = TestEnv::load();
+    let ws = env.workspace("hung-guest");
+    let id = unique_job_id();
+    let job = job(id, &["echo started", "sleep 3000"]);
+    let session = prepared(&env, &ws, &job);
+    let running = session
+        .spawn_stage(&Stage::UserStep("script".into()))
+        .expect("start build_script");
+    wait_for_log(&session, "started", LOG_WAIT);
+
+    // The guest stops dead: no FIN, no RST, no answer to anything.
+    virsh(&env.libvirt_uri, &["suspend", &vm_name(id)]);
+    let hung = Instant::now();
+    let run = running
+        .wait_timeout(Duration::from_secs(300))
+        .unwrap_or_else(|_| panic!("run still waits 300 s after the guest hung"));
+    println!(
+        "run gave up {:.1} s after the guest hung (keepalive 15 s, dead after 45 s unacknowledged)",
+        hung.elapsed().as_secs_f64()
+    );
+
+    let log = log_text(&session);
+    assert_eq!(run.exit, ExitInfo::Exited(2), "{log}");
+    let cleanup = session.cleanup().expect("cleanup_exec ran");
     assert!(
         cleanup.error.is_none(),
         "cleanup failed: {:?}",
@@ -351,6 +485,15 @@ fn gc_removes_a_job_whose_vm_died_and_keeps_a_live_one() {
     // The host "crashes" under the first job: its transient domain vanishes.
     virsh(&env.libvirt_uri, &["destroy", &vm_name(dead_id)]);
 
+    // While a stage of the job holds its activity lock, the job is alive whatever its VM
+    // looks like: gc keeps it.
+    let lock = std::fs::File::open(ws.state_dir.join(format!("job-{dead_id}.lock")))
+        .expect("the job's lock file");
+    lock.lock_shared().expect("take the job's activity lock");
+    let while_locked = hyperjob_gc(&env, &ws, true);
+    drop(lock);
+    assert!(!while_locked.contains(&vm_name(dead_id)), "{while_locked}");
+
     let dry = hyperjob_gc(&env, &ws, true);
     let files_after_dry_run = list_dir(&ws.images_dir).len();
     let real = hyperjob_gc(&env, &ws, false);
@@ -412,6 +555,88 @@ fn gc_removes_vms_past_their_deadline() {
         "{report}"
     );
     ws.assert_nothing_left(&vm_name(id));
+}
+
+/// A tiny transient domain without a disk (SeaBIOS finds nothing to boot) named like a job
+/// VM, optionally with an ownership record; destroyed again on drop.
+struct Lookalike<'a> {
+    env: &'a TestEnv,
+    name: String,
+}
+
+impl<'a> Lookalike<'a> {
+    fn create(env: &'a TestEnv, ws: &Workspace, name: String, metadata: Option<String>) -> Self {
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name>{}<memory unit='MiB'>32</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64'>hvm</type></os><devices><memballoon model='none'/></devices></domain>",
+            metadata
+                .map(|m| format!("<metadata>{m}</metadata>"))
+                .unwrap_or_default()
+        );
+        let path = ws.dir.join(format!("{name}.xml"));
+        std::fs::write(&path, xml).expect("domain XML");
+        virsh(&env.libvirt_uri, &["create", path.to_str().expect("utf-8")]);
+        std::fs::remove_file(&path).expect("remove domain XML");
+        Self { env, name }
+    }
+}
+
+impl Drop for Lookalike<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh")
+            .args(["-q", "-c", &self.env.libvirt_uri, "destroy", &self.name])
+            .output();
+    }
+}
+
+#[test]
+fn gc_leaves_what_it_does_not_own_alone() {
+    let _serial = gc_test_lock();
+    let env = TestEnv::load();
+    let ws = env.workspace("gc-foreign");
+    let other = env.workspace("gc-foreign-other");
+    let (foreign_id, bare_id) = (unique_job_id(), unique_job_id());
+    // Expired long ago, but made by another installation (another state_dir).
+    let foreign = Lookalike::create(
+        &env,
+        &ws,
+        vm_name(foreign_id),
+        Some(format!(
+            "<hyperjob:job xmlns:hyperjob='http://hyperjob.dev/xmlns/job/1'><hyperjob:id>{foreign_id}</hyperjob:id>\
+             <hyperjob:created>1</hyperjob:created><hyperjob:deadline>2</hyperjob:deadline>\
+             <hyperjob:owner>{}</hyperjob:owner></hyperjob:job>",
+            other.state_dir.display()
+        )),
+    );
+    // A hyperjob-like name and no ownership record at all.
+    let bare = Lookalike::create(&env, &ws, vm_name(bare_id), None);
+    // Files of no job of ours in the images dir.
+    let stray = ws.images_dir.join("not-hyperjob.qcow2");
+    std::fs::write(&stray, "not ours").expect("stray file");
+
+    let dry = hyperjob_gc(&env, &ws, true);
+    let real = hyperjob_gc(&env, &ws, false);
+
+    assert!(
+        dry.contains(&format!(
+            "skipping {}: owned by {}",
+            vm_name(foreign_id),
+            other.state_dir.display()
+        )),
+        "{dry}"
+    );
+    assert!(!real.contains("removed"), "{real}");
+    for name in [&foreign.name, &bare.name] {
+        assert!(
+            domain_exists(&env.libvirt_uri, name),
+            "gc removed {name}: {real}"
+        );
+    }
+    assert!(stray.exists(), "gc removed a file it does not own");
+    std::fs::remove_file(&stray).expect("remove stray file");
+    drop((foreign, bare));
+    ws.assert_nothing_left(&vm_name(foreign_id));
+    ws.assert_nothing_left(&vm_name(bare_id));
 }
 
 #[test]
