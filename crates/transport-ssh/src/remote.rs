@@ -55,12 +55,15 @@ fn marker_kill(signal: &str, run_id: &str) -> String {
     )
 }
 
-/// The command that stops the script's whole process tree: SIGTERM now to its process group
-/// and to every process carrying the run's marker (which reaches descendants that left the
-/// group with `setsid`), SIGKILL to both a second later from a detached helper (so this
-/// command itself returns at once). Must run in a shell that does not carry the marker (a new
-/// SSH channel). A process that removed the marker from its environment escapes, unless it is
-/// still in the group; the VM is destroyed at cleanup anyway.
+/// The command that stops the script's whole process tree: SIGTERM to its process group and to
+/// every process carrying the run's marker (which reaches descendants that left the group with
+/// `setsid`), SIGKILL to both a second later. It all happens in a detached helper, so the
+/// command itself returns at once. Under dropbear this command's own shell is in the script's
+/// process group (dropbear does not give a session a group of its own): the helper ignores
+/// SIGTERM and SIGHUP, and the group's SIGKILL comes last, when the helper has nothing left to
+/// do. Must run in a shell that does not carry the marker (a new SSH channel). A process that
+/// removed the marker from its environment escapes unless it is still in the group; the VM is
+/// destroyed at cleanup anyway.
 pub fn kill_command(pgid: Option<u32>, run_id: &str) -> String {
     let group = |signal: &str| {
         // `kill -SIG -PGID`, without `--`: dash's kill refuses `--`.
@@ -68,7 +71,7 @@ pub fn kill_command(pgid: Option<u32>, run_id: &str) -> String {
             .unwrap_or_default()
     };
     format!(
-        "{}{}; sh -c 'sleep 1; {}; {}' </dev/null >/dev/null 2>&1 &",
+        "trap '' TERM HUP; ({}{}; sleep 1; {}; {}) </dev/null >/dev/null 2>&1 &",
         group("TERM"),
         marker_kill("TERM", run_id),
         marker_kill("KILL", run_id),
@@ -266,8 +269,14 @@ mod tests {
     fn kill_command_targets_the_group_and_the_marker() {
         let command = kill_command(Some(4321), "beef");
 
-        assert!(command.starts_with("kill -TERM -4321 "), "{command}");
-        assert!(command.contains("kill -KILL -4321 "), "{command}");
+        assert!(
+            command.starts_with("trap '' TERM HUP; (kill -TERM -4321 "),
+            "{command}"
+        );
+        assert!(
+            command.contains("; kill -KILL -4321 2>/dev/null; )"),
+            "{command}"
+        );
         assert!(
             command.contains("grep -lF \"HYPERJOB_RUN_ID=beef\" /proc/[0-9]*/environ"),
             "{command}"
@@ -286,8 +295,9 @@ mod tests {
     /// The real thing, on this machine: a script whose shell ignores SIGTERM, with one child
     /// that left the group with `setsid`, one that did so and ignores SIGTERM too, and one that
     /// stayed in the group but dropped its environment (so only the group reaches it). The kill
-    /// command, run by `login_shell` without the marker, ends all of them.
-    fn kill_command_stops_everything(login_shell: &str) {
+    /// command, run by `login_shell` without the marker — in the script's own process group as
+    /// under dropbear, or in a group of its own as under OpenSSH — ends all of them.
+    fn kill_command_stops_everything(login_shell: &str, in_the_scripts_group: bool) {
         let run_id = new_run_id();
         let mut child = spawn_remote(
             "sh",
@@ -320,10 +330,16 @@ mod tests {
                 && std::fs::read(format!("/proc/{unmarked}/environ")).is_ok_and(|e| e.is_empty())
         });
 
+        let group = if in_the_scripts_group {
+            i32::try_from(pid).expect("pid")
+        } else {
+            0
+        };
         let status = Command::new(login_shell)
             .arg("-c")
             .arg(kill_command(Some(pid), &run_id))
             .env_remove(RUN_ID_VAR)
+            .process_group(group)
             .status()
             .expect("run the kill command");
         wait_until("the script's shell ends", Duration::from_secs(10), || {
@@ -343,13 +359,18 @@ mod tests {
     }
 
     #[test]
-    fn kill_command_stops_the_group_and_descendants_that_left_it_from_sh() {
-        kill_command_stops_everything("sh");
+    fn kill_command_from_sh_in_a_group_of_its_own_stops_the_whole_tree() {
+        kill_command_stops_everything("sh", false);
     }
 
     #[test]
-    fn kill_command_stops_the_group_and_descendants_that_left_it_from_bash() {
-        kill_command_stops_everything("bash");
+    fn kill_command_from_sh_inside_the_scripts_group_stops_the_whole_tree() {
+        kill_command_stops_everything("sh", true);
+    }
+
+    #[test]
+    fn kill_command_from_bash_inside_the_scripts_group_stops_the_whole_tree() {
+        kill_command_stops_everything("bash", true);
     }
 
     #[test]
