@@ -31,6 +31,11 @@ pub struct TestEnv {
     /// A guest with cloud-init and OpenSSH and no keys or CI user: both come from a seed.
     pub cloudinit_image: PathBuf,
     pub cloudinit_cmdline: String,
+    /// A guest as stock cloud images are: systemd, OpenSSH (ed25519, ecdsa and rsa host keys,
+    /// all in `stock_known_hosts`), cloud-init; `identity_file` logs in as `guest_user`.
+    pub stock_image: PathBuf,
+    pub stock_cmdline: String,
+    pub stock_known_hosts: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
@@ -68,6 +73,9 @@ impl TestEnv {
             bootable_image: get(&image, "BOOTABLE_IMAGE").into(),
             cloudinit_image: get(&image, "CLOUDINIT_IMAGE").into(),
             cloudinit_cmdline: get(&image, "CLOUDINIT_CMDLINE"),
+            stock_image: get(&image, "STOCK_IMAGE").into(),
+            stock_cmdline: get(&image, "STOCK_CMDLINE"),
+            stock_known_hosts: get(&image, "STOCK_KNOWN_HOSTS").into(),
             kernel: get(&image, "KERNEL").into(),
             initrd: get(&image, "INITRD").into(),
             cmdline: get(&image, "CMDLINE"),
@@ -254,6 +262,46 @@ connect_timeout_secs = 2
             )
             .replace(
                 &format!("known_hosts = \"{}\"\n", env.known_hosts.display()),
+                "",
+            )
+    }
+
+    /// The default config for the stock (systemd + OpenSSH + cloud-init) image with pinned
+    /// keys: its three host keys in known_hosts. systemd and cloud-init take ~30-60 s to SSH
+    /// under TCG, more with other guests booting: a generous ready timeout.
+    pub fn stock_config(&self) -> String {
+        let env = &self.env;
+        self.default_config()
+            .replace(
+                &format!("base_image = \"{}\"", env.base_image.display()),
+                &format!("base_image = \"{}\"", env.stock_image.display()),
+            )
+            .replace(
+                &format!("cmdline = \"{}\"", env.cmdline),
+                &format!("cmdline = \"{}\"", env.stock_cmdline),
+            )
+            .replace(
+                &format!("known_hosts = \"{}\"", env.known_hosts.display()),
+                &format!("known_hosts = \"{}\"", env.stock_known_hosts.display()),
+            )
+            .replace("ready_timeout_secs = 180", "ready_timeout_secs = 300")
+    }
+
+    /// [`Self::stock_config`] with `guest_keys = "per-job"`: no client key, no known_hosts.
+    pub fn stock_per_job_keys_config(&self) -> String {
+        let env = &self.env;
+        self.stock_config()
+            .replacen(
+                "[backends.libvirt]",
+                "guest_keys = \"per-job\"\n\n[backends.libvirt]",
+                1,
+            )
+            .replace(
+                &format!("identity_file = \"{}\"\n", env.identity_file.display()),
+                "",
+            )
+            .replace(
+                &format!("known_hosts = \"{}\"\n", env.stock_known_hosts.display()),
                 "",
             )
     }
