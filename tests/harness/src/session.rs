@@ -244,6 +244,15 @@ struct Shared {
     state: Mutex<State>,
 }
 
+impl Drop for Shared {
+    /// The runner removes an executor's temporary directory (with the job response file and
+    /// every stage's script) when it is done with the executor; so does the harness when the
+    /// last handle to a session goes, also in tests that never call cleanup_exec.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.temp_dir);
+    }
+}
+
 /// One preparation attempt's executor. Cloning shares it.
 #[derive(Debug, Clone)]
 pub struct ExecutorSession {
