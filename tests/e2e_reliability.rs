@@ -9,11 +9,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::{
-    run_job, Driver, ExecutorSession, ExitInfo, Invocation, Job, JobResult, JobVariable,
-    RunnerSettings, RunningInvocation, Stage, Step,
+    run_job, Driver, ExecutorSession, ExitInfo, Invocation, Job, JobResult, RunnerSettings,
+    RunningInvocation, Stage, Step,
 };
 use support::{
-    domain_exists, list_dir, qemu_processes_of, session_log, unique_job_id, virsh, wait_for_log,
+    configured_session, domain_exists, hyperjob_driver, job_without_sources, prepared_session,
+    recorded_state, session_log, state_file, unique_job_id, virsh, vm_name, wait_for_log,
     wait_until, TestEnv, Workspace,
 };
 
@@ -22,40 +23,11 @@ const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
 
 fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
-    Driver::single_binary(&env.hyperjob)
-        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+    hyperjob_driver(env, ws)
 }
 
-fn vm_name(job_id: i64) -> String {
-    format!("hyperjob-job-{job_id}")
-}
-
-/// A job that needs no git server: sources are skipped.
 fn job(id: i64, script: &[&str]) -> Job {
-    let mut job = Job::new(id, "group/reliability", "", "", script);
-    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
-    job
-}
-
-/// An executor session that has run config and is ready for prepare.
-fn session(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
-    let session = ExecutorSession::new(&driver(env, ws), job, &RunnerSettings::default())
-        .expect("executor session");
-    session.run_config().expect("config_exec");
-    session.start_build().expect("builds dir");
-    session
-}
-
-/// A session whose VM is up and whose project dir exists (get_sources ran).
-fn prepared(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
-    let session = session(env, ws, job);
-    session.prepare().expect("prepare_exec");
-    let sources = session
-        .run_stage(&Stage::GetSources)
-        .expect("get_sources")
-        .expect("invoked");
-    assert!(sources.succeeded(), "{}", log_text(&session));
-    session
+    job_without_sources(id, "group/reliability", script)
 }
 
 fn log_text(session: &ExecutorSession) -> String {
@@ -74,15 +46,11 @@ fn signal_now(running: RunningInvocation, signal: i32) -> (Invocation, Duration)
     (invocation, sent.elapsed())
 }
 
-fn state_file(ws: &Workspace, job_id: i64) -> std::path::PathBuf {
-    ws.state_dir.join(format!("job-{job_id}.json"))
-}
-
 /// The `phase` prepare recorded in the job's state file, if there is a readable one.
 fn recorded_phase(ws: &Workspace, job_id: i64) -> Option<String> {
-    let text = std::fs::read_to_string(state_file(ws, job_id)).ok()?;
-    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
-    state["phase"].as_str().map(str::to_string)
+    recorded_state(ws, job_id)?["phase"]
+        .as_str()
+        .map(str::to_string)
 }
 
 #[test]
@@ -109,7 +77,7 @@ fn sigterm_during_run_stops_the_remote_process_tree_promptly() {
             "echo no-job-process-left",
         ],
     ));
-    let session = prepared(&env, &ws, &job);
+    let session = prepared_session(&env, &ws, &job);
     let running = session
         .spawn_stage(&Stage::UserStep("script".into()))
         .expect("start build_script");
@@ -143,7 +111,7 @@ fn sigterm_during_prepare_removes_everything_it_created() {
     let ws = env.workspace("sigterm-prepare");
     let id = unique_job_id();
     let job = job(id, &["true"]);
-    let session = session(&env, &ws, &job);
+    let session = configured_session(&env, &ws, &job);
     let running = session.spawn_prepare().expect("start prepare");
     // The domain exists once prepare waits for its address: there is something to remove.
     wait_for_log(&session, "Waiting for the guest address", LOG_WAIT);
@@ -170,7 +138,7 @@ fn a_second_signal_ends_prepare_at_once_as_a_system_failure_and_cleanup_removes_
     let ws = env.workspace("double-signal");
     let id = unique_job_id();
     let job = job(id, &["true"]);
-    let session = session(&env, &ws, &job);
+    let session = configured_session(&env, &ws, &job);
     let running = session.spawn_prepare().expect("start prepare");
     wait_for_log(&session, "Waiting for the guest address", LOG_WAIT);
 
@@ -211,7 +179,7 @@ fn sigkill_prepare_then_cleanup(name: &str, point: KillPoint) {
     let ws = env.workspace(name);
     let id = unique_job_id();
     let job = job(id, &["true"]);
-    let session = session(&env, &ws, &job);
+    let session = configured_session(&env, &ws, &job);
     let running = session.spawn_prepare().expect("start prepare");
     match point {
         KillPoint::Creating => {
@@ -293,7 +261,7 @@ fn sigkill_of_run_then_cleanup_leaves_nothing() {
     let ws = env.workspace("sigkill-run");
     let id = unique_job_id();
     let job = job(id, &["echo started", "sleep 300"]);
-    let session = prepared(&env, &ws, &job);
+    let session = prepared_session(&env, &ws, &job);
 
     // While the VM is up: it is transient (nothing survives a destroy or a host reboot) and
     // carries hyperjob's ownership record with the job's id and deadline.
@@ -363,7 +331,7 @@ fn a_guest_that_hangs_under_a_running_script_is_a_system_failure_not_a_wait_for_
     let ws = env.workspace("hung-guest");
     let id = unique_job_id();
     let job = job(id, &["echo started", "sleep 3000"]);
-    let session = prepared(&env, &ws, &job);
+    let session = prepared_session(&env, &ws, &job);
     let running = session
         .spawn_stage(&Stage::UserStep("script".into()))
         .expect("start build_script");
@@ -397,7 +365,7 @@ fn cleanup_while_a_run_is_still_running_removes_everything_and_the_run_fails() {
     let ws = env.workspace("cleanup-races-run");
     let id = unique_job_id();
     let job = job(id, &["echo started", "sleep 300"]);
-    let session = prepared(&env, &ws, &job);
+    let session = prepared_session(&env, &ws, &job);
     let running = session
         .spawn_stage(&Stage::UserStep("script".into()))
         .expect("start build_script");
@@ -427,14 +395,14 @@ fn prepare_after_a_killed_attempt_starts_clean_and_the_job_runs() {
     let ws = env.workspace("retry-after-kill");
     let id = unique_job_id();
     let job = job(id, &["echo second attempt works"]);
-    let first = session(&env, &ws, &job);
+    let first = configured_session(&env, &ws, &job);
     let running = first.spawn_prepare().expect("start prepare");
     wait_for_log(&first, "Waiting for the guest address", LOG_WAIT);
     let _ = signal_now(running, SIGKILL);
     assert!(domain_exists(&env.libvirt_uri, &vm_name(id)));
 
     // No cleanup in between: the next prepare must cope with the leftovers itself.
-    let second = prepared(&env, &ws, &job);
+    let second = prepared_session(&env, &ws, &job);
     let run = second
         .run_stage(&Stage::UserStep("script".into()))
         .expect("build_script")
@@ -445,198 +413,6 @@ fn prepare_after_a_killed_attempt_starts_clean_and_the_job_runs() {
     assert!(log.contains("second attempt works"), "{log}");
     second.cleanup();
     ws.assert_nothing_left(&vm_name(id));
-}
-
-fn hyperjob_gc(env: &TestEnv, ws: &Workspace, dry_run: bool) -> String {
-    let mut command = Command::new(&env.hyperjob);
-    command.arg("--config").arg(&ws.config_path).arg("gc");
-    if dry_run {
-        command.arg("--dry-run");
-    }
-    let output = command.output().expect("run hyperjob gc");
-    assert!(
-        output.status.success(),
-        "gc failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// The gc tests run one at a time. Each gc only judges VMs whose ownership record names its
-/// own state_dir (every workspace has its own), so they could not hit each other's or any
-/// other test's VMs anyway; serialising them keeps their reports about their own jobs only.
-static GC_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn gc_test_lock() -> std::sync::MutexGuard<'static, ()> {
-    GC_TESTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-#[test]
-fn gc_removes_a_job_whose_vm_died_and_keeps_a_live_one() {
-    let _serial = gc_test_lock();
-    let env = TestEnv::load();
-    let ws = env.workspace("gc-gone");
-    let dead_id = unique_job_id();
-    let live_id = unique_job_id();
-    let dead = prepared(&env, &ws, &job(dead_id, &["true"]));
-    let live = prepared(&env, &ws, &job(live_id, &["true"]));
-    // The host "crashes" under the first job: its transient domain vanishes.
-    virsh(&env.libvirt_uri, &["destroy", &vm_name(dead_id)]);
-
-    // While a stage of the job holds its activity lock, the job is alive whatever its VM
-    // looks like: gc keeps it.
-    let lock = std::fs::File::open(ws.state_dir.join(format!("job-{dead_id}.lock")))
-        .expect("the job's lock file");
-    lock.lock_shared().expect("take the job's activity lock");
-    let while_locked = hyperjob_gc(&env, &ws, true);
-    drop(lock);
-    assert!(!while_locked.contains(&vm_name(dead_id)), "{while_locked}");
-
-    let dry = hyperjob_gc(&env, &ws, true);
-    let files_after_dry_run = list_dir(&ws.images_dir).len();
-    let real = hyperjob_gc(&env, &ws, false);
-
-    assert!(
-        dry.contains(&format!("would remove {}", vm_name(dead_id))),
-        "{dry}"
-    );
-    assert!(!dry.contains(&vm_name(live_id)), "{dry}");
-    assert_eq!(files_after_dry_run, 4, "dry run removed something");
-    assert!(
-        real.contains(&format!("removed {}", vm_name(dead_id))),
-        "{real}"
-    );
-    assert!(!real.contains(&vm_name(live_id)), "{real}");
-    let left = list_dir(&ws.images_dir);
-    assert!(
-        left.iter().all(|f| f.starts_with(&vm_name(live_id))),
-        "{left:?}"
-    );
-    assert!(
-        !qemu_processes_of(&vm_name(live_id)).is_empty(),
-        "gc stopped the live job"
-    );
-    drop(dead);
-    live.cleanup();
-    ws.assert_nothing_left(&vm_name(live_id));
-}
-
-#[test]
-fn gc_removes_vms_past_their_deadline() {
-    let _serial = gc_test_lock();
-    let env = TestEnv::load();
-    let ws = env.workspace("gc-deadline");
-    ws.write_config(&ws.default_config().replacen(
-        "[backends.libvirt]",
-        "deadline_margin_secs = 0\n[backends.libvirt]",
-        1,
-    ));
-    let id = unique_job_id();
-    let mut job = job(id, &["true"]);
-    job.timeout_secs = 1;
-    let _session = prepared(&env, &ws, &job);
-    let text = std::fs::read_to_string(state_file(&ws, id)).expect("state file");
-    let deadline = serde_json::from_str::<serde_json::Value>(&text).expect("state JSON")
-        ["deadline_unix"]
-        .as_u64()
-        .expect("deadline_unix");
-    wait_until(
-        "the job's deadline to pass",
-        Duration::from_secs(30),
-        || support::unix_now() > deadline,
-    );
-
-    let report = hyperjob_gc(&env, &ws, false);
-
-    assert!(
-        report.contains(&format!("removed {}: its deadline has passed", vm_name(id))),
-        "{report}"
-    );
-    ws.assert_nothing_left(&vm_name(id));
-}
-
-/// A tiny transient domain without a disk (SeaBIOS finds nothing to boot) named like a job
-/// VM, optionally with an ownership record; destroyed again on drop.
-struct Lookalike<'a> {
-    env: &'a TestEnv,
-    name: String,
-}
-
-impl<'a> Lookalike<'a> {
-    fn create(env: &'a TestEnv, ws: &Workspace, name: String, metadata: Option<String>) -> Self {
-        let xml = format!(
-            "<domain type='qemu'><name>{name}</name>{}<memory unit='MiB'>32</memory><vcpu>1</vcpu>\
-             <os><type arch='x86_64'>hvm</type></os><devices><memballoon model='none'/></devices></domain>",
-            metadata
-                .map(|m| format!("<metadata>{m}</metadata>"))
-                .unwrap_or_default()
-        );
-        let path = ws.dir.join(format!("{name}.xml"));
-        std::fs::write(&path, xml).expect("domain XML");
-        virsh(&env.libvirt_uri, &["create", path.to_str().expect("utf-8")]);
-        std::fs::remove_file(&path).expect("remove domain XML");
-        Self { env, name }
-    }
-}
-
-impl Drop for Lookalike<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("virsh")
-            .args(["-q", "-c", &self.env.libvirt_uri, "destroy", &self.name])
-            .output();
-    }
-}
-
-#[test]
-fn gc_leaves_what_it_does_not_own_alone() {
-    let _serial = gc_test_lock();
-    let env = TestEnv::load();
-    let ws = env.workspace("gc-foreign");
-    let other = env.workspace("gc-foreign-other");
-    let (foreign_id, bare_id) = (unique_job_id(), unique_job_id());
-    // Expired long ago, but made by another installation (another state_dir).
-    let foreign = Lookalike::create(
-        &env,
-        &ws,
-        vm_name(foreign_id),
-        Some(format!(
-            "<hyperjob:job xmlns:hyperjob='http://hyperjob.dev/xmlns/job/1'><hyperjob:id>{foreign_id}</hyperjob:id>\
-             <hyperjob:created>1</hyperjob:created><hyperjob:deadline>2</hyperjob:deadline>\
-             <hyperjob:owner>{}</hyperjob:owner></hyperjob:job>",
-            other.state_dir.display()
-        )),
-    );
-    // A hyperjob-like name and no ownership record at all.
-    let bare = Lookalike::create(&env, &ws, vm_name(bare_id), None);
-    // Files of no job of ours in the images dir.
-    let stray = ws.images_dir.join("not-hyperjob.qcow2");
-    std::fs::write(&stray, "not ours").expect("stray file");
-
-    let dry = hyperjob_gc(&env, &ws, true);
-    let real = hyperjob_gc(&env, &ws, false);
-
-    assert!(
-        dry.contains(&format!(
-            "skipping {}: owned by {}",
-            vm_name(foreign_id),
-            other.state_dir.display()
-        )),
-        "{dry}"
-    );
-    assert!(!real.contains("removed"), "{real}");
-    for name in [&foreign.name, &bare.name] {
-        assert!(
-            domain_exists(&env.libvirt_uri, name),
-            "gc removed {name}: {real}"
-        );
-    }
-    assert!(stray.exists(), "gc removed a file it does not own");
-    std::fs::remove_file(&stray).expect("remove stray file");
-    drop((foreign, bare));
-    ws.assert_nothing_left(&vm_name(foreign_id));
-    ws.assert_nothing_left(&vm_name(bare_id));
 }
 
 #[test]

@@ -7,6 +7,10 @@
 
 #![allow(dead_code)]
 
+mod jobs;
+#[allow(unused_imports)]
+pub use jobs::*;
+
 use std::collections::HashMap;
 use std::fs;
 use std::net::TcpListener;

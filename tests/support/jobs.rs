@@ -1,0 +1,58 @@
+//! Jobs through the real binary, step by step: the pieces several end-to-end test files use
+//! to drive hyperjob the way GitLab Runner does, and to look at what a job left on disk.
+
+use std::path::PathBuf;
+
+use hyperjob_test_harness::{Driver, ExecutorSession, Job, JobVariable, RunnerSettings, Stage};
+
+use super::{session_log, TestEnv, Workspace};
+
+/// The name hyperjob gives job `job_id`'s VM.
+pub fn vm_name(job_id: i64) -> String {
+    format!("hyperjob-job-{job_id}")
+}
+
+/// hyperjob as the runner's `*_exec`, with the workspace's config.
+pub fn hyperjob_driver(env: &TestEnv, ws: &Workspace) -> Driver {
+    Driver::single_binary(&env.hyperjob)
+        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+}
+
+/// A job of `project` that needs no git server: sources are skipped.
+pub fn job_without_sources(id: i64, project: &str, script: &[&str]) -> Job {
+    let mut job = Job::new(id, project, "", "", script);
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+    job
+}
+
+/// An executor session that has run config and is ready for prepare.
+pub fn configured_session(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
+    let session = ExecutorSession::new(&hyperjob_driver(env, ws), job, &RunnerSettings::default())
+        .expect("executor session");
+    session.run_config().expect("config_exec");
+    session.start_build().expect("builds dir");
+    session
+}
+
+/// A session whose VM is up and whose project dir exists (get_sources ran).
+pub fn prepared_session(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
+    let session = configured_session(env, ws, job);
+    session.prepare().expect("prepare_exec");
+    let sources = session
+        .run_stage(&Stage::GetSources)
+        .expect("get_sources")
+        .expect("invoked");
+    assert!(sources.succeeded(), "{}", session_log(&session));
+    session
+}
+
+/// Where hyperjob keeps job `job_id`'s state.
+pub fn state_file(ws: &Workspace, job_id: i64) -> PathBuf {
+    ws.state_dir.join(format!("job-{job_id}.json"))
+}
+
+/// Job `job_id`'s state record, if there is a readable one.
+pub fn recorded_state(ws: &Workspace, job_id: i64) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(state_file(ws, job_id)).ok()?;
+    serde_json::from_str(&text).ok()
+}
