@@ -50,6 +50,31 @@ fn looks_like_key_type(word: &str) -> bool {
     word.starts_with("ssh-") || word.starts_with("ecdsa-") || word.starts_with("sk-")
 }
 
+/// Host-key algorithms libssh2 can verify, in the order we prefer them, each with the key type
+/// (as written in `known_hosts`) it proves. RSA keys sign with SHA-2 where the server can.
+const HOST_KEY_ALGORITHMS: &[(&str, &str)] = &[
+    ("ssh-ed25519", "ssh-ed25519"),
+    ("ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256"),
+    ("ecdsa-sha2-nistp384", "ecdsa-sha2-nistp384"),
+    ("ecdsa-sha2-nistp521", "ecdsa-sha2-nistp521"),
+    ("rsa-sha2-512", "ssh-rsa"),
+    ("rsa-sha2-256", "ssh-rsa"),
+    ("ssh-rsa", "ssh-rsa"),
+];
+
+/// The host-key algorithms to offer in the key exchange, as OpenSSH's client does for a host
+/// it knows: only those that can prove one of the pinned keys, so a server with several host
+/// keys presents one we can check. `None` when no pinned key has such an algorithm (then the
+/// library's defaults apply and the key is refused after the handshake, naming it).
+pub fn host_key_algorithms(keys: &[HostKey]) -> Option<String> {
+    let offered: Vec<&str> = HOST_KEY_ALGORITHMS
+        .iter()
+        .filter(|(_, key_type)| keys.iter().any(|key| key.key_type == *key_type))
+        .map(|(algorithm, _)| *algorithm)
+        .collect();
+    (!offered.is_empty()).then(|| offered.join(","))
+}
+
 /// The SHA-256 fingerprint in OpenSSH's notation, for error messages.
 pub fn fingerprint(blob: &[u8]) -> String {
     use sha2::Digest as _;
@@ -89,6 +114,52 @@ mod tests {
         );
 
         assert!(parse(&text).is_empty());
+    }
+
+    fn key(key_type: &str) -> HostKey {
+        HostKey {
+            key_type: key_type.to_string(),
+            blob: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_algorithms_that_prove_a_pinned_key_are_offered() {
+        assert_eq!(
+            host_key_algorithms(&[key("ssh-rsa")]).as_deref(),
+            Some("rsa-sha2-512,rsa-sha2-256,ssh-rsa")
+        );
+        assert_eq!(
+            host_key_algorithms(&[key("ecdsa-sha2-nistp256")]).as_deref(),
+            Some("ecdsa-sha2-nistp256")
+        );
+        assert_eq!(
+            host_key_algorithms(&[key("ssh-ed25519")]).as_deref(),
+            Some("ssh-ed25519")
+        );
+    }
+
+    #[test]
+    fn several_pinned_types_are_offered_in_preference_order() {
+        let keys = [
+            key("ssh-rsa"),
+            key("ssh-ed25519"),
+            key("ecdsa-sha2-nistp384"),
+        ];
+
+        assert_eq!(
+            host_key_algorithms(&keys).as_deref(),
+            Some("ssh-ed25519,ecdsa-sha2-nistp384,rsa-sha2-512,rsa-sha2-256,ssh-rsa")
+        );
+    }
+
+    #[test]
+    fn without_a_usable_pinned_type_the_defaults_apply() {
+        assert_eq!(host_key_algorithms(&[]), None);
+        assert_eq!(
+            host_key_algorithms(&[key("sk-ssh-ed25519@openssh.com")]),
+            None
+        );
     }
 
     #[test]

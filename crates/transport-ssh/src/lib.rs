@@ -64,6 +64,16 @@ enum SshError {
         fingerprint: String,
         known_hosts: String,
     },
+    #[error(
+        "{addr} offers no host key of the types pinned in {known_hosts} \
+         (the key exchange failed with only {algorithms} offered: {message})"
+    )]
+    NoPinnedKeyType {
+        addr: String,
+        algorithms: String,
+        known_hosts: String,
+        message: String,
+    },
     #[error("login as {user} at {addr} failed: {message}")]
     Auth {
         addr: String,
@@ -75,11 +85,17 @@ enum SshError {
 }
 
 impl SshError {
-    /// A wrong host key will not fix itself by waiting.
+    /// A wrong host key (or none of a pinned type) will not fix itself by waiting.
     fn is_permanent(&self) -> bool {
-        matches!(self, SshError::HostKeyMismatch { .. })
+        matches!(
+            self,
+            SshError::HostKeyMismatch { .. } | SshError::NoPinnedKeyType { .. }
+        )
     }
 }
+
+/// libssh2's "key exchange failed" (no algorithm in common, among others).
+const LIBSSH2_ERROR_KEX_FAILURE: std::os::raw::c_int = -5;
 
 fn channel_error(what: &'static str, err: &ssh2::Error) -> SshError {
     SshError::Channel {
@@ -158,11 +174,44 @@ impl SshTransport {
         })?;
         session.set_tcp_stream(tcp);
         session.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
-        session.handshake().map_err(|err| SshError::Handshake {
-            addr: addr_text.clone(),
-            message: err.message().to_string(),
-        })?;
-        self.verify_host_key(&session, endpoint, &addr_text)?;
+        let expected = self.expected_host_keys(endpoint);
+        // Ask for a host key we can check, as OpenSSH's client does: a server with several
+        // host keys would otherwise present the one the library likes best.
+        let algorithms = expected
+            .as_ref()
+            .and_then(|(keys, _)| known_hosts::host_key_algorithms(keys));
+        if let Some(algorithms) = &algorithms {
+            session
+                .method_pref(ssh2::MethodType::HostKey, algorithms)
+                .map_err(|err| SshError::Handshake {
+                    addr: addr_text.clone(),
+                    message: format!(
+                        "cannot offer the host-key algorithms {algorithms}: {}",
+                        err.message()
+                    ),
+                })?;
+        }
+        session
+            .handshake()
+            .map_err(|err| match (&algorithms, &expected) {
+                // The key exchange itself failed with only the pinned types offered: the guest
+                // has no host key of those types (waiting will not change that).
+                (Some(algorithms), Some((_, source)))
+                    if err.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_KEX_FAILURE) =>
+                {
+                    SshError::NoPinnedKeyType {
+                        addr: addr_text.clone(),
+                        algorithms: algorithms.clone(),
+                        known_hosts: source.clone(),
+                        message: err.message().to_string(),
+                    }
+                }
+                _ => SshError::Handshake {
+                    addr: addr_text.clone(),
+                    message: err.message().to_string(),
+                },
+            })?;
+        self.verify_host_key(&session, expected, &addr_text)?;
         let identity_file = endpoint
             .identity_file
             .as_ref()
@@ -183,24 +232,33 @@ impl SshTransport {
         Ok(session)
     }
 
+    /// The host keys the guest may present and where they come from; `None` when host keys
+    /// are not checked (`insecure_ignore_host_key`).
+    fn expected_host_keys(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Option<(Vec<known_hosts::HostKey>, String)> {
+        match (&endpoint.host_key, &self.config.host_keys) {
+            (Some(line), _) => Some((known_hosts::parse(line), "the job's host key".to_string())),
+            (None, HostKeyPolicy::KnownHosts(path)) => {
+                Some((self.pinned.clone(), path.display().to_string()))
+            }
+            (None, HostKeyPolicy::InsecureIgnore) => None,
+            (None, HostKeyPolicy::PerJob) => {
+                Some((Vec::new(), "the job's host key (missing)".to_string()))
+            }
+        }
+    }
+
     fn verify_host_key(
         &self,
         session: &Session,
-        endpoint: &Endpoint,
+        expected: Option<(Vec<known_hosts::HostKey>, String)>,
         addr: &str,
     ) -> Result<(), SshError> {
-        let (expected, source) = match (&endpoint.host_key, &self.config.host_keys) {
-            (Some(line), _) => (known_hosts::parse(line), "the job's host key".to_string()),
-            (None, HostKeyPolicy::KnownHosts(path)) => {
-                (self.pinned.clone(), path.display().to_string())
-            }
-            (None, HostKeyPolicy::InsecureIgnore) => {
-                warn_insecure_once();
-                return Ok(());
-            }
-            (None, HostKeyPolicy::PerJob) => {
-                (Vec::new(), "the job's host key (missing)".to_string())
-            }
+        let Some((expected, source)) = expected else {
+            warn_insecure_once();
+            return Ok(());
         };
         let (blob, key_type) = session.host_key().ok_or_else(|| SshError::Handshake {
             addr: addr.to_string(),
