@@ -549,3 +549,47 @@ fn config_prints_only_the_runner_json() {
     assert_eq!(json["hostname"], vm_name(id));
     assert!(Path::new(&env.hyperjob).exists());
 }
+
+#[test]
+fn a_job_timeout_that_is_not_positive_means_the_runners_default_of_two_hours() {
+    let env = TestEnv::load();
+    let ws = env.workspace("default-timeout");
+    let id = unique_job_id();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let response = tmp.path().join("response.json");
+    std::fs::write(
+        &response,
+        format!("{{\"id\":{id},\"runner_info\":{{\"timeout\":-5}}}}\n"),
+    )
+    .expect("response file");
+    let run = |args: &[&str]| {
+        let mut command = Command::new(&env.hyperjob);
+        command
+            .args(args)
+            .env("HYPERJOB_CONFIG", &ws.config_path)
+            .env("JOB_RESPONSE_FILE", &response)
+            .env("SYSTEM_FAILURE_EXIT_CODE", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command
+    };
+
+    // prepare records the job's deadline before it creates anything; that is all we need.
+    let mut prepare = run(&["prepare"]).spawn().expect("start prepare");
+    let state = ws.state_dir.join(format!("job-{id}.json"));
+    support::wait_until("the state record", Duration::from_secs(300), || {
+        state.exists()
+    });
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).expect("state")).expect("state JSON");
+    prepare.kill().expect("SIGKILL our prepare");
+    let _ = prepare.wait();
+    let cleanup = run(&["cleanup"]).status().expect("run cleanup");
+
+    let created = record["created_unix"].as_u64().expect("created");
+    let deadline = record["deadline_unix"].as_u64().expect("deadline");
+    // runner_info.timeout -5 → the runner's default 7200 s, plus the default margin of 1 h.
+    assert_eq!(deadline - created, 7200 + 3600, "{record}");
+    assert!(cleanup.success());
+    ws.assert_nothing_left(&vm_name(id));
+}

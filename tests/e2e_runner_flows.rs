@@ -349,6 +349,8 @@ fn one_guest_identity_exit_codes_host_key_warning_and_script_formats() {
     job.steps.push(Step::new("stale", &["echo fresh-stage"]));
     job.steps
         .push(Step::new("killed", &["echo before-kill", "kill -9 $$"]));
+    job.steps
+        .push(Step::new("usr1", &["echo before-usr1", "kill -USR1 $$"]));
     let session = extra_session(&driver, &job, &settings());
 
     session.prepare().expect("prepare_exec");
@@ -398,6 +400,21 @@ fn one_guest_identity_exit_codes_host_key_warning_and_script_formats() {
         ),
         "{:?}",
         killed.error
+    );
+
+    // A signal beyond the common ones counts as 128+N too (SIGUSR1 = 10).
+    let usr1 = session
+        .run_stage(&Stage::UserStep("usr1".into()))
+        .expect("stage runs")
+        .expect("not skipped");
+    assert!(
+        matches!(
+            usr1.error,
+            Some(InvocationError::Build { exit_code: 138, .. })
+        ),
+        "{:?}\n{}",
+        usr1.error,
+        session_log(&session)
     );
 
     // Every stage that talks to the guest warns, once: not once per job or process tree.

@@ -15,8 +15,9 @@ pub const BUILD_FAILURE_EXIT_CODE: &str = "BUILD_FAILURE_EXIT_CODE";
 pub const SYSTEM_FAILURE_EXIT_CODE: &str = "SYSTEM_FAILURE_EXIT_CODE";
 pub const BUILD_EXIT_CODE_FILE: &str = "BUILD_EXIT_CODE_FILE";
 
-/// The runner's default job timeout, used when the response file has none.
-const DEFAULT_JOB_TIMEOUT_SECS: u64 = 3600;
+/// The runner's default job timeout (`common.DefaultTimeout`), which it applies when the
+/// response file's `runner_info.timeout` is missing, zero or negative (`GetBuildTimeout`).
+const DEFAULT_JOB_TIMEOUT_SECS: u64 = 7200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -110,9 +111,11 @@ impl JobIdentity {
         };
         let timeout_secs = match value.pointer("/runner_info/timeout") {
             None | Some(Value::Null) => DEFAULT_JOB_TIMEOUT_SECS,
-            Some(timeout) => timeout
-                .as_u64()
-                .ok_or_else(|| invalid("`runner_info.timeout` is not a non-negative integer"))?,
+            Some(timeout) => match (timeout.as_u64(), timeout.as_i64()) {
+                (Some(secs), _) if secs > 0 => secs,
+                (_, Some(secs)) if secs <= 0 => DEFAULT_JOB_TIMEOUT_SECS,
+                _ => return Err(invalid("`runner_info.timeout` is not an integer")),
+            },
         };
         Ok(Self {
             job_id,
@@ -166,10 +169,27 @@ mod tests {
     }
 
     #[test]
-    fn missing_timeout_uses_the_runner_default() {
-        let job = parse(r#"{"id":7}"#).expect("valid");
+    fn missing_zero_or_negative_timeout_uses_the_runners_default_of_two_hours() {
+        for json in [
+            r#"{"id":7}"#,
+            r#"{"id":7,"runner_info":{}}"#,
+            r#"{"id":7,"runner_info":{"timeout":null}}"#,
+            r#"{"id":7,"runner_info":{"timeout":0}}"#,
+            r#"{"id":7,"runner_info":{"timeout":-5}}"#,
+        ] {
+            assert_eq!(parse(json).expect(json).timeout_secs, 7200, "{json}");
+        }
+    }
 
-        assert_eq!(job.timeout_secs, 3600);
+    #[test]
+    fn a_timeout_that_is_no_integer_is_rejected() {
+        for json in [
+            r#"{"id":7,"runner_info":{"timeout":"3600"}}"#,
+            r#"{"id":7,"runner_info":{"timeout":1.5}}"#,
+        ] {
+            let err = parse(json).expect_err(json);
+            assert!(err.to_string().contains("not an integer"), "{err}");
+        }
     }
 
     #[test]

@@ -419,21 +419,58 @@ pub fn sh_interpreter_from_probe(answer: &str) -> anyhow::Result<&'static str> {
     }
 }
 
+/// Linux's signal numbers by the names SSH servers report in `exit-signal` (RFC 4254 names the
+/// common ones; dropbear names every signal; OpenSSH sends `SIG@openssh.com` for the rest).
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("ILL", 4),
+    ("TRAP", 5),
+    ("ABRT", 6),
+    ("IOT", 6),
+    ("BUS", 7),
+    ("FPE", 8),
+    ("KILL", 9),
+    ("USR1", 10),
+    ("SEGV", 11),
+    ("USR2", 12),
+    ("PIPE", 13),
+    ("ALRM", 14),
+    ("TERM", 15),
+    ("STKFLT", 16),
+    ("CHLD", 17),
+    ("CONT", 18),
+    ("STOP", 19),
+    ("TSTP", 20),
+    ("TTIN", 21),
+    ("TTOU", 22),
+    ("URG", 23),
+    ("XCPU", 24),
+    ("XFSZ", 25),
+    ("VTALRM", 26),
+    ("PROF", 27),
+    ("WINCH", 28),
+    ("IO", 29),
+    ("POLL", 29),
+    ("PWR", 30),
+    ("SYS", 31),
+];
+
+/// The number of the signal the SSH server named; 0 for a name it did not resolve (so the
+/// exit code is 128: killed, by a signal nobody named).
 fn signal_number(name: &str) -> i32 {
-    match name.trim_start_matches("SIG") {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "ILL" => 4,
-        "ABRT" => 6,
-        "FPE" => 8,
-        "KILL" => 9,
-        "SEGV" => 11,
-        "PIPE" => 13,
-        "ALRM" => 14,
-        "TERM" => 15,
-        _ => 0,
-    }
+    let name = name.trim_start_matches("SIG");
+    SIGNALS
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, number)| *number)
+        .unwrap_or_else(|| {
+            tracing::warn!(
+                "the script was killed by a signal the SSH server did not name ({name})"
+            );
+            0
+        })
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -546,5 +583,15 @@ mod tests {
     fn killed_script_reports_128_plus_signal() {
         assert_eq!(128 + signal_number("KILL"), 137);
         assert_eq!(128 + signal_number("SIGTERM"), 143);
+        assert_eq!(128 + signal_number("USR1"), 138);
+        assert_eq!(128 + signal_number("SYS"), 159);
+    }
+
+    #[test]
+    fn every_linux_signal_from_1_to_31_has_a_name() {
+        let numbers: std::collections::BTreeSet<i32> = SIGNALS.iter().map(|(_, n)| *n).collect();
+
+        assert_eq!(numbers, (1..=31).collect());
+        assert_eq!(signal_number("SIG@openssh.com"), 0);
     }
 }
