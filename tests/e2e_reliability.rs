@@ -296,6 +296,12 @@ fn sigkill_of_run_then_cleanup_leaves_nothing() {
         3600 + 3600,
         "{state}"
     );
+    // The overlay holds the job's code and data: private while the guest runs on it.
+    let overlay = ws.images_dir.join(format!("{}.qcow2", vm_name(id)));
+    let overlay_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&overlay).expect("overlay").permissions(),
+    );
+    assert_eq!(overlay_mode & 0o777, 0o600, "{}", overlay.display());
     // stdout and stderr of the script stay apart on their way out of hyperjob.
     let streams = run_by_hand(
         &env,

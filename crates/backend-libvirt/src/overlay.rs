@@ -78,10 +78,26 @@ pub fn create_args(base: &Path, format: ImageFormat, overlay: &Path) -> Vec<std:
     ]
 }
 
-/// Creates the overlay. On failure nothing is left behind.
+/// Makes every file `command` creates private to its owner from the first byte (the child
+/// runs with umask 077): an overlay holds the job's checked-out code and what its scripts
+/// write, a seed the guest's private host key. libvirt hands them to QEMU by ownership.
+pub(crate) fn private_files(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the forked child before exec and only calls umask(2), which
+    // is async-signal-safe, cannot fail and touches nothing but the child's own file mask.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        })
+    }
+}
+
+/// Creates the overlay (0600). On failure nothing is left behind.
 pub fn create(base: &Path, overlay: &Path) -> Result<(), PluginError> {
     let format = base_image_format(base)?;
-    let output = Command::new("qemu-img")
+    let output = private_files(&mut Command::new("qemu-img"))
         .args(create_args(base, format, overlay))
         .stdin(Stdio::null())
         .output()
@@ -221,6 +237,11 @@ mod tests {
             "{info}"
         );
         assert!(std::fs::metadata(&overlay).expect("meta").len() < (1 << 20));
+        // Private as qemu-img created it: nobody changed the mode afterwards.
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&overlay).expect("meta").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     fn files_in(dir: &Path) -> Vec<PathBuf> {

@@ -7,7 +7,7 @@
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -105,7 +105,7 @@ fn build_iso(work: &Path, iso: &Path) -> Result<(), PluginError> {
     let attempts: [(&str, &[&str]); 2] = [("genisoimage", &[]), ("xorriso", &["-as", "mkisofs"])];
     let mut last_error = String::new();
     for (program, prefix) in attempts {
-        let output = match Command::new(program)
+        let output = match crate::overlay::private_files(&mut Command::new(program))
             .args(prefix)
             .args(&args)
             .stdin(Stdio::null())
@@ -119,9 +119,8 @@ fn build_iso(work: &Path, iso: &Path) -> Result<(), PluginError> {
             Err(err) => return Err(PluginError::system(format!("cannot run {program}"), err)),
         };
         if output.status.success() {
-            return fs::set_permissions(iso, fs::Permissions::from_mode(0o600)).map_err(|err| {
-                PluginError::system(format!("cannot restrict {}", iso.display()), err)
-            });
+            // 0600 from its first byte (private_files): it holds the guest's host key.
+            return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(PluginError::msg(format!(
@@ -208,7 +207,9 @@ mod tests {
 
         create(&iso, "hyperjob-job-5", &keys()).expect("seed");
 
-        let mode = fs::metadata(&iso).expect("iso").permissions().mode();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(&iso).expect("iso").permissions(),
+        );
         let bytes = fs::read(&iso).expect("read iso");
         // ISO 9660 primary volume descriptor at 32 KiB: volume id at offset 40.
         assert_eq!(&bytes[32768 + 40..32768 + 46], b"cidata");
