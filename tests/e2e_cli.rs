@@ -165,3 +165,34 @@ fn a_stale_build_exit_code_file_is_removed_even_when_run_fails() {
     fs::remove_file(&script).expect("remove");
     fs::remove_file(&response).expect("remove");
 }
+
+#[test]
+fn prepare_refuses_a_state_dir_that_another_user_controls_before_creating_anything() {
+    let env = TestEnv::load();
+    let ws = env.workspace("foreign-state-dir");
+    let id = unique_job_id();
+    let response = response_file(&ws, id);
+    fs::create_dir_all(&ws.state_dir).expect("state dir");
+    // nobody's directory (the suite runs as root, which may give it away).
+    std::os::unix::fs::chown(&ws.state_dir, Some(65534), Some(65534)).expect("chown");
+
+    let output = hyperjob(
+        &env,
+        &["prepare"],
+        &[
+            ("HYPERJOB_CONFIG", &ws.config_path),
+            ("JOB_RESPONSE_FILE", &response),
+        ],
+    );
+
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} belongs to uid 65534", ws.state_dir.display())),
+        "{stderr}"
+    );
+    assert!(support::list_dir(&ws.state_dir).is_empty());
+    fs::remove_file(&response).expect("remove");
+    ws.assert_nothing_left(&format!("hyperjob-job-{id}"));
+}

@@ -55,6 +55,88 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path} {problem}")]
+    Unsafe { path: PathBuf, problem: String },
+}
+
+/// How hyperjob opens a file of its own in `state_dir`: created 0600, and never through a
+/// symbolic link someone planted at its name (`O_NOFOLLOW`: the open fails instead).
+fn private_file_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW);
+    options
+}
+
+/// The effective user id of this process.
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions, cannot fail and only reads process state.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid()
+    }
+}
+
+/// Creates `dir` (0700; with `parents`, also what is missing above it) or checks the one that is
+/// there: a real directory, not a symbolic link, owned by the user hyperjob runs as. Group or
+/// other access to it is taken away (with a warning), since it holds state, keys and locks.
+fn private_dir(dir: &Path, parents: bool) -> Result<(), StateError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    DirBuilder::new()
+        .recursive(parents)
+        .mode(0o700)
+        .create(dir)
+        .or_else(|err| match err.kind() {
+            ErrorKind::AlreadyExists => Ok(()),
+            _ => Err(err),
+        })
+        .map_err(|source| StateError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    let unsafe_dir = |problem: String| StateError::Unsafe {
+        path: dir.to_path_buf(),
+        problem,
+    };
+    let meta = fs::symlink_metadata(dir).map_err(|source| StateError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "is a symbolic link; hyperjob keeps state and keys only in a real directory (set \
+             state_dir to where it points)"
+                .to_string(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("exists and is not a directory".to_string()));
+    }
+    let me = effective_uid();
+    if meta.uid() != me {
+        return Err(unsafe_dir(format!(
+            "belongs to uid {}, not to uid {me} that hyperjob runs as; other users must not \
+             control its state and keys (chown it, or choose another state_dir)",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            StateError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+        tracing::warn!(
+            "{} was mode {mode:04o}; made it 0700 (it holds job state and keys)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// A shared lock on a job, held while prepare or run works on it.
@@ -147,28 +229,10 @@ impl StateStore {
     ) -> Result<PathBuf, StateError> {
         self.ensure_dir()?;
         let dir = self.keys_dir(job_id);
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .or_else(|err| {
-                if err.kind() == ErrorKind::AlreadyExists {
-                    Ok(())
-                } else {
-                    Err(err)
-                }
-            })
-            .map_err(|source| StateError::CreateDir {
-                path: dir.clone(),
-                source,
-            })?;
+        private_dir(&dir, false)?;
         let path = dir.join("id_ed25519");
         let write = || -> std::io::Result<()> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
+            let mut file = private_file_options().truncate(true).open(&path)?;
             file.write_all(private_openssh.as_bytes())?;
             file.sync_all()
         };
@@ -184,14 +248,7 @@ impl StateStore {
     }
 
     fn ensure_dir(&self) -> Result<(), StateError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|source| StateError::CreateDir {
-                path: self.dir.clone(),
-                source,
-            })
+        private_dir(&self.dir, true)
     }
 
     /// Marks the job as being worked on until the returned lock is dropped (or the process
@@ -199,11 +256,8 @@ impl StateStore {
     pub fn lock_activity(&self, job_id: u64) -> Result<ActivityLock, StateError> {
         self.ensure_dir()?;
         let path = self.lock_path(job_id);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
+        let file = private_file_options()
             .truncate(false)
-            .mode(0o600)
             .open(&path)
             .map_err(|source| StateError::Lock {
                 path: path.clone(),
@@ -266,12 +320,7 @@ impl StateStore {
             std::process::id()
         ));
         let write = |tmp: &Path| -> std::io::Result<()> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(tmp)?;
+            let mut file = private_file_options().truncate(true).open(tmp)?;
             let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
@@ -444,5 +493,76 @@ mod tests {
         let err = store.load(3).expect_err("corrupt");
 
         assert!(err.to_string().contains("is corrupt"), "{err}");
+    }
+
+    #[test]
+    fn an_existing_state_dir_open_to_others_is_made_private() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("state");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        StateStore::new(&dir).save(&sample(1)).expect("save");
+
+        let mode = fs::metadata(&dir).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn a_state_dir_that_is_a_symlink_is_refused_naming_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let real = root.path().join("real");
+        fs::create_dir(&real).expect("mkdir");
+        let link = root.path().join("state");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+
+        let err = StateStore::new(&link)
+            .save(&sample(1))
+            .expect_err("refused");
+
+        let message = err.to_string();
+        assert!(message.contains("is a symbolic link"), "{message}");
+        assert!(message.contains(&link.display().to_string()), "{message}");
+        assert!(fs::read_dir(&real).expect("list").next().is_none());
+    }
+
+    #[test]
+    fn a_state_dir_of_another_user_is_refused() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("state");
+        fs::create_dir(&dir).expect("mkdir");
+        let other = effective_uid().wrapping_add(1);
+        // Giving a directory away needs root, as the suite runs (scripts/test.sh).
+        std::os::unix::fs::chown(&dir, Some(other), None).expect("chown (tests run as root)");
+        assert_eq!(fs::metadata(&dir).expect("meta").uid(), other);
+
+        let err = StateStore::new(&dir).lock_activity(1).expect_err("refused");
+
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("belongs to uid {other}")),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn files_in_the_state_dir_never_follow_a_planted_symlink() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("state");
+        let store = StateStore::new(&dir);
+        store.save(&sample(1)).expect("save");
+        let target = root.path().join("victim");
+        fs::write(&target, "untouched").expect("victim");
+        std::os::unix::fs::symlink(&target, dir.join("job-2.lock")).expect("plant lock");
+        fs::create_dir(dir.join("job-3.keys")).expect("keys dir");
+        fs::set_permissions(dir.join("job-3.keys"), fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        std::os::unix::fs::symlink(&target, dir.join("job-3.keys/id_ed25519")).expect("plant key");
+
+        assert!(store.lock_activity(2).is_err());
+        assert!(store.save_client_key(3, "PRIVATE KEY").is_err());
+
+        assert_eq!(fs::read_to_string(&target).expect("victim"), "untouched");
     }
 }
