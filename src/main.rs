@@ -158,9 +158,15 @@ fn init_logging() {
 
 /// The first SIGTERM/SIGINT asks the running stage to stop cleanly; a second one ends the
 /// process at once, with `SYSTEM_FAILURE_EXIT_CODE` (a cancelled stage is never a build
-/// failure).
+/// failure). SIGQUIT is GitLab Runner's graceful stop ("finish the jobs you have"), which
+/// systemd also delivers to every process of the runner's unit: the stage goes on.
 fn install_signal_handlers() -> Arc<AtomicBool> {
     let cancel = Arc::new(AtomicBool::new(false));
+    // A handler that only sets a flag nobody reads: SIGQUIT neither kills nor stops anything.
+    let _ = signal_hook::flag::register(
+        signal_hook::consts::SIGQUIT,
+        Arc::new(AtomicBool::new(false)),
+    );
     let status = i32::from(hyperjob_core::job::ExitCodes::from_env().system_failure);
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // Registration only fails for forbidden signals, which these are not; without a

@@ -351,6 +351,10 @@ fn one_guest_identity_exit_codes_host_key_warning_and_script_formats() {
         .push(Step::new("killed", &["echo before-kill", "kill -9 $$"]));
     job.steps
         .push(Step::new("usr1", &["echo before-usr1", "kill -USR1 $$"]));
+    job.steps.push(Step::new(
+        "quit",
+        &["echo quit-started", "sleep 2", "echo quit-finished"],
+    ));
     let session = extra_session(&driver, &job, &settings());
 
     session.prepare().expect("prepare_exec");
@@ -416,6 +420,18 @@ fn one_guest_identity_exit_codes_host_key_warning_and_script_formats() {
         usr1.error,
         session_log(&session)
     );
+
+    // SIGQUIT (the runner's graceful stop, which systemd sends to the whole unit) must not
+    // stop a stage: the job in flight finishes.
+    let quit = session
+        .spawn_stage(&Stage::UserStep("quit".into()))
+        .expect("start step_quit");
+    assert!(session.wait_for_log("quit-started", Duration::from_secs(300)));
+    quit.signal_group(3).expect("SIGQUIT");
+    let quit = quit.wait();
+    let log = session_log(&session);
+    assert_eq!(quit.exit, ExitInfo::Exited(0), "{log}");
+    assert!(has_line(&log, "quit-finished"), "{log}");
 
     // Every stage that talks to the guest warns, once: not once per job or process tree.
     for stage in [
