@@ -13,7 +13,7 @@ use hyperjob_test_harness::{
     InvocationError, Job, JobReport, JobResult, JobVariable, RunnerSettings, ScriptFormat, Stage,
     Step, StopReason,
 };
-use support::{domain_exists, session_log, unique_job_id, TestEnv, Workspace};
+use support::{domain_exists, session_log, unique_job_id, vm_name, TestEnv, Workspace};
 
 /// What a script prints once its signal handling is in place. The runner echoes each command
 /// first; that echo shows `$((6*7))`, so only the command's own output contains this.
@@ -28,8 +28,7 @@ fn has_line(log: &str, text: &str) -> bool {
 }
 
 fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
-    Driver::single_binary(&env.hyperjob)
-        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+    support::hyperjob_driver(env, ws)
 }
 
 fn settings() -> RunnerSettings {
@@ -39,15 +38,9 @@ fn settings() -> RunnerSettings {
     }
 }
 
-fn vm_name(job_id: i64) -> String {
-    format!("hyperjob-job-{job_id}")
-}
-
 /// A job that needs no git server: sources are skipped.
 fn job(id: i64, script: &[&str]) -> Job {
-    let mut job = Job::new(id, "group/flows", "", "", script);
-    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
-    job
+    support::job_without_sources(id, "group/flows", script)
 }
 
 fn only<'a>(report: &'a JobReport, label: &str) -> &'a Invocation {

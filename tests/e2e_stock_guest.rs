@@ -12,10 +12,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::{
-    run_job, Driver, ExecutorSession, ExitInfo, InvocationError, Job, JobResult, JobVariable,
-    RunnerSettings, Stage, Step,
+    run_job, Driver, ExecutorSession, ExitInfo, InvocationError, Job, JobResult, RunnerSettings,
+    Stage, Step,
 };
-use support::{session_log, unique_job_id, wait_until, GitServer, TestEnv, Workspace};
+use support::{session_log, unique_job_id, vm_name, wait_until, GitServer, TestEnv, Workspace};
 
 const SIGTERM: i32 = 15;
 
@@ -24,8 +24,7 @@ const LOG_WAIT: Duration = Duration::from_secs(300);
 const CANCEL_BOUND: Duration = Duration::from_secs(30);
 
 fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
-    Driver::single_binary(&env.hyperjob)
-        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+    support::hyperjob_driver(env, ws)
 }
 
 /// The runner's settings, with the 3 s pause between preparation attempts shortened.
@@ -36,29 +35,9 @@ fn settings() -> RunnerSettings {
     }
 }
 
-fn vm_name(job_id: i64) -> String {
-    format!("hyperjob-job-{job_id}")
-}
-
 /// A job that needs no git server: sources are skipped.
 fn job(id: i64, script: &[&str]) -> Job {
-    let mut job = Job::new(id, "group/stock", "", "", script);
-    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
-    job
-}
-
-/// An executor session whose VM is up (config, builds dir, prepare and get_sources ran).
-fn prepared(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
-    let session = ExecutorSession::new(&driver(env, ws), job, &settings()).expect("session");
-    session.run_config().expect("config_exec");
-    session.start_build().expect("builds dir");
-    session.prepare().expect("prepare_exec");
-    let sources = session
-        .run_stage(&Stage::GetSources)
-        .expect("get_sources")
-        .expect("invoked");
-    assert!(sources.succeeded(), "{}", session_log(&session));
-    session
+    support::job_without_sources(id, "group/stock", script)
 }
 
 /// Runs the job step `name` and returns its error, if any.
@@ -204,7 +183,7 @@ fn stock_guest_cancel_leaves_no_job_process_and_pinned_keys_are_checked() {
     ));
     job.steps
         .push(Step::new("whoami", &["echo \"logged in as $(id -un)\""]));
-    let session = prepared(&env, &ws, &job);
+    let session = support::prepared_session(&env, &ws, &job);
     print_boot_figure("cancel", &session_log(&session));
 
     // Cancel: SIGTERM to the driver's process group once the script runs.
@@ -371,7 +350,7 @@ fn stock_guest_with_per_job_keys_serves_only_the_jobs_host_key() {
     job.after_script = vec!["echo \"after_script sees $CI_JOB_STATUS\"".to_string()];
     let keys_dir = ws.state_dir.join(format!("job-{id}.keys"));
 
-    let session = prepared(&env, &ws, &job);
+    let session = support::prepared_session(&env, &ws, &job);
     let state: serde_json::Value = serde_json::from_slice(
         &std::fs::read(ws.state_dir.join(format!("job-{id}.json"))).expect("state"),
     )
