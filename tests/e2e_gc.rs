@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use hyperjob_test_harness::Job;
 use support::{
-    domain_exists, job_without_sources, list_dir, prepared_session, qemu_processes_of,
-    recorded_state, unique_job_id, virsh, vm_name, wait_until, TestEnv, Workspace,
+    domain_exists, hyperjob_metadata, job_without_sources, list_dir, prepared_session,
+    qemu_processes_of, recorded_state, unique_job_id, virsh, vm_name, wait_until, Lookalike,
+    TestEnv, Workspace,
 };
 
 fn job(id: i64, script: &[&str]) -> Job {
@@ -126,38 +127,6 @@ fn gc_removes_vms_past_their_deadline() {
     ws.assert_nothing_left(&vm_name(id));
 }
 
-/// A tiny transient domain without a disk (SeaBIOS finds nothing to boot) named like a job
-/// VM, optionally with an ownership record; destroyed again on drop.
-struct Lookalike<'a> {
-    env: &'a TestEnv,
-    name: String,
-}
-
-impl<'a> Lookalike<'a> {
-    fn create(env: &'a TestEnv, ws: &Workspace, name: String, metadata: Option<String>) -> Self {
-        let xml = format!(
-            "<domain type='qemu'><name>{name}</name>{}<memory unit='MiB'>32</memory><vcpu>1</vcpu>\
-             <os><type arch='x86_64'>hvm</type></os><devices><memballoon model='none'/></devices></domain>",
-            metadata
-                .map(|m| format!("<metadata>{m}</metadata>"))
-                .unwrap_or_default()
-        );
-        let path = ws.dir.join(format!("{name}.xml"));
-        std::fs::write(&path, xml).expect("domain XML");
-        virsh(&env.libvirt_uri, &["create", path.to_str().expect("utf-8")]);
-        std::fs::remove_file(&path).expect("remove domain XML");
-        Self { env, name }
-    }
-}
-
-impl Drop for Lookalike<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("virsh")
-            .args(["-q", "-c", &self.env.libvirt_uri, "destroy", &self.name])
-            .output();
-    }
-}
-
 #[test]
 fn gc_leaves_what_it_does_not_own_alone() {
     let _serial = gc_test_lock();
@@ -170,12 +139,7 @@ fn gc_leaves_what_it_does_not_own_alone() {
         &env,
         &ws,
         vm_name(foreign_id),
-        Some(format!(
-            "<hyperjob:job xmlns:hyperjob='http://hyperjob.dev/xmlns/job/1'><hyperjob:id>{foreign_id}</hyperjob:id>\
-             <hyperjob:created>1</hyperjob:created><hyperjob:deadline>2</hyperjob:deadline>\
-             <hyperjob:owner>{}</hyperjob:owner></hyperjob:job>",
-            other.state_dir.display()
-        )),
+        Some(hyperjob_metadata(foreign_id, 2, &other.state_dir)),
     );
     // A hyperjob-like name and no ownership record at all.
     let bare = Lookalike::create(&env, &ws, vm_name(bare_id), None);

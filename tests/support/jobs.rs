@@ -27,8 +27,13 @@ pub fn job_without_sources(id: i64, project: &str, script: &[&str]) -> Job {
 
 /// An executor session that has run config and is ready for prepare.
 pub fn configured_session(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
-    let session = ExecutorSession::new(&hyperjob_driver(env, ws), job, &RunnerSettings::default())
-        .expect("executor session");
+    configured_session_via(&hyperjob_driver(env, ws), job)
+}
+
+/// [`configured_session`] with another driver (hyperjob behind a wrapper, say).
+pub fn configured_session_via(driver: &Driver, job: &Job) -> ExecutorSession {
+    let session =
+        ExecutorSession::new(driver, job, &RunnerSettings::default()).expect("executor session");
     session.run_config().expect("config_exec");
     session.start_build().expect("builds dir");
     session

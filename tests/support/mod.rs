@@ -8,8 +8,11 @@
 #![allow(dead_code)]
 
 mod jobs;
+mod lookalike;
 #[allow(unused_imports)]
 pub use jobs::*;
+#[allow(unused_imports)]
+pub use lookalike::*;
 
 use std::collections::HashMap;
 use std::fs;

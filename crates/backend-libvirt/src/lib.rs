@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hyperjob_core::plugin::Progress;
 use hyperjob_core::registry::{BackendFactory, PluginContext};
 use hyperjob_core::wait::Backoff;
-use hyperjob_core::{Backend, Endpoint, OwnedVm, PluginError, VmRequest};
+use hyperjob_core::{Backend, Endpoint, OwnedVm, PluginError, VmPresence, VmRequest};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::error::ErrorNumber;
@@ -69,6 +69,18 @@ impl LibvirtBackend {
             self.console_log_path(vm_name),
             self.seed_path(vm_name),
         ]
+    }
+
+    /// The VM whose file `file_name` in `images_dir` is, if it is one of [`Self::files_of`] or
+    /// the seed's work directory ([`seed::work_dir`]).
+    fn vm_of_file(file_name: &str) -> Option<&str> {
+        if let Some(work) = file_name.strip_prefix('.') {
+            return work.strip_suffix(seed::WORK_DIR_SUFFIX);
+        }
+        [".seed.iso", ".console.log", ".qcow2"]
+            .iter()
+            .find_map(|suffix| file_name.strip_suffix(suffix))
+            .filter(|name| !name.is_empty())
     }
 
     fn console_log_path(&self, vm_name: &str) -> PathBuf {
@@ -226,8 +238,74 @@ impl Backend for LibvirtBackend {
             .files_of(vm_name)
             .iter()
             .map(|file| overlay::remove_file(file))
-            .fold(Ok(()), Result::and);
+            .fold(Ok(()), Result::and)
+            .and(seed::remove_work_dir(&self.seed_path(vm_name), vm_name));
         domain_result.and(files_result)
+    }
+
+    fn inspect(&self, vm_name: &str) -> Result<VmPresence, PluginError> {
+        let conn = self.connect()?;
+        let Some(domain) = Self::lookup(&conn, vm_name)? else {
+            return Ok(VmPresence::Absent);
+        };
+        let metadata = match domain.metadata(
+            virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(xml::METADATA_NS),
+            0,
+        ) {
+            Ok(metadata) => metadata,
+            Err(err)
+                if err
+                    .code()
+                    .is_known_and(|c| c == ErrorNumber::NoDomainMetadata) =>
+            {
+                return Ok(VmPresence::Unrecognised(
+                    "the domain carries no hyperjob metadata".to_string(),
+                ))
+            }
+            Err(err) if err.code().is_known_and(|c| c == ErrorNumber::NoDomain) => {
+                return Ok(VmPresence::Absent)
+            }
+            Err(err) => {
+                return Ok(VmPresence::Unrecognised(format!(
+                    "its hyperjob metadata cannot be read: {}",
+                    err.message()
+                )))
+            }
+        };
+        Ok(match xml::parse_metadata(&metadata) {
+            Some(record) => VmPresence::Owned(OwnedVm {
+                vm_name: vm_name.to_string(),
+                job_id: record.job_id,
+                created_unix: record.created_unix,
+                deadline_unix: record.deadline_unix,
+                owner: record.owner,
+            }),
+            None => VmPresence::Unrecognised("its hyperjob metadata is malformed".to_string()),
+        })
+    }
+
+    fn names_with_files(&self) -> Result<Vec<String>, PluginError> {
+        let dir = &self.config.images_dir;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => {
+                return Err(PluginError::system(
+                    format!("cannot list {}", dir.display()),
+                    err,
+                ))
+            }
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            // The base image may live in images_dir too: it is never anyone's file.
+            .filter(|entry| entry.path() != self.config.base_image)
+            .filter_map(|entry| Some(Self::vm_of_file(entry.file_name().to_str()?)?.to_string()))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
@@ -429,6 +507,22 @@ mod tests {
             .collect();
         assert_eq!(tail.lines().collect::<Vec<_>>(), expected);
         assert!(backend.console_tail("hyperjob-job-2").is_err());
+    }
+
+    #[test]
+    fn every_file_a_vm_owns_names_the_vm() {
+        for (file, vm) in [
+            ("hyperjob-job-7.qcow2", Some("hyperjob-job-7")),
+            ("hyperjob-job-7.seed.iso", Some("hyperjob-job-7")),
+            ("hyperjob-job-7.console.log", Some("hyperjob-job-7")),
+            (".hyperjob-job-7.seed.d", Some("hyperjob-job-7")),
+            ("ci-b.job_7.qcow2", Some("ci-b.job_7")),
+            (".qcow2", None),
+            ("notes.txt", None),
+            (".hidden", None),
+        ] {
+            assert_eq!(LibvirtBackend::vm_of_file(file), vm, "{file}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use hyperjob_core::keys::GuestKeys;
@@ -50,10 +50,32 @@ pub fn user_data(keys: &GuestKeys) -> String {
     text
 }
 
+/// The work directory beside the seed is `.<vm name>` followed by this.
+pub const WORK_DIR_SUFFIX: &str = ".seed.d";
+
+/// Where the seed's sources (the guest's private host key among them) are written while the
+/// ISO is built: a hidden directory beside it.
+pub fn work_dir(iso: &Path, vm_name: &str) -> PathBuf {
+    let parent = iso.parent().unwrap_or(Path::new("/"));
+    parent.join(format!(".{vm_name}{WORK_DIR_SUFFIX}"))
+}
+
+/// Removes the work directory a killed build left; absent is fine.
+pub fn remove_work_dir(iso: &Path, vm_name: &str) -> Result<(), PluginError> {
+    let work = work_dir(iso, vm_name);
+    match fs::remove_dir_all(&work) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(PluginError::system(
+            format!("cannot remove {}", work.display()),
+            err,
+        )),
+    }
+}
+
 /// Builds the seed ISO at `iso`. Needs `genisoimage` (or `xorriso`) on the host.
 pub fn create(iso: &Path, vm_name: &str, keys: &GuestKeys) -> Result<(), PluginError> {
-    let parent = iso.parent().unwrap_or(Path::new("/"));
-    let work = parent.join(format!(".{vm_name}.seed.d"));
+    let work = work_dir(iso, vm_name);
     let _ = fs::remove_dir_all(&work);
     DirBuilder::new()
         .mode(0o700)

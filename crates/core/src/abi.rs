@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::plugin::{
     Backend, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
-    VmRequest,
+    VmPresence, VmRequest,
 };
 use crate::registry::{Entry, Origin, PluginContext, Registry, RegistryError};
 
@@ -39,7 +39,8 @@ pub const HEADER_MAGIC: [u8; 8] = *b"HYPERJOB";
 pub const HEADER_VERSION: u32 = 1;
 /// Version of the plugin API (the traits, `PluginContext`, the registrar). Bumped whenever a
 /// plugin built against the old API would misbehave. 2: `VmRequest::owner`, `OwnedVm::owner`.
-pub const CORE_API_VERSION: u32 = 2;
+/// 3: `Backend::inspect`, `Backend::names_with_files`.
+pub const CORE_API_VERSION: u32 = 3;
 /// The rustc that built this hyperjob-core.
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The target this hyperjob-core was built for.
@@ -344,6 +345,14 @@ impl Backend for GuardedBackend {
 
     fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
         guard("listing its VMs", || self.0.list_owned())?
+    }
+
+    fn inspect(&self, vm_name: &str) -> Result<VmPresence, PluginError> {
+        guard("looking up the VM", || self.0.inspect(vm_name))?
+    }
+
+    fn names_with_files(&self) -> Result<Vec<String>, PluginError> {
+        guard("listing its files", || self.0.names_with_files())?
     }
 
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {

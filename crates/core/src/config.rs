@@ -18,6 +18,9 @@ const DEFAULT_STATE_DIR: &str = "/var/lib/hyperjob";
 const DEFAULT_BUILDS_DIR: &str = "/home/gitlab-runner/builds";
 const DEFAULT_CACHE_DIR: &str = "/home/gitlab-runner/cache";
 const DEFAULT_DEADLINE_MARGIN_SECS: u64 = 3600;
+/// The default start of every VM name: `hyperjob-job-<job id>`.
+pub const DEFAULT_NAME_PREFIX: &str = "hyperjob-job-";
+const MAX_NAME_PREFIX_LEN: usize = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,6 +47,7 @@ struct ConfigFile {
     cache_dir: Option<String>,
     deadline_margin_secs: Option<u64>,
     guest_keys: Option<String>,
+    name_prefix: Option<String>,
     #[serde(default)]
     plugin_dirs: Vec<PathBuf>,
     #[serde(default)]
@@ -80,6 +84,8 @@ pub struct Config {
     /// How long after its job timeout a job's VM counts as abandoned (`hyperjob gc`).
     pub deadline_margin_secs: u64,
     pub guest_keys: GuestKeyMode,
+    /// The start of every VM name of this installation; the job id follows.
+    pub name_prefix: String,
     /// Directories whose `*.so` plugin libraries are loaded.
     pub plugin_dirs: Vec<PathBuf>,
     /// Plugin libraries loaded by path.
@@ -164,6 +170,12 @@ impl Config {
                 )))
             }
         };
+        let name_prefix = match file.name_prefix {
+            None => DEFAULT_NAME_PREFIX.to_string(),
+            Some(prefix) => check_name_prefix(&prefix)
+                .map(|()| prefix)
+                .map_err(invalid)?,
+        };
         let backend_table =
             plugin_table(&file.backends, "backends", &file.backend).map_err(invalid)?;
         let transport_table =
@@ -176,6 +188,7 @@ impl Config {
             builds_dir,
             cache_dir,
             guest_keys,
+            name_prefix,
             plugin_dirs: file.plugin_dirs,
             plugins: file.plugins,
             deadline_margin_secs: file
@@ -186,6 +199,25 @@ impl Config {
         })
     }
 
+    /// The name of a job's VM and the key of all its state: `name_prefix` and the job id.
+    /// Safe in XML, file names and shell words (the prefix is checked, the id is digits).
+    pub fn vm_name(&self, job_id: u64) -> String {
+        format!("{}{job_id}", self.name_prefix)
+    }
+
+    /// The job id in a VM name of this installation, or `None` for any other name. Since a
+    /// prefix never ends in a digit, a name matches at most one installation's prefix.
+    pub fn job_id_of(&self, vm_name: &str) -> Option<u64> {
+        let digits = vm_name.strip_prefix(&self.name_prefix)?;
+        if digits.is_empty()
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || digits.starts_with('0')
+        {
+            return None;
+        }
+        digits.parse().ok()
+    }
+
     /// Wraps a plugin's config error with the file and table it came from.
     pub fn plugin_error(&self, section: &str, name: &str, err: PluginError) -> ConfigError {
         ConfigError::Invalid {
@@ -193,6 +225,25 @@ impl Config {
             location: format!(" [{section}.{name}]"),
             message: err.to_string(),
         }
+    }
+}
+
+/// A `name_prefix`: 1 to 40 ASCII letters, digits, `-`, `_` or `.`, starting with a letter and
+/// not ending in a digit (so the job id after it is unambiguous).
+fn check_name_prefix(prefix: &str) -> Result<(), String> {
+    let ok = (1..=MAX_NAME_PREFIX_LEN).contains(&prefix.len())
+        && prefix.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !prefix.ends_with(|c: char| c.is_ascii_digit())
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`name_prefix` must be 1 to {MAX_NAME_PREFIX_LEN} ASCII letters, digits, `-`, `_` or \
+             `.`, start with a letter and not end in a digit, not {prefix:?}"
+        ))
     }
 }
 
@@ -251,6 +302,40 @@ mod tests {
         assert_eq!(config.builds_dir, "/home/gitlab-runner/builds");
         assert_eq!(config.cache_dir, "/home/gitlab-runner/cache");
         assert!(config.backend_table.is_empty());
+    }
+
+    #[test]
+    fn vm_names_are_the_prefix_and_the_job_id_and_parse_back() {
+        let default = parse(MINIMAL).expect("valid");
+        let other = parse(&format!("{MINIMAL}name_prefix = \"ci-b.job_\"\n")).expect("valid");
+
+        assert_eq!(default.vm_name(4242), "hyperjob-job-4242");
+        assert_eq!(other.vm_name(7), "ci-b.job_7");
+        assert_eq!(default.job_id_of("hyperjob-job-4242"), Some(4242));
+        assert_eq!(other.job_id_of("ci-b.job_7"), Some(7));
+        for foreign in [
+            "ci-b.job_7",
+            "hyperjob-job-",
+            "hyperjob-job-07",
+            "hyperjob-job-1x",
+            "hyperjob-job-+1",
+            "hyperjob-job-99999999999999999999999",
+            "xhyperjob-job-1",
+        ] {
+            assert_eq!(default.job_id_of(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn a_bad_name_prefix_is_refused_naming_the_key() {
+        for bad in ["", "1abc-", "job-1", "a b-", "a/b-", "a'b", &"a".repeat(41)] {
+            let err = parse(&format!("{MINIMAL}name_prefix = {bad:?}\n"))
+                .expect_err(bad)
+                .to_string();
+
+            assert!(err.contains("`name_prefix` must be"), "{bad:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 
     #[test]

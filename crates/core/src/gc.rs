@@ -12,18 +12,21 @@
 //! hyperjob from before owners were recorded) is judged as before, so nothing leaks across an
 //! upgrade.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use anyhow::bail;
 
 use crate::config::Config;
 use crate::exit::StageOutcome;
-use crate::plugin::{Backend, PluginError};
+use crate::ownership::refusal_of;
+pub use crate::ownership::{owner_of, ownership, Ownership};
+use crate::plugin::{Backend, PluginError, VmPresence};
 use crate::registry::Registry;
+use crate::runner::ProcessIdentity;
 use crate::stages::{build_backend, unix_now};
-use crate::state::StateStore;
+use crate::state::{Phase, StateStore};
 
 /// Why a job's resources are garbage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,61 +34,93 @@ pub enum Verdict {
     /// Keep: the job may still be running.
     Keep,
     DeadlinePassed,
+    /// Its prepare was killed: the record still says `creating` and nobody holds the lock.
+    PrepareKilled,
+    /// The runner that started the job is gone (crash, restart, reboot): no cleanup will come.
+    RunnerGone,
     /// Its VM no longer exists and nothing works on the job.
     Gone,
 }
 
-/// The owner an installation records on its VMs: the absolute path of its `state_dir`, written
-/// the same way every time (lexically normalised: no `.`, no doubled or trailing `/`), as UTF-8
-/// with every control character replaced by U+FFFD, so any backend's record (XML, JSON) keeps it
-/// exactly.
-pub fn owner_of(state_dir: &Path) -> String {
-    let normal: PathBuf = state_dir
-        .components()
-        .filter(|c| !matches!(c, Component::CurDir))
-        .collect();
-    normal
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
-        .collect()
-}
-
-/// Whose VM a listed VM is, as far as this installation's gc is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ownership {
-    /// Made by this installation: judged.
-    Ours,
-    /// Recorded without an owner, by an older hyperjob: judged as before owners existed.
-    Unrecorded,
-    /// Made by another installation: left alone.
-    Other,
-}
-
-/// The owner rule, as a pure function: `recorded` is the VM's recorded owner, `ours` this
-/// installation's ([`owner_of`] its `state_dir`).
-pub fn ownership(recorded: Option<&str>, ours: &str) -> Ownership {
-    match recorded {
-        None => Ownership::Unrecorded,
-        Some(owner) if owner == ours => Ownership::Ours,
-        Some(_) => Ownership::Other,
+impl Verdict {
+    fn reason(&self, runner: Option<&ProcessIdentity>) -> String {
+        match self {
+            Verdict::Keep => "kept".to_string(),
+            Verdict::DeadlinePassed => "its deadline has passed".to_string(),
+            Verdict::PrepareKilled => "its prepare was killed before the VM was ready".to_string(),
+            Verdict::RunnerGone => match runner {
+                Some(runner) => format!("its runner ({}, pid {}) is gone", runner.comm, runner.pid),
+                None => "its runner is gone".to_string(),
+            },
+            Verdict::Gone => "its VM is gone and no stage is running".to_string(),
+        }
     }
 }
 
+/// What gc saw of a job's VM, at the moment it decided, under the job's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmSeen {
+    /// Nothing of its name exists.
+    Absent,
+    /// It exists and is this installation's.
+    Exists,
+    /// Something of its name exists that is not, or not provably, this installation's.
+    NotOurs,
+}
+
+/// Everything gc observed about one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub now: u64,
+    /// From the job's state, else from its VM's record; `None`: neither could be read.
+    pub deadline: Option<u64>,
+    /// A prepare or run holds the job's lock.
+    pub active: bool,
+    /// `None`: no readable state file.
+    pub phase: Option<Phase>,
+    /// Whether the recorded runner still runs; `None`: none recorded, or it cannot be told.
+    pub runner_alive: Option<bool>,
+    pub vm: VmSeen,
+}
+
 /// The rule, as a pure function of what gc observed.
-pub fn judge(now: u64, deadline: u64, active: bool, vm_exists: Option<bool>) -> Verdict {
-    if now > deadline {
-        Verdict::DeadlinePassed
-    } else if active {
-        Verdict::Keep
-    } else if vm_exists == Some(false) {
+pub fn judge(seen: &Observed) -> Verdict {
+    if seen.deadline.is_some_and(|deadline| seen.now > deadline) {
+        return Verdict::DeadlinePassed;
+    }
+    if seen.active {
+        return Verdict::Keep;
+    }
+    if seen.phase == Some(Phase::Creating) {
+        return Verdict::PrepareKilled;
+    }
+    if seen.phase.is_some() && seen.runner_alive == Some(false) {
+        return Verdict::RunnerGone;
+    }
+    if seen.vm == VmSeen::Absent {
         Verdict::Gone
     } else {
         Verdict::Keep
     }
 }
 
-/// Runs garbage collection, reporting one line per job to `out`.
+/// One gc run: what it works with and what it reports.
+struct Collector<'a> {
+    config: &'a Config,
+    backend: &'a dyn Backend,
+    store: StateStore,
+    me: String,
+    now: u64,
+    dry_run: bool,
+    out: &'a mut dyn Write,
+    failures: usize,
+}
+
+/// Runs garbage collection, reporting one line per VM it acts on to `out`.
+///
+/// Every job is decided on its own, while gc holds the job's lock exclusively (prepare and run
+/// hold it shared, so neither runs meanwhile), from what the backend reports about its VM at
+/// that moment. A job whose lock is busy is only removed once its deadline has passed.
 pub fn gc(
     config: &Config,
     registry: &Registry,
@@ -94,295 +129,218 @@ pub fn gc(
 ) -> anyhow::Result<StageOutcome> {
     let backend = build_backend(config, registry)?;
     let store = StateStore::new(&config.state_dir);
-    let now = unix_now();
-    let owned = match backend.list_owned() {
-        Ok(owned) => Some(owned),
-        Err(PluginError::Unsupported(_)) => None,
-        Err(err) => return Err(anyhow::Error::new(err).context("cannot list the backend's VMs")),
-    };
-    let live: Option<HashSet<String>> = owned
-        .as_ref()
-        .map(|vms| vms.iter().map(|vm| vm.vm_name.clone()).collect());
-    // Another installation's VMs are left alone, even past their deadline: their own gc
-    // removes them. A dry run names those it would otherwise have removed.
     let me = owner_of(&config.state_dir);
-    let mut judged = Vec::new();
-    for vm in owned.iter().flatten() {
-        match (ownership(vm.owner.as_deref(), &me), &vm.owner) {
-            (Ownership::Other, Some(owner)) => {
-                if dry_run && now > vm.deadline_unix {
-                    let _ = writeln!(out, "skipping {}: owned by {owner}", vm.vm_name);
+    let now = unix_now();
+    // Candidates: every job with a file in state_dir, every VM the backend lists as this
+    // installation's, and every name with files in the backend's storage.
+    let mut jobs: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    match backend.list_owned() {
+        Ok(vms) => {
+            for vm in vms {
+                match (ownership(vm.owner.as_deref(), &me), &vm.owner) {
+                    // Another installation's VMs are left alone, even past their deadline:
+                    // their own gc removes them. A dry run names those it would have removed.
+                    (Ownership::Other, Some(owner)) => {
+                        if dry_run && now > vm.deadline_unix {
+                            let _ = writeln!(out, "skipping {}: owned by {owner}", vm.vm_name);
+                        }
+                    }
+                    _ => {
+                        jobs.entry(vm.job_id).or_default().insert(vm.vm_name);
+                    }
                 }
             }
-            _ => judged.push(vm),
+        }
+        Err(PluginError::Unsupported(_)) => {}
+        Err(err) => return Err(anyhow::Error::new(err).context("cannot list the backend's VMs")),
+    }
+    for job_id in store.job_ids_with_files()? {
+        jobs.entry(job_id).or_default();
+    }
+    match backend.names_with_files() {
+        Ok(names) => {
+            for name in names {
+                if let Some(job_id) = config.job_id_of(&name) {
+                    jobs.entry(job_id).or_default().insert(name);
+                }
+            }
+        }
+        Err(PluginError::Unsupported(_)) => {}
+        Err(err) => {
+            return Err(anyhow::Error::new(err).context("cannot list the backend's VM files"))
         }
     }
-    let mut handled = HashSet::new();
-    let mut failures = 0usize;
-    let mut act = |vm_name: &str, job_id: Option<u64>, reason: &str| {
-        if dry_run {
-            let _ = writeln!(out, "would remove {vm_name}: {reason}");
-            return;
-        }
-        match remove(backend.as_ref(), &store, vm_name, job_id) {
-            Ok(()) => {
-                let _ = writeln!(out, "removed {vm_name}: {reason}");
-            }
-            Err(err) => {
-                failures += 1;
-                let _ = writeln!(out, "could not remove {vm_name}: {err:#}");
-            }
-        }
+    let mut collector = Collector {
+        config,
+        backend: backend.as_ref(),
+        store,
+        me,
+        now,
+        dry_run,
+        out,
+        failures: 0,
     };
-
-    for vm in judged {
-        let active = store.is_active(vm.job_id).unwrap_or(true);
-        if judge(now, vm.deadline_unix, active, Some(true)) == Verdict::DeadlinePassed {
-            act(&vm.vm_name, Some(vm.job_id), "its deadline has passed");
-            handled.insert(vm.job_id);
+    for (job_id, names) in jobs {
+        if let Err(err) = collector.job(job_id, names) {
+            collector.failures += 1;
+            let _ = writeln!(collector.out, "could not remove job {job_id}: {err:#}");
         }
     }
-    for job_id in store.job_ids()? {
-        if handled.contains(&job_id) {
-            continue;
-        }
-        let active = store.is_active(job_id)?;
-        let (vm_name, deadline) = match store.load(job_id) {
-            Ok(Some(state)) => (state.vm_name, state.deadline_unix),
-            Ok(None) => continue,
-            // An unreadable record of ours: judge it by its name alone, as if expired.
-            Err(_) if !active => (format!("hyperjob-job-{job_id}"), 0),
-            Err(_) => continue,
-        };
-        let exists = live.as_ref().map(|live| live.contains(&vm_name));
-        match judge(now, deadline, active, exists) {
-            Verdict::Keep => {}
-            Verdict::DeadlinePassed => act(&vm_name, Some(job_id), "its deadline has passed"),
-            Verdict::Gone => act(
-                &vm_name,
-                Some(job_id),
-                "its VM is gone and no stage is running",
-            ),
-        }
-    }
-    if failures > 0 {
-        bail!("{failures} job(s) could not be removed");
+    collector.stale_temporary_files();
+    if collector.failures > 0 {
+        bail!("{} job(s) could not be removed", collector.failures);
     }
     Ok(StageOutcome::Success)
 }
 
-fn remove(
-    backend: &dyn Backend,
-    store: &StateStore,
-    vm_name: &str,
-    job_id: Option<u64>,
-) -> anyhow::Result<()> {
-    backend.destroy(vm_name)?;
-    if let Some(job_id) = job_id {
-        store.remove(job_id)?;
+impl Collector<'_> {
+    /// Decides about one job and acts on the decision.
+    fn job(&mut self, job_id: u64, mut names: BTreeSet<String>) -> anyhow::Result<()> {
+        let lock = self.store.try_lock_exclusive(job_id)?;
+        // Read under the lock: what a prepare that just finished wrote counts.
+        let state = self.store.load(job_id);
+        let state = match state {
+            Ok(state) => state,
+            // An unreadable record of ours: judged by the job's name alone.
+            Err(err) => {
+                let _ = writeln!(self.out, "job {job_id}: {err:#}");
+                None
+            }
+        };
+        match &state {
+            Some(state) => {
+                names.insert(state.vm_name.clone());
+            }
+            None if names.is_empty() => {
+                names.insert(self.config.vm_name(job_id));
+            }
+            None => {}
+        }
+        let mut seen = Observed {
+            now: self.now,
+            deadline: state.as_ref().map(|state| state.deadline_unix),
+            active: lock.is_none(),
+            phase: state.as_ref().map(|state| state.phase),
+            runner_alive: state
+                .as_ref()
+                .and_then(|state| state.runner.as_ref())
+                .and_then(|runner| crate::runner::is_alive(Path::new("/proc"), runner)),
+            vm: VmSeen::Absent,
+        };
+        // Each name is looked up now, not taken from the listing made before.
+        let mut refusals = BTreeMap::new();
+        for name in &names {
+            let presence = match self.backend.inspect(name) {
+                Ok(presence) => presence,
+                // Whether it exists cannot be told: never "gone".
+                Err(PluginError::Unsupported(_)) => {
+                    seen.vm = VmSeen::NotOurs;
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            if let Some(why) = refusal_of(&presence, name, &self.me) {
+                seen.vm = VmSeen::NotOurs;
+                refusals.insert(name.clone(), why);
+            } else if let VmPresence::Owned(vm) = presence {
+                seen.vm = seen.vm.max_with(VmSeen::Exists);
+                if state.is_none() {
+                    let deadline = seen
+                        .deadline
+                        .map_or(vm.deadline_unix, |d| d.min(vm.deadline_unix));
+                    seen.deadline = Some(deadline);
+                }
+            }
+        }
+        let verdict = judge(&seen);
+        for (name, why) in &refusals {
+            let _ = writeln!(self.out, "left {name} alone: {why}");
+        }
+        if verdict == Verdict::Keep {
+            if state.is_none() {
+                if let Some(lock) = &lock {
+                    lock.remove_file()?;
+                }
+            }
+            return Ok(());
+        }
+        let reason = verdict.reason(state.as_ref().and_then(|state| state.runner.as_ref()));
+        let mut removed_all = true;
+        for name in names.iter().filter(|name| !refusals.contains_key(*name)) {
+            if self.dry_run {
+                let _ = writeln!(self.out, "would remove {name}: {reason}");
+                continue;
+            }
+            match self.backend.destroy(name) {
+                Ok(()) => {
+                    let _ = writeln!(self.out, "removed {name}: {reason}");
+                }
+                Err(err) => {
+                    removed_all = false;
+                    self.failures += 1;
+                    let _ = writeln!(self.out, "could not remove {name}: {err:#}");
+                }
+            }
+        }
+        if self.dry_run {
+            if state.is_none() {
+                if let Some(lock) = &lock {
+                    lock.remove_file()?;
+                }
+            }
+        } else if removed_all {
+            self.store.remove(job_id)?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Temporary files of state writes a killed process never finished.
+    fn stale_temporary_files(&mut self) {
+        match self
+            .store
+            .stale_temporary_files(self.now, STALE_TEMPORARY_SECS)
+        {
+            Ok(paths) => {
+                for path in paths {
+                    if self.dry_run {
+                        let _ = writeln!(
+                            self.out,
+                            "would remove {}: a stale temporary file",
+                            path.display()
+                        );
+                    } else if let Err(err) = std::fs::remove_file(&path) {
+                        self.failures += 1;
+                        let _ = writeln!(self.out, "could not remove {}: {err}", path.display());
+                    } else {
+                        let _ = writeln!(
+                            self.out,
+                            "removed {}: a stale temporary file",
+                            path.display()
+                        );
+                    }
+                }
+            }
+            Err(err) => {
+                self.failures += 1;
+                let _ = writeln!(self.out, "cannot list temporary files: {err:#}");
+            }
+        }
+    }
+}
+
+/// A temporary file older than this was left by a killed process (a write takes milliseconds).
+const STALE_TEMPORARY_SECS: u64 = 60;
+
+impl VmSeen {
+    fn max_with(self, other: VmSeen) -> VmSeen {
+        match (self, other) {
+            (VmSeen::NotOurs, _) | (_, VmSeen::NotOurs) => VmSeen::NotOurs,
+            (VmSeen::Exists, _) | (_, VmSeen::Exists) => VmSeen::Exists,
+            _ => VmSeen::Absent,
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::plugin::OwnedVm;
-
-    #[test]
-    fn a_vm_of_this_installation_is_judged() {
-        let ours = owner_of(Path::new("/var/lib/hyperjob"));
-
-        assert_eq!(ownership(Some("/var/lib/hyperjob"), &ours), Ownership::Ours);
-    }
-
-    #[test]
-    fn a_vm_without_a_recorded_owner_is_judged_as_before() {
-        assert_eq!(ownership(None, "/var/lib/hyperjob"), Ownership::Unrecorded);
-    }
-
-    #[test]
-    fn a_vm_of_another_installation_is_left_alone() {
-        let ours = "/var/lib/hyperjob";
-
-        for other in [
-            "/var/lib/hyperjob-b",
-            "/var/lib",
-            "/var/lib/hyperjob/sub",
-            "var/lib/hyperjob",
-            "",
-        ] {
-            assert_eq!(ownership(Some(other), ours), Ownership::Other, "{other:?}");
-        }
-    }
-
-    #[test]
-    fn the_owner_is_written_the_same_way_for_the_same_directory() {
-        for spelling in [
-            "/var/lib/hyperjob",
-            "/var/lib/hyperjob/",
-            "/var//lib/./hyperjob",
-        ] {
-            assert_eq!(owner_of(Path::new(spelling)), "/var/lib/hyperjob");
-        }
-        assert_ne!(
-            owner_of(Path::new("/var/lib/hyperjob/../x")),
-            "/var/lib/x",
-            "`..` is kept: it may cross a symlink"
-        );
-    }
-
-    #[test]
-    fn the_owner_carries_no_control_characters() {
-        use std::os::unix::ffi::OsStrExt;
-        let odd = Path::new(std::ffi::OsStr::from_bytes(b"/srv/a\nb\x01\xff<&>'\""));
-
-        let owner = owner_of(odd);
-
-        assert_eq!(owner, "/srv/a\u{FFFD}b\u{FFFD}\u{FFFD}<&>'\"");
-    }
-
-    #[test]
-    fn past_deadline_is_garbage_even_while_active() {
-        assert_eq!(judge(101, 100, true, Some(true)), Verdict::DeadlinePassed);
-    }
-
-    #[test]
-    fn active_job_is_kept() {
-        assert_eq!(judge(50, 100, true, Some(false)), Verdict::Keep);
-    }
-
-    #[test]
-    fn idle_job_without_vm_is_gone() {
-        assert_eq!(judge(50, 100, false, Some(false)), Verdict::Gone);
-    }
-
-    #[test]
-    fn idle_job_with_running_vm_is_kept() {
-        assert_eq!(judge(50, 100, false, Some(true)), Verdict::Keep);
-    }
-
-    #[test]
-    fn unknown_vm_existence_keeps_the_job_until_its_deadline() {
-        assert_eq!(judge(50, 100, false, None), Verdict::Keep);
-        assert_eq!(judge(150, 100, false, None), Verdict::DeadlinePassed);
-    }
-
-    /// Lists fixed VMs and records what it is asked to destroy: gc's decisions, without VMs.
-    struct Listed {
-        vms: Vec<OwnedVm>,
-        destroyed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    }
-
-    impl Backend for Listed {
-        fn create(
-            &self,
-            _request: &crate::VmRequest,
-            _progress: &dyn crate::plugin::Progress,
-        ) -> Result<(), PluginError> {
-            Err(PluginError::Unsupported("create"))
-        }
-
-        fn wait_address(
-            &self,
-            _vm_name: &str,
-            _deadline: std::time::Instant,
-            _cancel: &std::sync::atomic::AtomicBool,
-        ) -> Result<crate::Endpoint, PluginError> {
-            Err(PluginError::Unsupported("wait_address"))
-        }
-
-        fn destroy(&self, vm_name: &str) -> Result<(), PluginError> {
-            self.destroyed
-                .lock()
-                .expect("lock")
-                .push(vm_name.to_string());
-            Ok(())
-        }
-
-        fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
-            Ok(self.vms.clone())
-        }
-    }
-
-    /// Runs gc with `state_dir` over a backend listing `vms`: its report and what it destroyed.
-    fn gc_over(state_dir: &Path, vms: &[OwnedVm], dry_run: bool) -> (Vec<String>, Vec<String>) {
-        use crate::registry::{Entry, Origin};
-        let destroyed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (listed, log) = (vms.to_vec(), destroyed.clone());
-        let mut registry = Registry::default();
-        registry
-            .add_backend(Entry {
-                name: "listed".into(),
-                version: "0".into(),
-                origin: Origin::BuiltIn,
-                build: std::sync::Arc::new(move |_, _| {
-                    Ok(Box::new(Listed {
-                        vms: listed.clone(),
-                        destroyed: log.clone(),
-                    }) as Box<dyn Backend>)
-                }),
-            })
-            .expect("register");
-        let config = Config::parse(
-            Path::new("/etc/hyperjob/test.toml"),
-            &format!(
-                "backend = \"listed\"\ntransport = \"ssh\"\nstate_dir = {:?}\n",
-                state_dir.display().to_string()
-            ),
-        )
-        .expect("config");
-        let mut out = Vec::new();
-
-        gc(&config, &registry, dry_run, &mut out).expect("gc");
-
-        let report = String::from_utf8(out).expect("utf-8");
-        let destroyed = destroyed.lock().expect("lock").clone();
-        (report.lines().map(str::to_string).collect(), destroyed)
-    }
-
-    fn listed_vm(job_id: u64, deadline_unix: u64, owner: Option<&str>) -> OwnedVm {
-        OwnedVm {
-            vm_name: format!("hyperjob-job-{job_id}"),
-            job_id,
-            created_unix: 0,
-            deadline_unix,
-            owner: owner.map(str::to_string),
-        }
-    }
-
-    #[test]
-    fn gc_removes_expired_vms_of_its_own_or_of_no_owner_and_leaves_others_alone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state_dir = dir.path().join("state");
-        let ours = owner_of(&state_dir);
-        let vms = [
-            listed_vm(1, 1, Some(&ours)),
-            listed_vm(2, 1, None),
-            listed_vm(3, 1, Some("/srv/other-runner")),
-            listed_vm(4, u64::MAX, Some("/srv/other-runner")),
-            listed_vm(5, u64::MAX, Some(&ours)),
-        ];
-
-        let (dry, dry_destroyed) = gc_over(&state_dir, &vms, true);
-        let (real, destroyed) = gc_over(&state_dir, &vms, false);
-
-        assert_eq!(
-            dry,
-            [
-                "skipping hyperjob-job-3: owned by /srv/other-runner",
-                "would remove hyperjob-job-1: its deadline has passed",
-                "would remove hyperjob-job-2: its deadline has passed",
-            ]
-        );
-        assert!(dry_destroyed.is_empty());
-        assert_eq!(
-            real,
-            [
-                "removed hyperjob-job-1: its deadline has passed",
-                "removed hyperjob-job-2: its deadline has passed",
-            ]
-        );
-        assert_eq!(destroyed, ["hyperjob-job-1", "hyperjob-job-2"]);
-    }
-}
+#[path = "gc_tests.rs"]
+mod tests;

@@ -123,12 +123,6 @@ impl JobIdentity {
         })
     }
 
-    /// The name of the job's VM and the key of all its state. Digits only after a fixed
-    /// prefix, so it is safe in XML, file names and shell words.
-    pub fn vm_name(&self) -> String {
-        format!("hyperjob-job-{}", self.job_id)
-    }
-
     /// Unix time after which this job's resources are certainly abandoned: creation, plus the
     /// job timeout, plus a margin for the runner's own cleanup.
     pub fn deadline_unix(&self, created_unix: u64, margin_secs: u64) -> u64 {
@@ -165,7 +159,6 @@ mod tests {
                 timeout_secs: 600
             }
         );
-        assert_eq!(job.vm_name(), "hyperjob-job-4242");
     }
 
     #[test]

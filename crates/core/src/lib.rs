@@ -13,15 +13,19 @@ pub mod exec_plugin;
 pub mod exit;
 pub mod job;
 pub mod keys;
+pub mod lock;
+pub mod ownership;
 pub mod plugin;
 pub mod progress;
 pub mod registry;
+pub mod runner;
 pub mod stages;
 pub mod state;
 pub mod wait;
 
 pub use plugin::{
-    Backend, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport, VmRequest,
+    Backend, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport, VmPresence,
+    VmRequest,
 };
 pub mod gc;
 

@@ -112,7 +112,7 @@ pub struct VmRequest {
     /// Unix time (seconds) after which the VM is certainly abandoned (job timeout plus margin).
     pub deadline_unix: u64,
     /// The installation that creates the VM: the absolute path of its config's `state_dir`
-    /// ([`crate::gc::owner_of`]). Recorded with the VM and reported back as
+    /// ([`crate::ownership::owner_of`]). Recorded with the VM and reported back as
     /// [`OwnedVm::owner`]: `hyperjob gc` only acts on VMs of its own installation.
     pub owner: String,
     /// With `guest_keys = "per-job"`: keys the backend must put into the guest before boot.
@@ -129,6 +129,18 @@ pub struct OwnedVm {
     pub deadline_unix: u64,
     /// [`VmRequest::owner`] as recorded; `None` for a VM of a hyperjob that recorded no owner.
     pub owner: Option<String>,
+}
+
+/// What a backend finds under a VM name right now ([`Backend::inspect`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmPresence {
+    /// Nothing of that name exists.
+    Absent,
+    /// A VM hyperjob created, with its ownership record.
+    Owned(OwnedVm),
+    /// Something of that name exists, but its hyperjob record is missing or cannot be read (the
+    /// reason says which). Never counted as gone, and never destroyed by name.
+    Unrecognised(String),
 }
 
 /// Reports progress to the job log. Implemented by the core; plugins only call it.
@@ -157,6 +169,24 @@ pub trait Backend: Send + Sync {
     /// for `hyperjob gc`. Must never list anything hyperjob did not create.
     fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
         Err(PluginError::Unsupported("list_owned"))
+    }
+
+    /// Looks the VM up by name at this moment. The default answers from [`Backend::list_owned`]
+    /// (a VM not listed is absent); a backend that can tell "not ours" or "record unreadable"
+    /// from "absent" overrides it.
+    fn inspect(&self, vm_name: &str) -> Result<VmPresence, PluginError> {
+        Ok(self
+            .list_owned()?
+            .into_iter()
+            .find(|vm| vm.vm_name == vm_name)
+            .map_or(VmPresence::Absent, VmPresence::Owned))
+    }
+
+    /// Optional: names of VMs that have files in the backend's storage (overlays, seeds, logs),
+    /// whether or not the VM still exists. `hyperjob gc` destroys those whose VM is gone and
+    /// whose job nobody works on, so files of a killed process do not pile up.
+    fn names_with_files(&self) -> Result<Vec<String>, PluginError> {
+        Ok(Vec::new())
     }
 
     /// Optional: the last lines the guest printed on its console, to explain a failed boot.

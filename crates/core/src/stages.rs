@@ -84,7 +84,7 @@ pub fn config(ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
         "builds_dir": ctx.config.builds_dir,
         "cache_dir": ctx.config.cache_dir,
         "builds_dir_is_shared": false,
-        "hostname": ctx.job.vm_name(),
+        "hostname": ctx.config.vm_name(ctx.job.job_id),
     }))
 }
 
@@ -93,17 +93,30 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let backend = ctx.backend()?;
     let transport = ctx.transport()?;
     let progress = StdoutProgress;
-    let vm_name = ctx.job.vm_name();
+    let vm_name = ctx.config.vm_name(ctx.job.job_id);
     let store = ctx.store();
+    let me = crate::ownership::owner_of(&ctx.config.state_dir);
 
+    // The job's lock comes first: gc decides about a job only while it holds that lock
+    // exclusively, so gc and this prepare never interleave.
+    let active = store.lock_activity(ctx.job.job_id)?;
     // A retried prepare (the runner tries up to three times) may find what an earlier, failed
-    // or killed attempt of the same job left behind: start from nothing. This comes before
-    // anything is written, so a backend that cannot even be reached leaves no trace.
-    backend
-        .destroy(&vm_name)
-        .with_context(|| format!("cannot remove leftovers of an earlier attempt for {vm_name}"))?;
-    let _active = store.lock_activity(ctx.job.job_id)?;
-
+    // or killed attempt of the same job left behind: start from nothing — but never destroy a
+    // VM of that name that another installation owns.
+    let leftovers = crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
+        .map_err(anyhow::Error::new)
+        .and_then(|refusal| match refusal {
+            Some(why) => bail!("refusing to destroy it: {why}"),
+            None => Ok(backend.destroy(&vm_name)?),
+        })
+        .with_context(|| format!("cannot remove leftovers of an earlier attempt for {vm_name}"));
+    if let Err(err) = leftovers {
+        // Nothing was written yet: a backend that cannot even be reached leaves no trace.
+        if matches!(store.load(ctx.job.job_id), Ok(None)) {
+            active.release_and_remove();
+        }
+        return Err(err);
+    }
     let started = Instant::now();
     let created_unix = unix_now();
     let request = VmRequest {
@@ -113,16 +126,19 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         deadline_unix: ctx
             .job
             .deadline_unix(created_unix, ctx.config.deadline_margin_secs),
-        owner: crate::gc::owner_of(&ctx.config.state_dir),
+        owner: me,
         keys: None,
     };
     // The record comes first, so whatever happens next can be found and removed again.
-    let record = JobState::creating(
-        ctx.job.job_id,
-        vm_name.clone(),
-        (&ctx.config.backend, &ctx.config.transport),
-        (request.created_unix, request.deadline_unix),
-    );
+    let record = JobState {
+        runner: crate::runner::current_runner(),
+        ..JobState::creating(
+            ctx.job.job_id,
+            vm_name.clone(),
+            (&ctx.config.backend, &ctx.config.transport),
+            (request.created_unix, request.deadline_unix),
+        )
+    };
     store.save(&record)?;
     progress.say(&format!(
         "Creating VM {vm_name} with the {} backend...",
@@ -324,14 +340,26 @@ pub fn run(
 }
 
 /// `cleanup_exec`: destroys the VM and the job's state. Idempotent, and it takes no lock: the
-/// runner may start it while a killed run of the same job is still dying.
+/// runner may start it while a killed run of the same job is still dying. A VM of that name
+/// another installation owns is left alone (this job's state still goes).
 pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let backend = ctx.backend()?;
-    let vm_name = ctx.job.vm_name();
-    backend
-        .destroy(&vm_name)
-        .with_context(|| format!("cannot destroy VM {vm_name}"))?;
-    ctx.store().remove(ctx.job.job_id)?;
+    let store = ctx.store();
+    let vm_name = match store.load(ctx.job.job_id) {
+        Ok(Some(state)) => state.vm_name,
+        _ => ctx.config.vm_name(ctx.job.job_id),
+    };
+    let me = crate::ownership::owner_of(&ctx.config.state_dir);
+    match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
+        .with_context(|| format!("cannot destroy VM {vm_name}"))?
+    {
+        // Not this job's VM: nothing of the job is left to destroy.
+        Some(why) => tracing::warn!("left {vm_name} alone: {why}"),
+        None => backend
+            .destroy(&vm_name)
+            .with_context(|| format!("cannot destroy VM {vm_name}"))?,
+    }
+    store.remove(ctx.job.job_id)?;
     Ok(StageOutcome::Success)
 }
 

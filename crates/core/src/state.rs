@@ -7,14 +7,17 @@
 //! leaves a record that `cleanup` or `gc` can act on. While prepare or run works on a job it
 //! holds a shared lock on `job-<id>.lock`; `gc` treats a locked job as active.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
+use std::fs::{self, DirBuilder, OpenOptions, TryLockError};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::lock::lock_file;
+pub use crate::lock::{ActivityLock, ExclusiveLock};
 use crate::plugin::Endpoint;
+use crate::runner::ProcessIdentity;
 
 const STATE_VERSION: u32 = 1;
 
@@ -61,7 +64,7 @@ pub enum StateError {
 
 /// How hyperjob opens a file of its own in `state_dir`: created 0600, and never through a
 /// symbolic link someone planted at its name (`O_NOFOLLOW`: the open fails instead).
-fn private_file_options() -> OpenOptions {
+pub(crate) fn private_file_options() -> OpenOptions {
     let mut options = OpenOptions::new();
     options
         .write(true)
@@ -139,12 +142,6 @@ fn private_dir(dir: &Path, parents: bool) -> Result<(), StateError> {
     Ok(())
 }
 
-/// A shared lock on a job, held while prepare or run works on it.
-#[derive(Debug)]
-pub struct ActivityLock {
-    _file: File,
-}
-
 /// How far prepare got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -168,6 +165,9 @@ pub struct JobState {
     pub endpoint: Option<Endpoint>,
     pub created_unix: u64,
     pub deadline_unix: u64,
+    /// The runner that started prepare ([`crate::runner`]); a job whose runner is gone is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<ProcessIdentity>,
 }
 
 impl JobState {
@@ -188,6 +188,7 @@ impl JobState {
             endpoint: None,
             created_unix: times.0,
             deadline_unix: times.1,
+            runner: None,
         }
     }
 
@@ -252,39 +253,29 @@ impl StateStore {
     }
 
     /// Marks the job as being worked on until the returned lock is dropped (or the process
-    /// dies: the kernel releases the lock).
+    /// dies: the kernel releases the lock). Waits while `gc` decides about the job.
     pub fn lock_activity(&self, job_id: u64) -> Result<ActivityLock, StateError> {
         self.ensure_dir()?;
         let path = self.lock_path(job_id);
-        let file = private_file_options()
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| StateError::Lock {
-                path: path.clone(),
-                source,
-            })?;
-        file.lock_shared()
-            .map_err(|source| StateError::Lock { path, source })?;
-        Ok(ActivityLock { _file: file })
+        let file = lock_file(&path, |file| file.lock_shared().map(|()| true))?
+            .expect("a blocking lock is always taken");
+        Ok(ActivityLock { file, path })
     }
 
-    /// Whether a prepare or run of this job is running right now.
-    pub fn is_active(&self, job_id: u64) -> Result<bool, StateError> {
+    /// The job's lock, exclusively, if no prepare, run or gc holds it now: while it is held,
+    /// no stage of the job can start. `None` when the job is busy.
+    pub fn try_lock_exclusive(&self, job_id: u64) -> Result<Option<ExclusiveLock>, StateError> {
+        self.ensure_dir()?;
         let path = self.lock_path(job_id);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(false),
-            Err(source) => return Err(StateError::Lock { path, source }),
-        };
-        match file.try_lock() {
-            Ok(()) => Ok(false),
-            Err(TryLockError::WouldBlock) => Ok(true),
-            Err(TryLockError::Error(source)) => Err(StateError::Lock { path, source }),
-        }
+        let file = lock_file(&path, |file| match file.try_lock() {
+            Ok(()) => Ok(true),
+            Err(TryLockError::WouldBlock) => Ok(false),
+            Err(TryLockError::Error(err)) => Err(err),
+        })?;
+        Ok(file.map(|file| ExclusiveLock { _file: file, path }))
     }
 
-    /// Job ids that have a state file.
-    pub fn job_ids(&self) -> Result<Vec<u64>, StateError> {
+    fn entries(&self) -> Result<Vec<(String, fs::DirEntry)>, StateError> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
@@ -295,19 +286,54 @@ impl StateStore {
                 })
             }
         };
-        let mut ids: Vec<u64> = entries
+        Ok(entries
             .filter_map(Result::ok)
-            .filter_map(|entry| {
-                let name = entry.file_name();
-                let name = name.to_str()?;
-                name.strip_prefix("job-")?
-                    .strip_suffix(".json")?
+            .filter_map(|entry| Some((entry.file_name().to_str()?.to_string(), entry)))
+            .collect())
+    }
+
+    /// Job ids that have a file in the state directory: a state file, a lock file or keys.
+    pub fn job_ids_with_files(&self) -> Result<Vec<u64>, StateError> {
+        let mut ids: Vec<u64> = self
+            .entries()?
+            .iter()
+            .filter_map(|(name, _)| {
+                let rest = name.strip_prefix("job-")?;
+                [".json", ".lock", ".keys"]
+                    .iter()
+                    .find_map(|suffix| rest.strip_suffix(suffix))?
                     .parse()
                     .ok()
             })
             .collect();
         ids.sort_unstable();
+        ids.dedup();
         Ok(ids)
+    }
+
+    /// Temporary files of state writes ([`StateStore::save`]) older than `max_age_secs` at
+    /// `now`: a killed process left them.
+    pub fn stale_temporary_files(
+        &self,
+        now: u64,
+        max_age_secs: u64,
+    ) -> Result<Vec<PathBuf>, StateError> {
+        let mut stale: Vec<PathBuf> = self
+            .entries()?
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(".job-") && name.ends_with(".tmp"))
+            .filter(|(_, entry)| {
+                let modified = entry
+                    .metadata()
+                    .ok()
+                    .and_then(|meta| meta.modified().ok())
+                    .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok());
+                modified.is_some_and(|age| age.as_secs().saturating_add(max_age_secs) < now)
+            })
+            .map(|(_, entry)| entry.path())
+            .collect();
+        stale.sort();
+        Ok(stale)
     }
 
     /// Writes the state of a job atomically, 0600.
@@ -425,30 +451,37 @@ mod tests {
     }
 
     #[test]
-    fn job_ids_lists_only_state_files() {
+    fn job_ids_with_files_lists_state_lock_and_key_files_of_jobs_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::new(dir.path());
         store.save(&sample(12)).expect("save");
         store.save(&sample(3)).expect("save");
         let _lock = store.lock_activity(5).expect("lock");
+        let _lock3 = store.lock_activity(3).expect("lock");
+        store.save_client_key(8, "key").expect("key");
         fs::write(dir.path().join("unrelated.json"), b"{}").expect("write");
+        fs::write(dir.path().join("job-x.json"), b"{}").expect("write");
 
-        assert_eq!(store.job_ids().expect("list"), vec![3, 12]);
+        assert_eq!(store.job_ids_with_files().expect("list"), vec![3, 5, 8, 12]);
     }
 
     #[test]
-    fn a_held_activity_lock_marks_the_job_active_until_dropped() {
+    fn only_old_temporary_files_of_state_writes_are_stale() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::new(dir.path());
+        let old = dir.path().join(".job-4.json.123.tmp");
+        fs::write(&old, b"{").expect("write");
+        fs::write(dir.path().join("other.tmp"), b"").expect("write");
+        let now = crate::stages::unix_now();
 
-        let lock = store.lock_activity(9).expect("lock");
-        let while_held = store.is_active(9).expect("check");
-        drop(lock);
-        let after = store.is_active(9).expect("check");
-
-        assert!(while_held);
-        assert!(!after);
-        assert!(!store.is_active(10).expect("no lock file"));
+        assert_eq!(
+            store.stale_temporary_files(now, 60).expect("list"),
+            Vec::<PathBuf>::new()
+        );
+        assert_eq!(
+            store.stale_temporary_files(now + 120, 60).expect("list"),
+            vec![old]
+        );
     }
 
     #[test]
