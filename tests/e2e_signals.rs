@@ -339,13 +339,15 @@ fn a_stage_that_cannot_stop_still_ends_30_s_after_the_signal_as_a_system_failure
     )
     .ready(Endpoint::new("127.0.0.1", Some(port)));
     StateStore::new(&ws.state_dir).save(&state).expect("state");
-    let response = ws.dir.join("response.json");
+    // The runner's files, in a directory that goes with the test.
+    let files = tempfile::tempdir_in(&ws.dir).expect("tempdir");
+    let response = files.path().join("response.json");
     std::fs::write(
         &response,
         format!("{{\"id\":{id},\"token\":\"glcbt-x\"}}\n"),
     )
     .expect("response");
-    let script = ws.dir.join("script");
+    let script = files.path().join("script");
     std::fs::write(&script, "#!/usr/bin/env bash\nsleep 300\n").expect("script");
     let hyperjob = |args: &[&str]| {
         let mut command = Command::new(&env.hyperjob);
