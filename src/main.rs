@@ -6,8 +6,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -77,10 +78,18 @@ impl Command {
 }
 
 fn main() -> ExitCode {
+    // First of all: a signal that comes before the handlers are in place kills the process
+    // instead of stopping the stage.
+    let cancel = install_signal_handlers();
     let cli = Cli::parse();
     init_logging();
-    let cancel = install_signal_handlers();
-    let result = run(&cli, &cancel);
+    let result = match run(&cli, &cancel) {
+        // A stopped script is the runner's doing, never a build failure.
+        Ok(StageOutcome::ScriptFailed { exit_code }) if cancel.load(Ordering::Relaxed) => Err(
+            anyhow::anyhow!("interrupted by a signal (the script exited with {exit_code})"),
+        ),
+        other => other,
+    };
     exit::finish(cli.command.name(), result)
 }
 
@@ -156,24 +165,66 @@ fn init_logging() {
         .init();
 }
 
-/// The first SIGTERM/SIGINT asks the running stage to stop cleanly; a second one ends the
-/// process at once, with `SYSTEM_FAILURE_EXIT_CODE` (a cancelled stage is never a build
-/// failure). SIGQUIT is GitLab Runner's graceful stop ("finish the jobs you have"), which
-/// systemd also delivers to every process of the runner's unit: the stage goes on.
+/// How long a stage may take to stop after the first SIGTERM/SIGINT before the process ends
+/// anyway, with `SYSTEM_FAILURE_EXIT_CODE`: GitLab Runner's own limit on a forced shutdown
+/// (`ShutdownTimeout`, 30 s), after which it exits itself. A normal stop takes a few seconds;
+/// what an interrupted teardown leaves is recorded in the job's state for `cleanup` and `gc`.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// SIGTERM and SIGINT ask the running stage to stop cleanly; further ones change nothing (a
+/// `systemctl stop` delivers two SIGTERMs at once, systemd's and the runner's, and neither may
+/// cut the remote kill or the teardown short). The stop is bounded by [`STOP_DEADLINE`]; the
+/// hard stop is SIGKILL (the runner's after `graceful_kill_timeout`, systemd's after
+/// `TimeoutStopSec`). SIGQUIT is GitLab Runner's graceful stop ("finish the jobs you have"),
+/// which systemd also delivers to every process of the runner's unit: the stage goes on.
 fn install_signal_handlers() -> Arc<AtomicBool> {
+    use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
     let cancel = Arc::new(AtomicBool::new(false));
     // A handler that only sets a flag nobody reads: SIGQUIT neither kills nor stops anything.
-    let _ = signal_hook::flag::register(
-        signal_hook::consts::SIGQUIT,
-        Arc::new(AtomicBool::new(false)),
-    );
-    let status = i32::from(hyperjob_core::job::ExitCodes::from_env().system_failure);
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        // Registration only fails for forbidden signals, which these are not; without a
-        // handler the default action (terminate) still applies, so carry on.
-        let _ =
-            signal_hook::flag::register_conditional_shutdown(signal, status, Arc::clone(&cancel));
+    let _ = signal_hook::flag::register(SIGQUIT, Arc::new(AtomicBool::new(false)));
+    for signal in [SIGTERM, SIGINT] {
+        // Set in the handler itself, so the stage sees the request at once. Registration only
+        // fails for forbidden signals, which these are not.
         let _ = signal_hook::flag::register(signal, Arc::clone(&cancel));
     }
+    let status = i32::from(hyperjob_core::job::ExitCodes::from_env().system_failure);
+    // The watcher thread blocks no signal: it takes those the stage's thread defers while a
+    // blocking call must not be cut short (the SSH transport does so).
+    if let Ok(signals) = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        std::thread::spawn(move || watch_stop(signals, status));
+    }
     cancel
+}
+
+/// Logs the stop request, absorbs repeated ones, and ends the process if the stage has not
+/// finished [`STOP_DEADLINE`] after the first.
+fn watch_stop(mut signals: signal_hook::iterator::Signals, status: i32) {
+    let name = |signal: i32| {
+        if signal == signal_hook::consts::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        }
+    };
+    let mut received = signals.forever();
+    let Some(first) = received.next() else {
+        return;
+    };
+    tracing::info!("received {}: stopping the stage", name(first));
+    std::thread::spawn(move || {
+        std::thread::sleep(STOP_DEADLINE);
+        tracing::warn!(
+            "the stage did not stop within {} s of the signal; exiting (cleanup or gc removes what is left)",
+            STOP_DEADLINE.as_secs()
+        );
+        // `_exit`: no atexit handlers run while the main thread may be inside libvirt or
+        // libssh2.
+        signal_hook::low_level::exit(status);
+    });
+    for again in received {
+        tracing::info!(
+            "received {} again: the stop is already under way",
+            name(again)
+        );
+    }
 }

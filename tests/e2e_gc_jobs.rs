@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::{Driver, ExecutorSession, ExitInfo, Job, Stage};
 use support::{
-    configured_session, configured_session_via, domain_exists, hyperjob_metadata,
+    configured_session, configured_session_of, domain_exists, hyperjob_metadata,
     job_without_sources, list_dir, session_log, unique_job_id, vm_name, wait_for_log, Lookalike,
     TestEnv, Workspace,
 };
@@ -100,7 +100,7 @@ fn gc_removes_a_killed_prepare_and_a_job_whose_runner_died_at_once_but_keeps_a_w
             env.hyperjob.display()
         ),
     );
-    let orphan_session = configured_session_via(&wrapped_driver(&ws, &perl), &job(orphaned));
+    let orphan_session = configured_session_of(&wrapped_driver(&ws, &perl), &job(orphaned));
     orphan_session
         .prepare()
         .expect("prepare through the perl runner");
@@ -112,7 +112,7 @@ fn gc_removes_a_killed_prepare_and_a_job_whose_runner_died_at_once_but_keeps_a_w
         "prepare-wrapper",
         &format!("#!/bin/sh\n'{}' \"$@\"\n", env.hyperjob.display()),
     );
-    let wrapped_session = configured_session_via(&wrapped_driver(&ws, &sh), &job(wrapped));
+    let wrapped_session = configured_session_of(&wrapped_driver(&ws, &sh), &job(wrapped));
     wrapped_session
         .prepare()
         .expect("prepare through a shell wrapper");

@@ -14,11 +14,10 @@ use hyperjob_test_harness::{
 };
 use support::{
     configured_session, domain_exists, hyperjob_driver, job_without_sources, prepared_session,
-    recorded_state, session_log, state_file, unique_job_id, virsh, vm_name, wait_for_log,
-    wait_until, TestEnv, Workspace,
+    recorded_phase, session_log, state_file, unique_job_id, virsh, vm_name, wait_for_log,
+    wait_for_prepare_point, PreparePoint, TestEnv, Workspace,
 };
 
-const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
 
@@ -44,13 +43,6 @@ fn signal_now(running: RunningInvocation, signal: i32) -> (Invocation, Duration)
     let _ = running.signal_group(signal);
     let invocation = running.wait();
     (invocation, sent.elapsed())
-}
-
-/// The `phase` prepare recorded in the job's state file, if there is a readable one.
-fn recorded_phase(ws: &Workspace, job_id: i64) -> Option<String> {
-    recorded_state(ws, job_id)?["phase"]
-        .as_str()
-        .map(str::to_string)
 }
 
 #[test]
@@ -132,65 +124,14 @@ fn sigterm_during_prepare_removes_everything_it_created() {
     session.cleanup();
 }
 
-#[test]
-fn a_second_signal_ends_prepare_at_once_as_a_system_failure_and_cleanup_removes_the_rest() {
-    let env = TestEnv::load();
-    let ws = env.workspace("double-signal");
-    let id = unique_job_id();
-    let job = job(id, &["true"]);
-    let session = configured_session(&env, &ws, &job);
-    let running = session.spawn_prepare().expect("start prepare");
-    wait_for_log(&session, "Waiting for the guest address", LOG_WAIT);
-
-    // SIGINT asks for the clean stop (which takes libvirt a second or two to destroy the
-    // VM); the SIGTERM right behind it must end the process at once.
-    let sent = Instant::now();
-    running.signal_group(SIGINT).expect("SIGINT");
-    running.signal_group(SIGTERM).expect("SIGTERM");
-    let invocation = running.wait();
-    println!(
-        "prepare exited {:.2} s after SIGINT + SIGTERM",
-        sent.elapsed().as_secs_f64()
-    );
-
-    let log = log_text(&session);
-    // Never a build failure (1): a cancelled prepare is the system's failure.
-    assert_eq!(invocation.exit, ExitInfo::Exited(2), "{log}");
-    let cleanup = session.cleanup().expect("cleanup_exec ran");
-    assert!(
-        cleanup.error.is_none(),
-        "cleanup failed: {:?}",
-        cleanup.error
-    );
-    ws.assert_nothing_left(&vm_name(id));
-}
-
-/// Where prepare is when the test SIGKILLs it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum KillPoint {
-    /// The state record exists (phase `creating`); the VM is still being created.
-    Creating,
-    /// The domain exists and prepare waits for the guest.
-    Booting,
-}
-
-fn sigkill_prepare_then_cleanup(name: &str, point: KillPoint) {
+fn sigkill_prepare_then_cleanup(name: &str, point: PreparePoint) {
     let env = TestEnv::load();
     let ws = env.workspace(name);
     let id = unique_job_id();
     let job = job(id, &["true"]);
     let session = configured_session(&env, &ws, &job);
     let running = session.spawn_prepare().expect("start prepare");
-    match point {
-        KillPoint::Creating => {
-            wait_until("the state record", LOG_WAIT, || {
-                recorded_phase(&ws, id).is_some()
-            });
-        }
-        KillPoint::Booting => {
-            wait_for_log(&session, "Waiting for the guest address", LOG_WAIT);
-        }
-    }
+    wait_for_prepare_point(&session, &ws, id, point, LOG_WAIT);
 
     let (invocation, _) = signal_now(running, SIGKILL);
     let log = log_text(&session);
@@ -201,11 +142,11 @@ fn sigkill_prepare_then_cleanup(name: &str, point: KillPoint) {
         "{log}"
     );
     match point {
-        KillPoint::Creating => assert!(
+        PreparePoint::Creating => assert!(
             !log.contains("Waiting for the guest address"),
             "the VM was already created when the kill arrived: {log}"
         ),
-        KillPoint::Booting => {
+        PreparePoint::Booting => {
             assert!(
                 !log.contains("Guest address"),
                 "the guest had booted: {log}"
@@ -226,12 +167,12 @@ fn sigkill_prepare_then_cleanup(name: &str, point: KillPoint) {
 
 #[test]
 fn sigkill_of_prepare_while_creating_the_vm_then_cleanup_leaves_nothing() {
-    sigkill_prepare_then_cleanup("sigkill-prepare-create", KillPoint::Creating);
+    sigkill_prepare_then_cleanup("sigkill-prepare-create", PreparePoint::Creating);
 }
 
 #[test]
 fn sigkill_of_prepare_while_the_guest_boots_then_cleanup_leaves_nothing() {
-    sigkill_prepare_then_cleanup("sigkill-prepare-boot", KillPoint::Booting);
+    sigkill_prepare_then_cleanup("sigkill-prepare-boot", PreparePoint::Booting);
 }
 
 /// Runs `hyperjob run` by hand for `session`'s job with `script`, as the runner would.

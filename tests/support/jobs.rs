@@ -27,11 +27,11 @@ pub fn job_without_sources(id: i64, project: &str, script: &[&str]) -> Job {
 
 /// An executor session that has run config and is ready for prepare.
 pub fn configured_session(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
-    configured_session_via(&hyperjob_driver(env, ws), job)
+    configured_session_of(&hyperjob_driver(env, ws), job)
 }
 
-/// [`configured_session`] with another driver (hyperjob behind a wrapper, say).
-pub fn configured_session_via(driver: &Driver, job: &Job) -> ExecutorSession {
+/// [`configured_session`] with `driver` (e.g. one with extra environment, or a wrapper).
+pub fn configured_session_of(driver: &Driver, job: &Job) -> ExecutorSession {
     let session =
         ExecutorSession::new(driver, job, &RunnerSettings::default()).expect("executor session");
     session.run_config().expect("config_exec");
@@ -41,7 +41,12 @@ pub fn configured_session_via(driver: &Driver, job: &Job) -> ExecutorSession {
 
 /// A session whose VM is up and whose project dir exists (get_sources ran).
 pub fn prepared_session(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorSession {
-    let session = configured_session(env, ws, job);
+    prepared_session_of(&hyperjob_driver(env, ws), job)
+}
+
+/// [`prepared_session`] with `driver`.
+pub fn prepared_session_of(driver: &Driver, job: &Job) -> ExecutorSession {
+    let session = configured_session_of(driver, job);
     session.prepare().expect("prepare_exec");
     let sources = session
         .run_stage(&Stage::GetSources)
@@ -60,4 +65,40 @@ pub fn state_file(ws: &Workspace, job_id: i64) -> PathBuf {
 pub fn recorded_state(ws: &Workspace, job_id: i64) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(state_file(ws, job_id)).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// Where a running prepare is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreparePoint {
+    /// The state record exists (phase `creating`); the VM is still being created.
+    Creating,
+    /// The domain exists and prepare waits for the guest.
+    Booting,
+}
+
+/// Waits until the prepare running for `session` (job `job_id`) has reached `point`.
+pub fn wait_for_prepare_point(
+    session: &ExecutorSession,
+    ws: &Workspace,
+    job_id: i64,
+    point: PreparePoint,
+    timeout: std::time::Duration,
+) {
+    match point {
+        PreparePoint::Creating => {
+            super::wait_until("the state record", timeout, || {
+                recorded_state(ws, job_id).is_some()
+            });
+        }
+        PreparePoint::Booting => {
+            super::wait_for_log(session, "Waiting for the guest address", timeout);
+        }
+    }
+}
+
+/// The `phase` prepare recorded in job `job_id`'s state file, if there is a readable one.
+pub fn recorded_phase(ws: &Workspace, job_id: i64) -> Option<String> {
+    recorded_state(ws, job_id)?["phase"]
+        .as_str()
+        .map(str::to_string)
 }

@@ -192,6 +192,8 @@ fn boot(
     progress: &dyn Progress,
     started: Instant,
 ) -> anyhow::Result<Endpoint> {
+    // A stop that came while the record was written: create nothing.
+    interrupted(ctx.cancel)?;
     let deadline = started + transport.ready_timeout();
     let (request, identity_file) = match ctx.config.guest_keys {
         GuestKeyMode::Pinned => (request.clone(), None),

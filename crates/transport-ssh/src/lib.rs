@@ -4,11 +4,12 @@
 
 pub mod config;
 pub mod known_hosts;
+mod relay;
 mod remote;
+mod signals;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -19,14 +20,9 @@ use hyperjob_core::{Endpoint, PluginError, RemoteExit, ScriptRequest, Transport}
 use ssh2::Session;
 
 pub use config::{HostKeyPolicy, SshConfig};
+use relay::RelayError;
 pub use remote::{kill_command, new_run_id, remote_command, PidCapture, RUN_ID_VAR};
 
-const READ_CHUNK: usize = 32 * 1024;
-/// How long the relay loop waits for the socket before checking for cancellation again.
-const POLL_INTERVAL_MS: i32 = 200;
-/// Keepalive interval while a script runs: keeps NAT and firewalls from dropping a quiet
-/// connection, and gives the kernel data whose acknowledgement it can miss.
-const KEEPALIVE_SECS: u32 = 15;
 /// A connection whose sent data stays unacknowledged this long is dead (`TCP_USER_TIMEOUT`):
 /// a guest that died or hung cannot keep a stage waiting until the job timeout.
 const DEAD_PEER: Duration = Duration::from_secs(45);
@@ -82,6 +78,9 @@ enum SshError {
     },
     #[error("{what} failed: {message}")]
     Channel { what: &'static str, message: String },
+    /// The stop was asked for before the script was started (nothing runs in the guest).
+    #[error("interrupted {0}; the script was not started")]
+    Interrupted(&'static str),
 }
 
 impl SshError {
@@ -152,8 +151,22 @@ impl SshTransport {
     }
 
     /// Connects, verifies the host key and logs in. Every blocking step is bounded by
-    /// `timeout`, so a port that accepts TCP but never speaks SSH cannot hang us.
-    fn open_session(&self, endpoint: &Endpoint, timeout: Duration) -> Result<Session, SshError> {
+    /// `timeout`, so a port that accepts TCP but never speaks SSH cannot hang us; after each
+    /// step a set `cancel` ends it.
+    fn open_session(
+        &self,
+        endpoint: &Endpoint,
+        timeout: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<Session, SshError> {
+        let interrupted = |during: &'static str| {
+            if cancel.load(Ordering::Relaxed) {
+                Err(SshError::Interrupted(during))
+            } else {
+                Ok(())
+            }
+        };
+        interrupted("before connecting")?;
         let port = self.port(endpoint);
         let addr_text = format!("{}:{port}", endpoint.host);
         let addr = (endpoint.host.as_str(), port)
@@ -166,6 +179,8 @@ impl SshTransport {
                 addr: addr_text.clone(),
                 source,
             })?;
+        tracing::debug!("TCP connection to {addr_text} open");
+        interrupted("while connecting")?;
         let _ = tcp.set_nodelay(true);
         let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(DEAD_PEER));
         let mut session = Session::new().map_err(|err| SshError::Handshake {
@@ -212,6 +227,8 @@ impl SshTransport {
                 },
             })?;
         self.verify_host_key(&session, expected, &addr_text)?;
+        tracing::debug!("SSH handshake with {addr_text} done");
+        interrupted("during the SSH handshake")?;
         let identity_file = endpoint
             .identity_file
             .as_ref()
@@ -229,6 +246,8 @@ impl SshTransport {
                 user: self.config.user.clone(),
                 message: err.message().to_string(),
             })?;
+        tracing::debug!("logged in as {} at {addr_text}", self.config.user);
+        interrupted("while logging in")?;
         Ok(session)
     }
 
@@ -339,6 +358,7 @@ impl Transport for SshTransport {
         deadline: Instant,
         cancel: &AtomicBool,
     ) -> Result<(), PluginError> {
+        let _deferred = signals::DeferSignals::new();
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let mut attempts = 0u32;
@@ -347,11 +367,14 @@ impl Transport for SshTransport {
             let attempt_timeout = attempt_timeout(attempts, self.config.connect_timeout, remaining);
             attempts = attempts.saturating_add(1);
             let attempt = self
-                .open_session(endpoint, attempt_timeout)
+                .open_session(endpoint, attempt_timeout, cancel)
                 .and_then(|session| Self::probe(&session));
             let err = match attempt {
                 Ok(()) => return Ok(()),
                 Err(err) if err.is_permanent() => return Err(PluginError::msg(err.to_string())),
+                Err(SshError::Interrupted(_)) => {
+                    return Err(PluginError::Interrupted("while waiting for SSH".into()))
+                }
                 Err(err) => err,
             };
             tracing::debug!("guest not ready yet: {err}");
@@ -374,179 +397,35 @@ impl Transport for SshTransport {
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<RemoteExit, PluginError> {
+        let _deferred = signals::DeferSignals::new();
         let session = self
-            .open_session(endpoint, self.config.connect_timeout)
-            .map_err(|err| PluginError::msg(err.to_string()))?;
-        relay(&session, request, self.config.umask, stdout, stderr).map_err(|err| match err {
-            RelayError::Ssh(err) => PluginError::msg(err.to_string()),
-            RelayError::Interrupted => {
-                PluginError::Interrupted("while the script was running".into())
-            }
-        })
+            .open_session(endpoint, self.config.connect_timeout, request.cancel)
+            .map_err(|err| interrupted_or(err, request.cancel))?;
+        relay::relay(&session, request, self.config.umask, stdout, stderr).map_err(
+            |err| match err {
+                RelayError::Ssh(SshError::Interrupted(during)) => not_started(during),
+                RelayError::Ssh(err) => PluginError::msg(err.to_string()),
+                RelayError::Interrupted => {
+                    PluginError::Interrupted("while the script was running".into())
+                }
+            },
+        )
     }
 }
 
-#[derive(Debug)]
-enum RelayError {
-    Ssh(SshError),
-    Interrupted,
+/// A stop that came before anything of the script ran in the guest.
+fn not_started(during: &str) -> PluginError {
+    PluginError::Interrupted(format!("{during}; the script was not started"))
 }
 
-impl From<SshError> for RelayError {
-    fn from(err: SshError) -> Self {
-        RelayError::Ssh(err)
-    }
-}
-
-/// How long a cancelled script gets to finish and flush its output before we give up on it.
-const CANCEL_GRACE: Duration = Duration::from_millis(1500);
-
-/// Starts the interpreter, feeds it the script on stdin and relays its output until it exits.
-/// On cancellation the script's process group in the guest is stopped, its last output is
-/// relayed for a short grace period, and the relay ends.
-fn relay(
-    session: &Session,
-    request: &ScriptRequest<'_>,
-    umask: u32,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
-) -> Result<RemoteExit, RelayError> {
-    let mut channel = session
-        .channel_session()
-        .map_err(|e| channel_error("opening a channel", &e))?;
-    let run_id = new_run_id();
-    channel
-        .exec(&remote_command(request.interpreter, umask, &run_id))
-        .map_err(|e| channel_error("starting the guest shell", &e))?;
-    channel
-        .write_all(request.script)
-        .map_err(|e| SshError::Channel {
-            what: "sending the script",
-            message: e.to_string(),
-        })?;
-    channel
-        .send_eof()
-        .map_err(|e| channel_error("closing the script's stdin", &e))?;
-
-    // Blocking calls are bounded by the session timeout, which a long quiet script would hit:
-    // relay in non-blocking mode and wait on the socket instead.
-    session.set_timeout(0);
-    session.set_keepalive(false, KEEPALIVE_SECS);
-    session.set_blocking(false);
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut capture = PidCapture::default();
-    let mut cancelled_at: Option<Instant> = None;
-    loop {
-        if cancelled_at.is_none() && request.cancel.load(Ordering::Relaxed) {
-            cancelled_at = Some(Instant::now());
-            stop_remote(session, capture.pid(), &run_id);
-        }
-        if cancelled_at.is_some_and(|at| at.elapsed() > CANCEL_GRACE) {
-            flush_held(&mut capture, stderr);
-            return Err(RelayError::Interrupted);
-        }
-        let mut progressed = pump(&mut channel, &mut buf, stdout, None)?;
-        progressed |= pump(&mut channel.stderr(), &mut buf, stderr, Some(&mut capture))?;
-        if channel.eof() && !progressed {
-            flush_held(&mut capture, stderr);
-            break;
-        }
-        if !progressed {
-            let _ = session.keepalive_send();
-            wait_readable(session);
-        }
-    }
-    if cancelled_at.is_some() {
-        return Err(RelayError::Interrupted);
-    }
-    session.set_blocking(true);
-    channel
-        .wait_close()
-        .map_err(|e| channel_error("closing the channel", &e))?;
-    let signal = channel
-        .exit_signal()
-        .map_err(|e| channel_error("reading the exit signal", &e))?;
-    if let Some(name) = signal.exit_signal {
-        return Ok(RemoteExit::Signal(name));
-    }
-    let code = channel
-        .exit_status()
-        .map_err(|e| channel_error("reading the exit status", &e))?;
-    Ok(RemoteExit::Code(code))
-}
-
-/// Passes on stderr bytes the pid capture still holds.
-fn flush_held(capture: &mut PidCapture, stderr: &mut dyn Write) {
-    let held = capture.finish();
-    if !held.is_empty() {
-        let _ = stderr.write_all(&held);
-        let _ = stderr.flush();
-    }
-}
-
-/// Sends the kill command on a second channel of the same session. Best effort: if it cannot
-/// be delivered, cleanup destroys the VM anyway. Without the process group (the pid line never
-/// came) the run's marker alone still finds the script's processes.
-fn stop_remote(session: &Session, pgid: Option<u32>, run_id: &str) {
-    if pgid.is_none() {
-        tracing::warn!(
-            "the remote shell's process group is unknown; stopping the script by its run marker only"
-        );
-    }
-    session.set_blocking(true);
-    session.set_timeout(1000);
-    let sent = session.channel_session().and_then(|mut channel| {
-        channel.exec(&kill_command(pgid, run_id))?;
-        channel.send_eof()
-    });
-    if let Err(err) = sent {
-        tracing::warn!("could not stop the script in the guest: {}", err.message());
-    }
-    session.set_timeout(0);
-    session.set_blocking(false);
-}
-
-/// Moves what is available from `from` to `to` (through `capture`, if given); true when
-/// something moved.
-fn pump(
-    from: &mut dyn Read,
-    buf: &mut [u8],
-    to: &mut dyn Write,
-    capture: Option<&mut PidCapture>,
-) -> Result<bool, SshError> {
-    match from.read(buf) {
-        Ok(0) => Ok(false),
-        Ok(n) => {
-            let data = match capture {
-                Some(capture) => capture.feed(&buf[..n]),
-                None => std::borrow::Cow::Borrowed(&buf[..n]),
-            };
-            // Output the job log cannot take is dropped rather than failing the job.
-            let _ = to.write_all(&data);
-            let _ = to.flush();
-            Ok(true)
-        }
-        Err(err) if err.kind() == ErrorKind::WouldBlock => Ok(false),
-        Err(err) => Err(SshError::Channel {
-            what: "reading the script's output",
-            message: err.to_string(),
-        }),
-    }
-}
-
-/// Waits until the session's socket is readable (or a short interval passes).
-fn wait_readable(session: &Session) {
-    let fd = session.as_raw_fd();
-    let mut pollfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pollfd` is a valid, exclusively borrowed array of one element for the duration
-    // of the call, and `fd` belongs to the session, which outlives the call.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::poll(&mut pollfd, 1, POLL_INTERVAL_MS);
+/// A failure to open the session: `Interrupted` when a stop was asked for meanwhile.
+fn interrupted_or(err: SshError, cancel: &AtomicBool) -> PluginError {
+    match err {
+        SshError::Interrupted(during) => not_started(during),
+        err if cancel.load(Ordering::Relaxed) => not_started(&format!(
+            "while opening the SSH session (which then failed: {err})"
+        )),
+        err => PluginError::msg(err.to_string()),
     }
 }
 

@@ -92,6 +92,11 @@ impl PidCapture {
         self.pid
     }
 
+    /// Whether the first line has been seen (or given up on): no process group comes later.
+    pub fn settled(&self) -> bool {
+        self.done
+    }
+
     /// At the end of the stream: what is still held back (a first line that never ended).
     pub fn finish(&mut self) -> Vec<u8> {
         self.done = true;

@@ -217,3 +217,71 @@ fn a_cancel_arriving_during_the_wait_ends_it_soon_after() {
         returned_at - cancelled_at
     );
 }
+
+fn script_request(cancel: &AtomicBool) -> hyperjob_core::ScriptRequest<'_> {
+    hyperjob_core::ScriptRequest {
+        interpreter: "sh",
+        script: b"sleep 300\n",
+        cancel,
+    }
+}
+
+#[test]
+fn a_run_stopped_before_it_started_does_not_even_connect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = transport(&dir);
+    let (accepted, connections) = mpsc::channel();
+    let port = silent_server(accepted);
+    let cancel = AtomicBool::new(true);
+
+    let err = transport
+        .run_script(
+            &Endpoint::new("127.0.0.1", Some(port)),
+            &script_request(&cancel),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .expect_err("cancelled");
+
+    assert!(matches!(err, PluginError::Interrupted(_)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "interrupted before connecting; the script was not started"
+    );
+    assert!(connections.try_recv().is_err(), "it connected");
+}
+
+#[test]
+fn a_run_stopped_during_the_handshake_is_interrupted_not_a_connection_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = transport(&dir);
+    let (accepted, connections) = mpsc::channel();
+    let port = silent_server(accepted);
+    let cancel = AtomicBool::new(false);
+
+    let result = thread::scope(|scope| {
+        let cancel = &cancel;
+        scope.spawn(move || {
+            // The handshake is under way once the transport has connected.
+            connections
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the transport connected");
+            cancel.store(true, Ordering::Relaxed);
+        });
+        transport.run_script(
+            &Endpoint::new("127.0.0.1", Some(port)),
+            &script_request(cancel),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+    });
+
+    let err = result.expect_err("cancelled");
+    assert!(matches!(err, PluginError::Interrupted(_)), "{err}");
+    // The silent server never finishes the handshake (connect_timeout 1 s): either the stop
+    // was seen right after connecting, or the handshake failed with the stop already asked.
+    assert!(
+        err.to_string().ends_with("; the script was not started"),
+        "{err}"
+    );
+}
