@@ -4,6 +4,7 @@
 //! in one place, `hyperjob_core::exit::finish`.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,25 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The warm pool of VMs booted ahead ([pool] in the config)
+    Pool {
+        #[command(subcommand)]
+        action: PoolAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolAction {
+    /// Show the pool's size and every pooled VM
+    Status,
+    /// Boot pooled VMs until pool.size are ready (removing stale ones first); then return
+    Fill {
+        /// Report to <state_dir>/pool/fill.log instead of stdout (how prepare starts it)
+        #[arg(long, hide = true)]
+        background: bool,
+    },
+    /// Destroy every pooled VM no job has claimed
+    Drain,
 }
 
 impl Command {
@@ -72,6 +92,7 @@ impl Command {
             Command::Run { .. } => "run",
             Command::Cleanup => "cleanup",
             Command::Gc { .. } => "gc",
+            Command::Pool { .. } => "pool",
             Command::Plugins => "plugins",
         }
     }
@@ -105,6 +126,10 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         // gc serves the whole host, not one job: no JOB_RESPONSE_FILE.
         return hyperjob_core::gc::gc(&config, &registry, dry_run, &mut std::io::stdout());
     }
+    if let Command::Pool { action } = &cli.command {
+        // The pool serves the whole installation, not one job: no JOB_RESPONSE_FILE.
+        return pool(action, &config, &registry, cancel);
+    }
     let job = JobIdentity::from_env()?;
     let ctx = StageContext {
         config: &config,
@@ -124,7 +149,41 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Prepare => stages::prepare(&ctx),
         Command::Run { script, stage } => stages::run(&ctx, script, stage),
         Command::Cleanup => stages::cleanup(&ctx),
-        Command::Gc { .. } | Command::Plugins => anyhow::bail!("not a job stage"),
+        Command::Gc { .. } | Command::Plugins | Command::Pool { .. } => {
+            anyhow::bail!("not a job stage")
+        }
+    }
+}
+
+/// `hyperjob pool status | fill | drain`.
+fn pool(
+    action: &PoolAction,
+    config: &Config,
+    registry: &Registry,
+    cancel: &AtomicBool,
+) -> anyhow::Result<StageOutcome> {
+    use hyperjob_core::pool;
+    match action {
+        PoolAction::Status => pool::status(config, registry, &mut std::io::stdout()),
+        PoolAction::Drain => pool::drain(config, registry, &mut std::io::stdout()),
+        PoolAction::Fill { background: false } => {
+            pool::fill(config, registry, cancel, &mut std::io::stdout())
+        }
+        PoolAction::Fill { background: true } => {
+            let path = pool::PoolDir::new(&config.state_dir).log_path();
+            let mut log = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            let result = pool::fill(config, registry, cancel, &mut log);
+            if let Err(err) = &result {
+                let _ = writeln!(log, "fill failed: {err:#}");
+            }
+            result
+        }
     }
 }
 

@@ -285,6 +285,56 @@ impl Backend for LibvirtBackend {
         })
     }
 
+    fn relabel(&self, record: &OwnedVm) -> Result<(), PluginError> {
+        let conn = self.connect()?;
+        let domain = Self::lookup(&conn, &record.vm_name)?.ok_or_else(|| {
+            PluginError::NotFound(format!("domain {} does not exist", record.vm_name))
+        })?;
+        let element = xml::metadata_for_set(
+            record.job_id,
+            (record.created_unix, record.deadline_unix),
+            record.owner.as_deref().unwrap_or_default(),
+        );
+        domain
+            .set_metadata(
+                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&element),
+                Some("hyperjob"),
+                Some(xml::METADATA_NS),
+                virt::sys::VIR_DOMAIN_AFFECT_LIVE,
+            )
+            .map_err(|err| {
+                libvirt_error(format!("cannot relabel domain {}", record.vm_name), &err)
+            })
+    }
+
+    fn fingerprint(&self) -> Result<String, PluginError> {
+        use std::os::unix::fs::MetadataExt;
+        let mut text = String::new();
+        let images = std::iter::once(&self.config.base_image).chain(
+            self.config
+                .direct_boot
+                .iter()
+                .flat_map(|boot| std::iter::once(&boot.kernel).chain(boot.initrd.iter())),
+        );
+        // A file replaced or rewritten in place changes its inode, size or modification time.
+        for path in images {
+            let meta = std::fs::metadata(path).map_err(|err| {
+                PluginError::system(format!("cannot read {}", path.display()), err)
+            })?;
+            text.push_str(&format!(
+                "{}:{}:{}:{}:{}.{}\n",
+                path.display(),
+                meta.dev(),
+                meta.ino(),
+                meta.size(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            ));
+        }
+        Ok(text)
+    }
+
     fn names_with_files(&self) -> Result<Vec<String>, PluginError> {
         let dir = &self.config.images_dir;
         let entries = match std::fs::read_dir(dir) {

@@ -28,6 +28,30 @@ pub struct DomainSpec<'a> {
     pub owner: &'a str,
 }
 
+/// hyperjob's ownership record as the `<hyperjob:job>` element libvirt keeps as the domain's
+/// metadata (namespace [`METADATA_NS`]), each line indented by `indent`.
+pub fn metadata_element(job_id: u64, times: (u64, u64), owner: &str, indent: &str) -> String {
+    let mut xml = String::new();
+    let _ = writeln!(xml, "{indent}<hyperjob:job xmlns:hyperjob='{METADATA_NS}'>");
+    let _ = writeln!(xml, "{indent}  <hyperjob:id>{job_id}</hyperjob:id>");
+    let _ = writeln!(xml, "{indent}  <hyperjob:created>{}</hyperjob:created>", times.0);
+    let _ = writeln!(xml, "{indent}  <hyperjob:deadline>{}</hyperjob:deadline>", times.1);
+    let _ = writeln!(xml, "{indent}  <hyperjob:owner>{}</hyperjob:owner>", escape(owner));
+    let _ = writeln!(xml, "{indent}</hyperjob:job>");
+    xml
+}
+
+/// The same record as [`metadata_element`], for `virDomainSetMetadata`: without prefix and
+/// namespace declaration, which libvirt adds itself (it refuses an element that has them).
+pub fn metadata_for_set(job_id: u64, times: (u64, u64), owner: &str) -> String {
+    format!(
+        "<job><id>{job_id}</id><created>{}</created><deadline>{}</deadline><owner>{}</owner></job>",
+        times.0,
+        times.1,
+        escape(owner)
+    )
+}
+
 /// Renders the domain XML. Every value from outside is escaped.
 pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
     let mut xml = String::new();
@@ -35,24 +59,12 @@ pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
     let _ = writeln!(xml, "<domain type='{}'>", spec.domain_type.as_str());
     let _ = writeln!(xml, "  <name>{}</name>", escape(spec.name));
     let _ = writeln!(xml, "  <metadata>");
-    let _ = writeln!(xml, "    <hyperjob:job xmlns:hyperjob='{METADATA_NS}'>");
-    let _ = writeln!(xml, "      <hyperjob:id>{}</hyperjob:id>", spec.job_id);
-    let _ = writeln!(
-        xml,
-        "      <hyperjob:created>{}</hyperjob:created>",
-        spec.created_unix
-    );
-    let _ = writeln!(
-        xml,
-        "      <hyperjob:deadline>{}</hyperjob:deadline>",
-        spec.deadline_unix
-    );
-    let _ = writeln!(
-        xml,
-        "      <hyperjob:owner>{}</hyperjob:owner>",
-        escape(spec.owner)
-    );
-    let _ = writeln!(xml, "    </hyperjob:job>");
+    xml.push_str(&metadata_element(
+        spec.job_id,
+        (spec.created_unix, spec.deadline_unix),
+        spec.owner,
+        "    ",
+    ));
     let _ = writeln!(xml, "  </metadata>");
     let _ = writeln!(xml, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
     let _ = writeln!(xml, "  <vcpu>{}</vcpu>", spec.vcpus);
@@ -251,6 +263,19 @@ mod tests {
             deadline_unix: 8200,
             owner: "/var/lib/hyperjob",
         }
+    }
+
+    #[test]
+    fn a_relabelled_record_parses_back() {
+        let element = metadata_for_set(7, (100, 200), "/srv/a<&>b");
+
+        let record = parse_metadata(&element).expect("parses");
+
+        assert_eq!(
+            (record.job_id, record.created_unix, record.deadline_unix),
+            (7, 100, 200)
+        );
+        assert_eq!(record.owner.as_deref(), Some("/srv/a<&>b"));
     }
 
     #[test]

@@ -39,8 +39,9 @@ pub const HEADER_MAGIC: [u8; 8] = *b"HYPERJOB";
 pub const HEADER_VERSION: u32 = 1;
 /// Version of the plugin API (the traits, `PluginContext`, the registrar). Bumped whenever a
 /// plugin built against the old API would misbehave. 2: `VmRequest::owner`, `OwnedVm::owner`.
-/// 3: `Backend::inspect`, `Backend::names_with_files`.
-pub const CORE_API_VERSION: u32 = 3;
+/// 3: `Backend::inspect`, `Backend::names_with_files`. 4: `Backend::relabel`,
+/// `Backend::fingerprint`, `PoolConfig`.
+pub const CORE_API_VERSION: u32 = 4;
 /// The rustc that built this hyperjob-core.
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The target this hyperjob-core was built for.
@@ -353,6 +354,14 @@ impl Backend for GuardedBackend {
 
     fn names_with_files(&self) -> Result<Vec<String>, PluginError> {
         guard("listing its files", || self.0.names_with_files())?
+    }
+
+    fn relabel(&self, record: &OwnedVm) -> Result<(), PluginError> {
+        guard("relabelling the VM", || self.0.relabel(record))?
+    }
+
+    fn fingerprint(&self) -> Result<String, PluginError> {
+        guard("describing its images", || self.0.fingerprint())?
     }
 
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {

@@ -21,6 +21,9 @@ const DEFAULT_DEADLINE_MARGIN_SECS: u64 = 3600;
 /// The default start of every VM name: `hyperjob-job-<job id>`.
 pub const DEFAULT_NAME_PREFIX: &str = "hyperjob-job-";
 const MAX_NAME_PREFIX_LEN: usize = 40;
+const DEFAULT_POOL_MAX_IDLE_SECS: u64 = 3600;
+/// More ready VMs than this per installation is surely a typo.
+const MAX_POOL_SIZE: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -48,6 +51,7 @@ struct ConfigFile {
     deadline_margin_secs: Option<u64>,
     guest_keys: Option<String>,
     name_prefix: Option<String>,
+    pool: Option<PoolFile>,
     #[serde(default)]
     plugin_dirs: Vec<PathBuf>,
     #[serde(default)]
@@ -56,6 +60,31 @@ struct ConfigFile {
     backends: toml::Table,
     #[serde(default)]
     transports: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolFile {
+    size: Option<u32>,
+    max_idle_secs: Option<u64>,
+}
+
+/// The warm pool (`[pool]`): VMs booted ahead, claimed by prepare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Ready VMs to keep; 0 turns the pool off.
+    pub size: u32,
+    /// A pooled VM nobody claimed for this long is destroyed.
+    pub max_idle_secs: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            size: 0,
+            max_idle_secs: DEFAULT_POOL_MAX_IDLE_SECS,
+        }
+    }
 }
 
 /// Where the guest's SSH keys come from.
@@ -86,6 +115,7 @@ pub struct Config {
     pub guest_keys: GuestKeyMode,
     /// The start of every VM name of this installation; the job id follows.
     pub name_prefix: String,
+    pub pool: PoolConfig,
     /// Directories whose `*.so` plugin libraries are loaded.
     pub plugin_dirs: Vec<PathBuf>,
     /// Plugin libraries loaded by path.
@@ -176,6 +206,25 @@ impl Config {
                 .map(|()| prefix)
                 .map_err(invalid)?,
         };
+        let pool = match file.pool {
+            None => PoolConfig::default(),
+            Some(pool) => {
+                let size = pool.size.unwrap_or(0);
+                if size > MAX_POOL_SIZE {
+                    return Err(invalid(format!(
+                        "`pool.size` must be at most {MAX_POOL_SIZE}, not {size}"
+                    )));
+                }
+                let max_idle_secs = pool.max_idle_secs.unwrap_or(DEFAULT_POOL_MAX_IDLE_SECS);
+                if max_idle_secs == 0 {
+                    return Err(invalid("`pool.max_idle_secs` must be positive".to_string()));
+                }
+                PoolConfig {
+                    size,
+                    max_idle_secs,
+                }
+            }
+        };
         let backend_table =
             plugin_table(&file.backends, "backends", &file.backend).map_err(invalid)?;
         let transport_table =
@@ -189,6 +238,7 @@ impl Config {
             cache_dir,
             guest_keys,
             name_prefix,
+            pool,
             plugin_dirs: file.plugin_dirs,
             plugins: file.plugins,
             deadline_margin_secs: file
@@ -203,6 +253,12 @@ impl Config {
     /// Safe in XML, file names and shell words (the prefix is checked, the id is digits).
     pub fn vm_name(&self, job_id: u64) -> String {
         format!("{}{job_id}", self.name_prefix)
+    }
+
+    /// The start of the name of every pooled VM of this installation (a random suffix
+    /// follows): never a job's name, since that is the prefix and digits only.
+    pub fn pool_prefix(&self) -> String {
+        format!("{}pool-", self.name_prefix)
     }
 
     /// The job id in a VM name of this installation, or `None` for any other name. Since a
@@ -323,6 +379,34 @@ mod tests {
             "xhyperjob-job-1",
         ] {
             assert_eq!(default.job_id_of(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn the_pool_is_off_by_default_and_its_keys_are_checked() {
+        assert_eq!(parse(MINIMAL).expect("valid").pool, PoolConfig::default());
+        assert_eq!(PoolConfig::default().size, 0);
+        let pool = parse(&format!("{MINIMAL}[pool]\nsize = 3\nmax_idle_secs = 600\n"))
+            .expect("valid")
+            .pool;
+        assert_eq!(
+            pool,
+            PoolConfig {
+                size: 3,
+                max_idle_secs: 600
+            }
+        );
+        for (bad, key) in [
+            ("size = 65", "`pool.size`"),
+            ("max_idle_secs = 0", "`pool.max_idle_secs`"),
+            ("size = -1", "line 4"),
+            ("sise = 2", "sise"),
+        ] {
+            let err = parse(&format!("{MINIMAL}[pool]\n{bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+            assert!(!err.contains('\n'), "{err}");
         }
     }
 

@@ -180,12 +180,15 @@ pub fn gc(
         out,
         failures: 0,
     };
+    // The pool's VMs are judged by the pool's rules.
+    jobs.remove(&crate::pool::POOL_JOB_ID);
     for (job_id, names) in jobs {
         if let Err(err) = collector.job(job_id, names) {
             collector.failures += 1;
             let _ = writeln!(collector.out, "could not remove job {job_id}: {err:#}");
         }
     }
+    collector.failures += crate::pool::reap(config, backend.as_ref(), dry_run, collector.out)?;
     collector.stale_temporary_files();
     if collector.failures > 0 {
         bail!("{} job(s) could not be removed", collector.failures);

@@ -8,6 +8,7 @@
 //! concrete backend or transport.
 
 pub mod abi;
+pub mod boot;
 pub mod config;
 pub mod exec_plugin;
 pub mod exit;
@@ -16,6 +17,7 @@ pub mod keys;
 pub mod lock;
 pub mod ownership;
 pub mod plugin;
+pub mod pool;
 pub mod progress;
 pub mod registry;
 pub mod runner;

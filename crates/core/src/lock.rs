@@ -51,7 +51,7 @@ impl ExclusiveLock {
 /// removed or replaced holds nothing, so it tries again on the file now at `path`.
 pub(crate) fn lock_file(
     path: &Path,
-    lock: impl Fn(&File) -> std::io::Result<bool>,
+    lock: &dyn Fn(&File) -> std::io::Result<bool>,
 ) -> Result<Option<File>, StateError> {
     let failed = |source| StateError::Lock {
         path: path.to_path_buf(),

@@ -189,6 +189,20 @@ pub trait Backend: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Optional: rewrites the ownership record of an existing VM (job id, times, owner) to
+    /// `record`, as `list_owned` and `inspect` report it afterwards. The warm pool needs it: a
+    /// VM booted ahead belongs to the pool (job id 0) until a job claims it.
+    fn relabel(&self, _record: &OwnedVm) -> Result<(), PluginError> {
+        Err(PluginError::Unsupported("relabel"))
+    }
+
+    /// Optional: a text that changes whenever what a new VM would be made of changes (the base
+    /// image's identity and contents' metadata, kernels, boot settings): the warm pool drains
+    /// VMs built from anything else. The config tables are accounted for by the core.
+    fn fingerprint(&self) -> Result<String, PluginError> {
+        Err(PluginError::Unsupported("fingerprint"))
+    }
+
     /// Optional: the last lines the guest printed on its console, to explain a failed boot.
     fn console_tail(&self, _vm_name: &str) -> Result<String, PluginError> {
         Err(PluginError::Unsupported("console_tail"))

@@ -1,6 +1,5 @@
 //! The four runner stages: `config`, `prepare`, `run` and `cleanup`.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -8,10 +7,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
-use crate::config::{Config, GuestKeyMode};
+use crate::boot::Boot;
+use crate::config::Config;
 use crate::exit::StageOutcome;
 use crate::job::{build_exit_code_file, JobIdentity};
-use crate::keys::{GuestKeys, KeyPair};
 use crate::plugin::{Backend, Endpoint, Progress, RemoteExit, ScriptRequest, Transport, VmRequest};
 use crate::progress::StdoutProgress;
 use crate::registry::{PluginContext, Registry};
@@ -103,11 +102,18 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     // A retried prepare (the runner tries up to three times) may find what an earlier, failed
     // or killed attempt of the same job left behind: start from nothing — but never destroy a
     // VM of that name that another installation owns.
-    let leftovers = crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
-        .map_err(anyhow::Error::new)
-        .and_then(|refusal| match refusal {
-            Some(why) => bail!("refusing to destroy it: {why}"),
-            None => Ok(backend.destroy(&vm_name)?),
+    // An earlier attempt may have recorded another VM (one it claimed from the pool).
+    let earlier = match store.load(ctx.job.job_id) {
+        Ok(Some(state)) if state.vm_name != vm_name => Some(state.vm_name),
+        _ => None,
+    };
+    let leftovers = std::iter::once(&vm_name)
+        .chain(earlier.as_ref())
+        .try_for_each(|name| {
+            match crate::ownership::refusal(backend.as_ref(), name, &me)? {
+                Some(why) => bail!("refusing to destroy it: {why}"),
+                None => Ok(backend.destroy(name)?),
+            }
         })
         .with_context(|| format!("cannot remove leftovers of an earlier attempt for {vm_name}"));
     if let Err(err) = leftovers {
@@ -139,19 +145,29 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             (request.created_unix, request.deadline_unix),
         )
     };
+    if let Some((pooled, endpoint)) =
+        crate::pool::claim(ctx, backend.as_ref(), transport.as_ref(), &record)?
+    {
+        progress.say(&format!(
+            "Guest ready at {endpoint} in the pooled VM {pooled} after {:.2} s",
+            started.elapsed().as_secs_f64()
+        ));
+        return Ok(StageOutcome::Success);
+    }
     store.save(&record)?;
     progress.say(&format!(
         "Creating VM {vm_name} with the {} backend...",
         ctx.config.backend
     ));
-    let result = boot(
-        ctx,
-        backend.as_ref(),
-        transport.as_ref(),
-        &request,
-        &progress,
-        started,
-    )
+    let booted = Boot {
+        config: ctx.config,
+        backend: backend.as_ref(),
+        transport: transport.as_ref(),
+        progress: &progress,
+        cancel: ctx.cancel,
+    };
+    let result = booted
+        .boot(&request, &store.keys_dir(ctx.job.job_id), started)
     .and_then(|endpoint| {
         store.save(&record.ready(endpoint.clone()))?;
         Ok(endpoint)
@@ -165,11 +181,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             Ok(StageOutcome::Success)
         }
         Err(err) => {
-            if let Ok(tail) = backend.console_tail(&vm_name) {
-                if !tail.trim().is_empty() {
-                    report_console_tail(&tail);
-                }
-            }
+            crate::boot::report_console_tail(backend.as_ref(), &vm_name);
             match backend.destroy(&vm_name) {
                 Ok(()) => {
                     let _ = store.remove(ctx.job.job_id);
@@ -182,96 +194,6 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             Err(err)
         }
     }
-}
-
-fn boot(
-    ctx: &StageContext<'_>,
-    backend: &dyn Backend,
-    transport: &dyn Transport,
-    request: &VmRequest,
-    progress: &dyn Progress,
-    started: Instant,
-) -> anyhow::Result<Endpoint> {
-    // A stop that came while the record was written: create nothing.
-    interrupted(ctx.cancel)?;
-    let deadline = started + transport.ready_timeout();
-    let (request, identity_file) = match ctx.config.guest_keys {
-        GuestKeyMode::Pinned => (request.clone(), None),
-        GuestKeyMode::PerJob => {
-            let (keys, identity_file) = per_job_keys(ctx, transport, &request.vm_name)?;
-            let request = VmRequest {
-                keys: Some(keys),
-                ..request.clone()
-            };
-            (request, Some(identity_file))
-        }
-    };
-    backend
-        .create(&request, progress)
-        .with_context(|| format!("cannot create VM {}", request.vm_name))?;
-    interrupted(ctx.cancel)?;
-    progress.say("Waiting for the guest address...");
-    let mut endpoint = backend
-        .wait_address(&request.vm_name, deadline, ctx.cancel)
-        .with_context(|| format!("VM {} got no address", request.vm_name))?;
-    if let Some(keys) = &request.keys {
-        endpoint.identity_file = identity_file;
-        endpoint.host_key = Some(keys.host.public_openssh.clone());
-    }
-    progress.say(&format!(
-        "Guest address {endpoint} after {:.1} s; waiting for the {} transport...",
-        started.elapsed().as_secs_f64(),
-        ctx.config.transport
-    ));
-    transport
-        .wait_ready(&endpoint, deadline, ctx.cancel)
-        .with_context(|| format!("guest of VM {} never became reachable", request.vm_name))?;
-    interrupted(ctx.cancel)?;
-    Ok(endpoint)
-}
-
-/// Generates the job's host and client keys; stores the client's private key with the job's
-/// state and returns what the backend injects plus the client key's path.
-fn per_job_keys(
-    ctx: &StageContext<'_>,
-    transport: &dyn Transport,
-    vm_name: &str,
-) -> anyhow::Result<(GuestKeys, std::path::PathBuf)> {
-    let user = transport.login_user().with_context(|| {
-        format!(
-            "guest_keys = \"per-job\" needs a transport that logs in as a user; {:?} does not",
-            ctx.config.transport
-        )
-    })?;
-    let client = KeyPair::generate(&format!("hyperjob client {vm_name}"))?;
-    let host = KeyPair::generate(&format!("hyperjob host {vm_name}"))?;
-    let identity_file = ctx
-        .store()
-        .save_client_key(ctx.job.job_id, client.private_openssh.expose())?;
-    Ok((
-        GuestKeys {
-            user,
-            authorized_key: client.public_openssh,
-            host,
-        },
-        identity_file,
-    ))
-}
-
-fn interrupted(cancel: &AtomicBool) -> anyhow::Result<()> {
-    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-        bail!("interrupted by a signal");
-    }
-    Ok(())
-}
-
-fn report_console_tail(tail: &str) {
-    let mut stderr = std::io::stderr().lock();
-    let _ = writeln!(stderr, "Last lines of the guest console:");
-    for line in tail.lines() {
-        let _ = writeln!(stderr, "  | {line}");
-    }
-    let _ = stderr.flush();
 }
 
 /// `run_exec`: runs one stage script inside the VM, whatever the stage is called.

@@ -86,7 +86,7 @@ fn effective_uid() -> u32 {
 /// Creates `dir` (0700; with `parents`, also what is missing above it) or checks the one that is
 /// there: a real directory, not a symbolic link, owned by the user hyperjob runs as. Group or
 /// other access to it is taken away (with a warning), since it holds state, keys and locks.
-fn private_dir(dir: &Path, parents: bool) -> Result<(), StateError> {
+pub(crate) fn private_dir(dir: &Path, parents: bool) -> Result<(), StateError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     DirBuilder::new()
         .recursive(parents)
@@ -140,6 +140,23 @@ fn private_dir(dir: &Path, parents: bool) -> Result<(), StateError> {
         );
     }
     Ok(())
+}
+
+/// Stores a client private key as `id_ed25519` in `dir` (created 0700, its parent must exist),
+/// 0600; returns its path.
+pub fn save_client_key_in(dir: &Path, private_openssh: &str) -> Result<PathBuf, StateError> {
+    private_dir(dir, false)?;
+    let path = dir.join("id_ed25519");
+    let write = || -> std::io::Result<()> {
+        let mut file = private_file_options().truncate(true).open(&path)?;
+        file.write_all(private_openssh.as_bytes())?;
+        file.sync_all()
+    };
+    write().map_err(|source| StateError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
 }
 
 /// How far prepare got.
@@ -229,19 +246,7 @@ impl StateStore {
         private_openssh: &str,
     ) -> Result<PathBuf, StateError> {
         self.ensure_dir()?;
-        let dir = self.keys_dir(job_id);
-        private_dir(&dir, false)?;
-        let path = dir.join("id_ed25519");
-        let write = || -> std::io::Result<()> {
-            let mut file = private_file_options().truncate(true).open(&path)?;
-            file.write_all(private_openssh.as_bytes())?;
-            file.sync_all()
-        };
-        write().map_err(|source| StateError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(path)
+        save_client_key_in(&self.keys_dir(job_id), private_openssh)
     }
 
     fn lock_path(&self, job_id: u64) -> PathBuf {
@@ -257,7 +262,7 @@ impl StateStore {
     pub fn lock_activity(&self, job_id: u64) -> Result<ActivityLock, StateError> {
         self.ensure_dir()?;
         let path = self.lock_path(job_id);
-        let file = lock_file(&path, |file| file.lock_shared().map(|()| true))?
+        let file = lock_file(&path, &|file| file.lock_shared().map(|()| true))?
             .expect("a blocking lock is always taken");
         Ok(ActivityLock { file, path })
     }
@@ -267,7 +272,7 @@ impl StateStore {
     pub fn try_lock_exclusive(&self, job_id: u64) -> Result<Option<ExclusiveLock>, StateError> {
         self.ensure_dir()?;
         let path = self.lock_path(job_id);
-        let file = lock_file(&path, |file| match file.try_lock() {
+        let file = lock_file(&path, &|file| match file.try_lock() {
             Ok(()) => Ok(true),
             Err(TryLockError::WouldBlock) => Ok(false),
             Err(TryLockError::Error(err)) => Err(err),
