@@ -35,8 +35,12 @@ apt_get install -qq --no-install-recommends -t "${codename}-backports" \
 # genisoimage (xorriso as the fallback): cloud-init NoCloud seeds, ISO9660 images labelled
 # cidata, for guests such as cloudinit.qcow2 (`genisoimage -output SEED -volid cidata -joliet
 # -rock user-data meta-data`, or `xorriso -as mkisofs` with the same flags).
+# ovmf: UEFI firmware for x86 guests with its descriptors in /usr/share/qemu/firmware, which
+# libvirt's firmware autoselection reads (`firmware = "efi"`; tests/e2e_machine.rs).
+# systemd-boot-efi: systemd-bootx64.efi, bootable.qcow2's UEFI boot loader.
 apt_get install -qq --no-install-recommends \
     libssh2-1-dev libssl-dev pkg-config e2fsprogs openssh-client iproute2 dnsmasq-base \
     iptables util-linux git ca-certificates procps strace \
-    syslinux syslinux-common mtools dosfstools fdisk genisoimage xorriso >/dev/null
+    syslinux syslinux-common mtools dosfstools fdisk genisoimage xorriso ovmf systemd-boot-efi \
+    >/dev/null
 echo "install-deps.sh: packages installed"

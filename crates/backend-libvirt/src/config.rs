@@ -6,6 +6,8 @@ use hyperjob_core::config::parse_plugin_table;
 use hyperjob_core::PluginError;
 use serde::Deserialize;
 
+use crate::machine::{Machine, MachineKeys};
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LibvirtConfigFile {
@@ -19,6 +21,9 @@ struct LibvirtConfigFile {
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     cmdline: Option<String>,
+    arch: Option<String>,
+    cpu_mode: Option<String>,
+    firmware: Option<String>,
 }
 
 /// Hardware virtualisation (`kvm`) or software emulation (`qemu`, TCG).
@@ -56,6 +61,8 @@ pub struct LibvirtConfig {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub direct_boot: Option<DirectBoot>,
+    /// `arch`, `cpu_mode` and `firmware`.
+    pub machine: Machine,
 }
 
 impl LibvirtConfig {
@@ -127,6 +134,13 @@ impl LibvirtConfig {
                 ))
             }
         };
+        let keys = MachineKeys {
+            arch: file.arch.as_deref(),
+            cpu_mode: file.cpu_mode.as_deref(),
+            firmware: file.firmware.as_deref(),
+        };
+        let machine =
+            Machine::from_keys(keys, domain_type, direct_boot.is_some()).map_err(invalid)?;
         Ok(Self {
             uri,
             domain_type,
@@ -136,6 +150,7 @@ impl LibvirtConfig {
             vcpus,
             memory_mib,
             direct_boot,
+            machine,
         })
     }
 }
@@ -143,6 +158,7 @@ impl LibvirtConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::machine::{Arch, CpuMode, Firmware};
 
     fn parse(text: &str) -> Result<LibvirtConfig, PluginError> {
         LibvirtConfig::from_table(&toml::from_str(text).expect("toml"))
@@ -158,6 +174,48 @@ mod tests {
         assert_eq!(config.network, "default");
         assert_eq!((config.vcpus, config.memory_mib), (2, 2048));
         assert_eq!(config.direct_boot, None);
+        assert_eq!(config.machine.cpu, Some(CpuMode::HostPassthrough));
+        assert_eq!(config.machine.firmware, Firmware::Bios);
+        assert_eq!(
+            config.machine.arch,
+            Arch::of_host().expect("a supported host")
+        );
+    }
+
+    #[test]
+    fn machine_keys_are_read() {
+        let config = parse(
+            "base_image = \"/b\"\ndomain_type = \"qemu\"\narch = \"x86_64\"\ncpu_mode = \"Nehalem\"\nfirmware = \"efi\"",
+        )
+        .expect("valid");
+
+        assert_eq!(config.machine.arch, Arch::X86_64);
+        assert_eq!(config.machine.cpu, Some(CpuMode::Model("Nehalem".into())));
+        assert_eq!(config.machine.firmware, Firmware::Efi);
+    }
+
+    #[test]
+    fn a_bad_machine_key_is_a_config_error() {
+        for (text, expected) in [
+            (
+                "cpu_mode = \"host-passthrough\"\ndomain_type = \"qemu\"",
+                "`cpu_mode` = \"host-passthrough\" needs `domain_type` = \"kvm\"",
+            ),
+            ("cpu_mode = \"Sky lake\"", "`cpu_mode` must be"),
+            (
+                "firmware = \"uefi\"",
+                "`firmware` must be \"bios\" or \"efi\"",
+            ),
+            (
+                "arch = \"sparc\"\ndomain_type = \"qemu\"",
+                "`arch` must be one of",
+            ),
+        ] {
+            let err = parse(&format!("base_image = \"/b\"\n{text}")).expect_err(text);
+
+            assert!(matches!(err, PluginError::Config(_)), "{err:?}");
+            assert!(err.to_string().starts_with(expected), "{err}");
+        }
     }
 
     #[test]

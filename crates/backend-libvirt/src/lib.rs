@@ -5,6 +5,7 @@
 //! domain removes it completely and a host reboot cannot leave a defined domain behind.
 
 pub mod config;
+pub mod machine;
 pub mod overlay;
 pub mod seed;
 pub mod xml;
@@ -62,12 +63,19 @@ impl LibvirtBackend {
         self.config.images_dir.join(format!("{vm_name}.seed.iso"))
     }
 
+    /// The UEFI variable store of a VM with `firmware = "efi"` (libvirt creates it at start
+    /// from the firmware's template and leaves it behind at destroy).
+    fn nvram_path(&self, vm_name: &str) -> PathBuf {
+        self.config.images_dir.join(format!("{vm_name}.nvram.fd"))
+    }
+
     /// Every file a VM owns, removed by destroy.
-    fn files_of(&self, vm_name: &str) -> [PathBuf; 3] {
+    fn files_of(&self, vm_name: &str) -> [PathBuf; 4] {
         [
             self.overlay_path(vm_name),
             self.console_log_path(vm_name),
             self.seed_path(vm_name),
+            self.nvram_path(vm_name),
         ]
     }
 
@@ -77,7 +85,7 @@ impl LibvirtBackend {
         if let Some(work) = file_name.strip_prefix('.') {
             return work.strip_suffix(seed::WORK_DIR_SUFFIX);
         }
-        [".seed.iso", ".console.log", ".qcow2"]
+        [".seed.iso", ".console.log", ".nvram.fd", ".qcow2"]
             .iter()
             .find_map(|suffix| file_name.strip_suffix(suffix))
             .filter(|name| !name.is_empty())
@@ -115,6 +123,7 @@ impl LibvirtBackend {
         let overlay = self.overlay_path(&request.vm_name);
         let console_log = self.console_log_path(&request.vm_name);
         let seed = self.seed_path(&request.vm_name);
+        let nvram = self.nvram_path(&request.vm_name);
         let spec = xml::DomainSpec {
             name: &request.vm_name,
             domain_type: self.config.domain_type,
@@ -123,6 +132,8 @@ impl LibvirtBackend {
             overlay: &overlay,
             network: &self.config.network,
             direct_boot: self.config.direct_boot.as_ref(),
+            machine: &self.config.machine,
+            nvram: &nvram,
             console_log: &console_log,
             seed: request.keys.as_ref().map(|_| seed.as_path()),
             job_id: request.job_id,
@@ -134,10 +145,15 @@ impl LibvirtBackend {
         conn.create_domain_xml(&xml::domain_xml(&spec), virt::sys::VIR_DOMAIN_NONE)
             .map(drop)
             .map_err(|err| {
-                libvirt_error(
+                let hint = self.config.machine.start_error_hint(err.message());
+                let error = libvirt_error(
                     format!("libvirt could not start domain {}", request.vm_name),
                     &err,
-                )
+                );
+                match hint {
+                    Some(hint) => PluginError::msg(format!("{error} ({hint})")),
+                    None => error,
+                }
             })
     }
 }
@@ -166,10 +182,11 @@ impl Backend for LibvirtBackend {
             progress.say("cloud-init seed with the job's SSH keys created");
         }
         progress.say(&format!(
-            "Overlay {} on {} created; starting domain ({}, {} vCPU, {} MiB)...",
+            "Overlay {} on {} created; starting domain ({}, {}, {} vCPU, {} MiB)...",
             overlay.display(),
             self.config.base_image.display(),
             self.config.domain_type.as_str(),
+            self.config.machine.summary(),
             self.config.vcpus,
             self.config.memory_mib
         ));
@@ -515,6 +532,7 @@ mod tests {
             ("hyperjob-job-7.qcow2", Some("hyperjob-job-7")),
             ("hyperjob-job-7.seed.iso", Some("hyperjob-job-7")),
             ("hyperjob-job-7.console.log", Some("hyperjob-job-7")),
+            ("hyperjob-job-7.nvram.fd", Some("hyperjob-job-7")),
             (".hyperjob-job-7.seed.d", Some("hyperjob-job-7")),
             ("ci-b.job_7.qcow2", Some("ci-b.job_7")),
             (".qcow2", None),
@@ -541,5 +559,9 @@ mod tests {
             backend.console_log_path("hyperjob-job-1"),
             PathBuf::from("/images/hyperjob-job-1.console.log")
         );
+        // The UEFI variable store is the VM's too: destroy removes it with the others.
+        assert!(backend
+            .files_of("hyperjob-job-1")
+            .contains(&PathBuf::from("/images/hyperjob-job-1.nvram.fd")));
     }
 }
