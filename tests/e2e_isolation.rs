@@ -10,8 +10,11 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
-use hyperjob_test_harness::{ExecutorSession, Job, Stage, Step};
+use hyperjob_test_harness::{
+    run_job, ExecutorSession, Job, JobResult, RunnerSettings, Stage, Step,
+};
 use support::{configured_session, session_log, unique_job_id, vm_name, TestEnv, Workspace};
 
 /// The file in which a job's VM says whose it is (read by the victim's second stage).
@@ -275,4 +278,39 @@ fn without_isolation_the_same_attack_takes_over_the_other_jobs_vm() {
             && outcome.victim_next_stage.ends_with(&outcome.attacker_mac),
         "the victim's next stage did not run in the attacker's VM: {outcome:#?}"
     );
+}
+
+#[test]
+fn a_missing_nwfilter_fails_prepare_with_its_name_before_anything_is_created() {
+    let env = TestEnv::load();
+    let ws = env.workspace("nwfilter-missing");
+    ws.write_config(&ws.default_config().replacen(
+        "[backends.libvirt]\n",
+        "[backends.libvirt]\nnwfilter = \"hyperjob-no-such-filter\"\n",
+        1,
+    ));
+    let id = unique_job_id();
+    let job = support::job_without_sources(id, "group/net", &["echo never runs"]);
+    let settings = RunnerSettings {
+        preparation_retry_interval: Duration::from_millis(200),
+        ..RunnerSettings::default()
+    };
+
+    let report = run_job(&support::hyperjob_driver(&env, &ws), &job, &settings);
+
+    let log = report.log_text();
+    assert!(
+        matches!(report.result, JobResult::SystemFailure { .. }),
+        "{:?}\n{log}",
+        report.result
+    );
+    let line = log
+        .lines()
+        .find(|line| line.contains("nwfilter \"hyperjob-no-such-filter\" cannot be used"))
+        .unwrap_or_else(|| panic!("no nwfilter error in the log:\n{log}"));
+    println!("{line}");
+    assert!(line.contains("nwfilter = \"\""), "{line}");
+    assert!(!log.contains("Overlay "), "something was created: {log}");
+    assert!(!log.contains("never runs\n"), "{log}");
+    ws.assert_nothing_left(&vm_name(id));
 }
