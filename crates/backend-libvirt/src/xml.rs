@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::config::{DirectBoot, DomainType};
 use crate::machine::{self, Machine};
+use crate::network::{interface_xml, Nic};
 
 /// XML namespace of hyperjob's `<metadata>` element on every domain it creates.
 pub const METADATA_NS: &str = "http://hyperjob.dev/xmlns/job/1";
@@ -17,7 +18,8 @@ pub struct DomainSpec<'a> {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub overlay: &'a Path,
-    pub network: &'a str,
+    /// The network interface (crate::network).
+    pub nic: Nic<'a>,
     pub direct_boot: Option<&'a DirectBoot>,
     /// Architecture, CPU and firmware.
     pub machine: &'a Machine,
@@ -84,10 +86,7 @@ pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
         let _ = writeln!(xml, "      <readonly/>");
         let _ = writeln!(xml, "    </disk>");
     }
-    let _ = writeln!(xml, "    <interface type='network'>");
-    let _ = writeln!(xml, "      <source network='{}'/>", escape(spec.network));
-    let _ = writeln!(xml, "      <model type='virtio'/>");
-    let _ = writeln!(xml, "    </interface>");
+    xml.push_str(&interface_xml(&spec.nic));
     let _ = writeln!(xml, "    <serial type='pty'>");
     let _ = writeln!(
         xml,
@@ -240,7 +239,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             overlay,
-            network: "default",
+            nic: Nic::plain("default"),
             direct_boot: boot,
             machine: &TCG_DEFAULT,
             nvram: Path::new("/images/hyperjob-job-42.nvram.fd"),
@@ -332,7 +331,7 @@ mod tests {
         let overlay = PathBuf::from("/images/a'b<c>&\"d.qcow2");
         let log = PathBuf::from("/o.log");
         let mut spec = spec(&overlay, &log, None);
-        spec.network = "net'/><evil/>";
+        spec.nic.network = "net'/><evil/>";
         let owner = "/srv/a'b</hyperjob:owner><evil/>&\"c";
         spec.owner = owner;
 
