@@ -6,8 +6,9 @@
 # OUT_DIR (default $HYPERJOB_IMAGE_DIR, else /var/lib/hyperjob-test/image) receives:
 #   base.qcow2              ext4 root file system directly on /dev/vda (no partition table)
 #   vmlinuz, initrd.img     linux-image-cloud-amd64 kernel + initramfs, for direct kernel boot
-#   bootable.qcow2          whole disk for BIOS boot (<boot dev='hd'/>): MBR + SYSLINUX, vda1 =
-#                           FAT16 with SYSLINUX, kernel and initrd, vda2 = the same ext4 root fs
+#   bootable.qcow2          whole disk that boots by itself (<boot dev='hd'/>) under BIOS and
+#                           UEFI: MBR + SYSLINUX, vda1 = FAT16 with SYSLINUX, systemd-boot as
+#                           \EFI\BOOT\BOOTX64.EFI, kernel and initrd, vda2 = the same ext4 root fs
 #   id_ed25519(.pub)        client key pair; the public half is in gitlab-runner's authorized_keys
 #   known_hosts             the guest's baked SSH host key(s), "* <type> <base64>" per line
 #   ssh_host_ed25519_key    that host key's private half (dropbear format), reused on rebuilds
@@ -46,6 +47,7 @@ readonly CLOUDINIT_CMDLINE=$CMDLINE
 readonly BOOT_CMDLINE='root=/dev/vda2 rw console=ttyS0 net.ifnames=0'
 readonly BOOT_PART_MB=64
 readonly SYSLINUX_MBR=/usr/lib/syslinux/mbr/mbr.bin
+readonly SYSTEMD_BOOT_EFI=/usr/lib/systemd/boot/efi/systemd-bootx64.efi
 readonly REQUIRED_FILES="base.qcow2 bootable.qcow2 cloudinit.qcow2 vmlinuz initrd.img id_ed25519
     id_ed25519.pub known_hosts ssh_host_ed25519_key image.env stamp"
 
@@ -155,11 +157,14 @@ check_searchable() {
     done
 }
 
-# bootable.qcow2, for the bootloader path (no <kernel>: SeaBIOS boots the disk). Assembled from
-# plain files, without mounting anything and without loop devices:
+# bootable.qcow2, for the bootloader path (no <kernel>: SeaBIOS or OVMF boots the disk), a
+# hybrid disk as Debian's cloud images are. Assembled from plain files, without mounting
+# anything and without loop devices:
 #   MBR     SYSLINUX's mbr.bin (boots the active partition), DOS partition table
 #   vda1    FAT16, active, type e: ldlinux.sys/ldlinux.c32 (syslinux's mtools installer),
-#           syslinux.cfg, vmlinuz, initrd.img
+#           syslinux.cfg, vmlinuz, initrd.img; for UEFI systemd-boot as the removable-media
+#           loader \EFI\BOOT\BOOTX64.EFI (OVMF looks for it on every FAT partition, so no GPT
+#           or ESP type is needed) with loader/loader.conf and loader/entries/hyperjob.conf
 #   vda2    type 83: the very ext4 image that base.qcow2 is made from
 # Everything before vda2 is built as head.raw; qemu-img convert then concatenates head.raw and
 # the root file system image into one qcow2 (no 2 GiB intermediate disk, holes stay holes).
@@ -189,6 +194,22 @@ LABEL linux
 EOF
     MTOOLS_SKIP_CHECK=1 mcopy -i "$fat" -- "$image/vmlinuz" "$image/initrd.img" \
         "$work/syslinux.cfg" ::/ || die "mcopy to the boot file system failed"
+    # UEFI: systemd-boot boots its one entry at once (timeout 0): the same kernel and command line.
+    printf 'timeout 0\ndefault hyperjob.conf\nconsole-mode keep\n' >"$work/loader.conf"
+    cat >"$work/hyperjob.conf" <<EOF
+title hyperjob test guest
+linux /vmlinuz
+initrd /initrd.img
+options $BOOT_CMDLINE
+EOF
+    MTOOLS_SKIP_CHECK=1 mmd -i "$fat" ::/EFI ::/EFI/BOOT ::/loader ::/loader/entries ||
+        die "mmd on the boot file system failed"
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$fat" -- "$SYSTEMD_BOOT_EFI" ::/EFI/BOOT/BOOTX64.EFI ||
+        die "mcopy of $SYSTEMD_BOOT_EFI failed"
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$fat" -- "$work/loader.conf" ::/loader/ ||
+        die "mcopy of loader.conf failed"
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$fat" -- "$work/hyperjob.conf" ::/loader/entries/ ||
+        die "mcopy of the boot entry failed"
     syslinux --install "$fat" || die "syslinux --install failed"
     local listing
     listing=$(MTOOLS_SKIP_CHECK=1 mdir -a -b -i "$fat" ::/) ||
@@ -389,11 +410,12 @@ main() {
     GUEST_HOSTNAME=${HYPERJOB_GUEST_HOSTNAME:-hyperjob-guest}
     [[ $FREE_MB =~ ^[0-9]+$ ]] || die "HYPERJOB_IMAGE_FREE_MB must be a number of MiB"
     local tool
-    for tool in mmdebstrap mkfs.ext4 qemu-img ssh-keygen flock mkfs.fat mcopy mdir syslinux \
-        sfdisk truncate debugfs; do
+    for tool in mmdebstrap mkfs.ext4 qemu-img ssh-keygen flock mkfs.fat mcopy mdir mmd \
+        syslinux sfdisk truncate debugfs; do
         command -v "$tool" >/dev/null || die "$tool not found (run scripts/install-deps.sh)"
     done
     [ -s "$SYSLINUX_MBR" ] || die "$SYSLINUX_MBR not found (run scripts/install-deps.sh)"
+    [ -s "$SYSTEMD_BOOT_EFI" ] || die "$SYSTEMD_BOOT_EFI not found (run scripts/install-deps.sh)"
     out=$(realpath -m -- "$out")
 
     # The stamps: every file of the code that shapes the images (this script and its library;

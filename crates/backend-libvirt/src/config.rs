@@ -6,6 +6,8 @@ use hyperjob_core::config::parse_plugin_table;
 use hyperjob_core::PluginError;
 use serde::Deserialize;
 
+use crate::machine::{Machine, MachineKeys};
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LibvirtConfigFile {
@@ -19,6 +21,12 @@ struct LibvirtConfigFile {
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     cmdline: Option<String>,
+    arch: Option<String>,
+    cpu_mode: Option<String>,
+    firmware: Option<String>,
+    mac_pool_size: Option<u32>,
+    isolate: Option<bool>,
+    nwfilter: Option<String>,
 }
 
 /// Hardware virtualisation (`kvm`) or software emulation (`qemu`, TCG).
@@ -56,10 +64,22 @@ pub struct LibvirtConfig {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub direct_boot: Option<DirectBoot>,
+    /// `arch`, `cpu_mode` and `firmware`.
+    pub machine: Machine,
+    /// Job slots with a fixed MAC each (`mac_pool_size`); 0: libvirt picks a random MAC.
+    pub mac_pool_size: u32,
+    /// `<port isolated='yes'/>`: guests on the network cannot reach each other (`isolate`).
+    pub isolate: bool,
+    /// The nwfilter bound to the guest's interface (`nwfilter`); `None` for `nwfilter = ""`.
+    pub nwfilter: Option<String>,
 }
+
+/// Default `mac_pool_size`: more than the jobs one host runs at once.
+pub const DEFAULT_MAC_POOL_SIZE: u32 = 64;
 
 impl LibvirtConfig {
     pub fn from_table(table: &toml::Table) -> Result<Self, PluginError> {
+        check_network_types(table)?;
         let file: LibvirtConfigFile = parse_plugin_table(table)?;
         let invalid = |message: String| PluginError::Config(message);
         let domain_type = match file.domain_type.as_deref().unwrap_or("kvm") {
@@ -127,6 +147,26 @@ impl LibvirtConfig {
                 ))
             }
         };
+        let keys = MachineKeys {
+            arch: file.arch.as_deref(),
+            cpu_mode: file.cpu_mode.as_deref(),
+            firmware: file.firmware.as_deref(),
+        };
+        let machine =
+            Machine::from_keys(keys, domain_type, direct_boot.is_some()).map_err(invalid)?;
+        let mac_pool_size = file.mac_pool_size.unwrap_or(DEFAULT_MAC_POOL_SIZE);
+        let nwfilter = match file.nwfilter {
+            None => Some("clean-traffic".to_string()),
+            Some(name) if name.is_empty() => None,
+            Some(name) => {
+                if name.trim() != name || name.contains(char::is_control) {
+                    return Err(invalid(format!(
+                        "`nwfilter` must name a libvirt nwfilter (or be \"\" for none), not {name:?}"
+                    )));
+                }
+                Some(name)
+            }
+        };
         Ok(Self {
             uri,
             domain_type,
@@ -136,13 +176,47 @@ impl LibvirtConfig {
             vcpus,
             memory_mib,
             direct_boot,
+            machine,
+            mac_pool_size,
+            isolate: file.isolate.unwrap_or(true),
+            nwfilter,
         })
     }
+}
+
+/// The network keys' types, checked first so that a wrong one is named (serde's message for a
+/// value of the wrong type does not say which key it is).
+fn check_network_types(table: &toml::Table) -> Result<(), PluginError> {
+    let wrong = |message: String| Err(PluginError::Config(message));
+    if let Some(value) = table.get("mac_pool_size") {
+        match value.as_integer() {
+            Some(size) if (0..=1 << 16).contains(&size) => {}
+            _ => {
+                return wrong(format!(
+                    "`mac_pool_size` must be between 0 and 65536, not {value}"
+                ))
+            }
+        }
+    }
+    if let Some(value) = table.get("isolate") {
+        if !value.is_bool() {
+            return wrong(format!("`isolate` must be true or false, not {value}"));
+        }
+    }
+    if let Some(value) = table.get("nwfilter") {
+        if !value.is_str() {
+            return wrong(format!(
+                "`nwfilter` must name a libvirt nwfilter (or be \"\" for none), not {value}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::machine::{Arch, CpuMode, Firmware};
 
     fn parse(text: &str) -> Result<LibvirtConfig, PluginError> {
         LibvirtConfig::from_table(&toml::from_str(text).expect("toml"))
@@ -158,6 +232,100 @@ mod tests {
         assert_eq!(config.network, "default");
         assert_eq!((config.vcpus, config.memory_mib), (2, 2048));
         assert_eq!(config.direct_boot, None);
+        assert_eq!(config.machine.cpu, Some(CpuMode::HostPassthrough));
+        assert_eq!(config.machine.firmware, Firmware::Bios);
+        assert_eq!(
+            config.machine.arch,
+            Arch::of_host().expect("a supported host")
+        );
+        assert_eq!(config.mac_pool_size, 64);
+        assert!(config.isolate);
+        assert_eq!(config.nwfilter.as_deref(), Some("clean-traffic"));
+    }
+
+    #[test]
+    fn machine_keys_are_read() {
+        let config = parse(
+            "base_image = \"/b\"\ndomain_type = \"qemu\"\narch = \"x86_64\"\ncpu_mode = \"Nehalem\"\nfirmware = \"efi\"",
+        )
+        .expect("valid");
+
+        assert_eq!(config.machine.arch, Arch::X86_64);
+        assert_eq!(config.machine.cpu, Some(CpuMode::Model("Nehalem".into())));
+        assert_eq!(config.machine.firmware, Firmware::Efi);
+    }
+
+    #[test]
+    fn a_bad_machine_key_is_a_config_error() {
+        for (text, expected) in [
+            (
+                "cpu_mode = \"host-passthrough\"\ndomain_type = \"qemu\"",
+                "`cpu_mode` = \"host-passthrough\" needs `domain_type` = \"kvm\"",
+            ),
+            ("cpu_mode = \"Sky lake\"", "`cpu_mode` must be"),
+            (
+                "firmware = \"uefi\"",
+                "`firmware` must be \"bios\" or \"efi\"",
+            ),
+            (
+                "arch = \"sparc\"\ndomain_type = \"qemu\"",
+                "`arch` must be one of",
+            ),
+        ] {
+            let err = parse(&format!("base_image = \"/b\"\n{text}")).expect_err(text);
+
+            assert!(matches!(err, PluginError::Config(_)), "{err:?}");
+            assert!(err.to_string().starts_with(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn network_protection_can_be_set_or_turned_off() {
+        let config =
+            parse("base_image = \"/b\"\nmac_pool_size = 0\nisolate = false\nnwfilter = \"\"")
+                .expect("valid");
+
+        assert_eq!(config.mac_pool_size, 0);
+        assert!(!config.isolate);
+        assert_eq!(config.nwfilter, None);
+        let config = parse("base_image = \"/b\"\nnwfilter = \"my-filter\"").expect("valid");
+        assert_eq!(config.nwfilter.as_deref(), Some("my-filter"));
+    }
+
+    #[test]
+    fn bad_network_protection_values_are_named() {
+        for (text, needle) in [
+            (
+                "mac_pool_size = 70000",
+                "`mac_pool_size` must be between 0 and 65536",
+            ),
+            (
+                "mac_pool_size = -1",
+                "`mac_pool_size` must be between 0 and 65536, not -1",
+            ),
+            (
+                "mac_pool_size = \"8\"",
+                "`mac_pool_size` must be between 0 and 65536",
+            ),
+            ("nwfilter = 1", "`nwfilter` must name a libvirt nwfilter"),
+            (
+                "nwfilter = \" \"",
+                "`nwfilter` must name a libvirt nwfilter",
+            ),
+            (
+                "nwfilter = \"a\\nb\"",
+                "`nwfilter` must name a libvirt nwfilter",
+            ),
+            (
+                "isolate = \"yes\"",
+                "`isolate` must be true or false, not \"yes\"",
+            ),
+        ] {
+            let err = parse(&format!("base_image = \"/b\"\n{text}")).expect_err(text);
+
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+            assert!(!err.to_string().contains('\n'), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! domain removes it completely and a host reboot cannot leave a defined domain behind.
 
 pub mod config;
+pub mod machine;
+pub mod network;
+pub mod nic;
 pub mod overlay;
 pub mod seed;
 pub mod xml;
@@ -47,11 +50,16 @@ fn build(_ctx: &PluginContext, table: &toml::Table) -> Result<Box<dyn Backend>, 
 #[derive(Debug)]
 pub struct LibvirtBackend {
     config: LibvirtConfig,
+    /// From `create` to `wait_address`: the leases a slot's MAC had before its VM started.
+    leases_before: nic::LeasesBefore,
 }
 
 impl LibvirtBackend {
     pub fn new(config: LibvirtConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            leases_before: nic::LeasesBefore::default(),
+        }
     }
 
     fn overlay_path(&self, vm_name: &str) -> PathBuf {
@@ -62,12 +70,19 @@ impl LibvirtBackend {
         self.config.images_dir.join(format!("{vm_name}.seed.iso"))
     }
 
+    /// The UEFI variable store of a VM with `firmware = "efi"` (libvirt creates it at start
+    /// from the firmware's template and leaves it behind at destroy).
+    fn nvram_path(&self, vm_name: &str) -> PathBuf {
+        self.config.images_dir.join(format!("{vm_name}.nvram.fd"))
+    }
+
     /// Every file a VM owns, removed by destroy.
-    fn files_of(&self, vm_name: &str) -> [PathBuf; 3] {
+    fn files_of(&self, vm_name: &str) -> [PathBuf; 4] {
         [
             self.overlay_path(vm_name),
             self.console_log_path(vm_name),
             self.seed_path(vm_name),
+            self.nvram_path(vm_name),
         ]
     }
 
@@ -77,7 +92,7 @@ impl LibvirtBackend {
         if let Some(work) = file_name.strip_prefix('.') {
             return work.strip_suffix(seed::WORK_DIR_SUFFIX);
         }
-        [".seed.iso", ".console.log", ".qcow2"]
+        [".seed.iso", ".console.log", ".nvram.fd", ".qcow2"]
             .iter()
             .find_map(|suffix| file_name.strip_suffix(suffix))
             .filter(|name| !name.is_empty())
@@ -111,18 +126,28 @@ impl LibvirtBackend {
         }
     }
 
-    fn start_domain(&self, request: &VmRequest) -> Result<(), PluginError> {
+    fn start_domain(
+        &self,
+        request: &VmRequest,
+        progress: &dyn Progress,
+    ) -> Result<(), PluginError> {
         let overlay = self.overlay_path(&request.vm_name);
         let console_log = self.console_log_path(&request.vm_name);
         let seed = self.seed_path(&request.vm_name);
+        let nvram = self.nvram_path(&request.vm_name);
+        let conn = self.connect()?;
+        let (nic, slot_lock) =
+            nic::plan(&conn, &self.config, request, progress, &self.leases_before)?;
         let spec = xml::DomainSpec {
             name: &request.vm_name,
             domain_type: self.config.domain_type,
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
             overlay: &overlay,
-            network: &self.config.network,
+            nic: nic.clone(),
             direct_boot: self.config.direct_boot.as_ref(),
+            machine: &self.config.machine,
+            nvram: &nvram,
             console_log: &console_log,
             seed: request.keys.as_ref().map(|_| seed.as_path()),
             job_id: request.job_id,
@@ -130,20 +155,32 @@ impl LibvirtBackend {
             deadline_unix: request.deadline_unix,
             owner: &request.owner,
         };
-        let conn = self.connect()?;
-        conn.create_domain_xml(&xml::domain_xml(&spec), virt::sys::VIR_DOMAIN_NONE)
-            .map(drop)
+        let domain = conn
+            .create_domain_xml(&xml::domain_xml(&spec), virt::sys::VIR_DOMAIN_NONE)
             .map_err(|err| {
-                libvirt_error(
+                let hint = self.config.machine.start_error_hint(err.message());
+                let error = libvirt_error(
                     format!("libvirt could not start domain {}", request.vm_name),
                     &err,
-                )
-            })
+                );
+                match hint {
+                    Some(hint) => PluginError::msg(format!("{error} ({hint})")),
+                    None => error,
+                }
+            })?;
+        // The domain holds its MAC now: the next prepare sees it in use.
+        drop(slot_lock);
+        if let Err(err) = nic::check_running(&domain, &nic, &self.config.uri) {
+            let _ = destroy_domain(&domain, &request.vm_name);
+            return Err(err);
+        }
+        Ok(())
     }
 }
 
 impl Backend for LibvirtBackend {
     fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
+        nic::check_nwfilter(&self.connect()?, &self.config)?;
         if let Some(boot) = &self.config.direct_boot {
             for path in std::iter::once(&boot.kernel).chain(boot.initrd.iter()) {
                 if !path.is_file() {
@@ -166,14 +203,15 @@ impl Backend for LibvirtBackend {
             progress.say("cloud-init seed with the job's SSH keys created");
         }
         progress.say(&format!(
-            "Overlay {} on {} created; starting domain ({}, {} vCPU, {} MiB)...",
+            "Overlay {} on {} created; starting domain ({}, {}, {} vCPU, {} MiB)...",
             overlay.display(),
             self.config.base_image.display(),
             self.config.domain_type.as_str(),
+            self.config.machine.summary(),
             self.config.vcpus,
             self.config.memory_mib
         ));
-        if let Err(err) = self.start_domain(request) {
+        if let Err(err) = self.start_domain(request, progress) {
             for file in self.files_of(&request.vm_name) {
                 let _ = overlay::remove_file(&file);
             }
@@ -192,6 +230,8 @@ impl Backend for LibvirtBackend {
         let conn = self.connect()?;
         let domain = Self::lookup(&conn, vm_name)?
             .ok_or_else(|| PluginError::msg(format!("domain {vm_name} vanished while booting")))?;
+        let leases =
+            nic::LeaseSource::of(&conn, &domain, &self.config.network, &self.leases_before);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             if !domain.is_active().unwrap_or(false) {
@@ -199,14 +239,16 @@ impl Backend for LibvirtBackend {
                     "domain {vm_name} stopped while booting"
                 )));
             }
-            // Leases come from the libvirt network's DHCP server; an error here just means
-            // "no lease yet" on some libvirt versions.
-            if let Ok(interfaces) =
-                domain.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
-            {
-                if let Some(address) = first_ipv4(&interfaces) {
-                    return Ok(Endpoint::new(address, None));
-                }
+            let address = match &leases {
+                Some(leases) => leases.address(),
+                // An error here just means "no lease yet" on some libvirt versions.
+                None => domain
+                    .interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+                    .ok()
+                    .and_then(|interfaces| first_ipv4(&interfaces)),
+            };
+            if let Some(address) = address {
+                return Ok(Endpoint::new(address, None));
             }
             if !backoff.sleep(deadline, cancel) {
                 if cancel.load(Ordering::Relaxed) {
@@ -226,6 +268,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn destroy(&self, vm_name: &str) -> Result<(), PluginError> {
+        self.leases_before.forget(vm_name);
         let domain_result = self.connect().and_then(|conn| {
             if let Some(domain) = Self::lookup(&conn, vm_name)? {
                 destroy_domain(&domain, vm_name)?;
@@ -565,6 +608,7 @@ mod tests {
             ("hyperjob-job-7.qcow2", Some("hyperjob-job-7")),
             ("hyperjob-job-7.seed.iso", Some("hyperjob-job-7")),
             ("hyperjob-job-7.console.log", Some("hyperjob-job-7")),
+            ("hyperjob-job-7.nvram.fd", Some("hyperjob-job-7")),
             (".hyperjob-job-7.seed.d", Some("hyperjob-job-7")),
             ("ci-b.job_7.qcow2", Some("ci-b.job_7")),
             (".qcow2", None),
@@ -591,5 +635,9 @@ mod tests {
             backend.console_log_path("hyperjob-job-1"),
             PathBuf::from("/images/hyperjob-job-1.console.log")
         );
+        // The UEFI variable store is the VM's too: destroy removes it with the others.
+        assert!(backend
+            .files_of("hyperjob-job-1")
+            .contains(&PathBuf::from("/images/hyperjob-job-1.nvram.fd")));
     }
 }

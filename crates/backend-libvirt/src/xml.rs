@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::config::{DirectBoot, DomainType};
+use crate::machine::{self, Machine};
+use crate::network::{interface_xml, Nic};
 
 /// XML namespace of hyperjob's `<metadata>` element on every domain it creates.
 pub const METADATA_NS: &str = "http://hyperjob.dev/xmlns/job/1";
@@ -16,8 +18,13 @@ pub struct DomainSpec<'a> {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub overlay: &'a Path,
-    pub network: &'a str,
+    /// The network interface (crate::network).
+    pub nic: Nic<'a>,
     pub direct_boot: Option<&'a DirectBoot>,
+    /// Architecture, CPU and firmware.
+    pub machine: &'a Machine,
+    /// The VM's UEFI variable store (used with `firmware = "efi"` only).
+    pub nvram: &'a Path,
     pub console_log: &'a Path,
     /// A cloud-init seed to attach read-only as a second disk.
     pub seed: Option<&'a Path>,
@@ -68,24 +75,9 @@ pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
     let _ = writeln!(xml, "  </metadata>");
     let _ = writeln!(xml, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
     let _ = writeln!(xml, "  <vcpu>{}</vcpu>", spec.vcpus);
-    let _ = writeln!(xml, "  <os>");
-    let _ = writeln!(xml, "    <type arch='x86_64'>hvm</type>");
-    match spec.direct_boot {
-        Some(boot) => {
-            let _ = writeln!(xml, "    <kernel>{}</kernel>", escape_path(&boot.kernel));
-            if let Some(initrd) = &boot.initrd {
-                let _ = writeln!(xml, "    <initrd>{}</initrd>", escape_path(initrd));
-            }
-            if let Some(cmdline) = &boot.cmdline {
-                let _ = writeln!(xml, "    <cmdline>{}</cmdline>", escape(cmdline));
-            }
-        }
-        None => {
-            let _ = writeln!(xml, "    <boot dev='hd'/>");
-        }
-    }
-    let _ = writeln!(xml, "  </os>");
-    let _ = writeln!(xml, "  <features><acpi/><apic/></features>");
+    machine::write_os(&mut xml, spec.machine, spec.nvram, spec.direct_boot);
+    machine::write_cpu(&mut xml, spec.machine);
+    machine::write_features(&mut xml, spec.machine);
     let _ = writeln!(xml, "  <on_poweroff>destroy</on_poweroff>");
     let _ = writeln!(xml, "  <on_reboot>restart</on_reboot>");
     let _ = writeln!(xml, "  <on_crash>destroy</on_crash>");
@@ -106,10 +98,7 @@ pub fn domain_xml(spec: &DomainSpec<'_>) -> String {
         let _ = writeln!(xml, "      <readonly/>");
         let _ = writeln!(xml, "    </disk>");
     }
-    let _ = writeln!(xml, "    <interface type='network'>");
-    let _ = writeln!(xml, "      <source network='{}'/>", escape(spec.network));
-    let _ = writeln!(xml, "      <model type='virtio'/>");
-    let _ = writeln!(xml, "    </interface>");
+    xml.push_str(&interface_xml(&spec.nic));
     let _ = writeln!(xml, "    <serial type='pty'>");
     let _ = writeln!(
         xml,
@@ -219,7 +208,7 @@ pub fn unescape(text: &str) -> Option<String> {
     Some(out)
 }
 
-fn escape_path(path: &Path) -> String {
+pub(crate) fn escape_path(path: &Path) -> String {
     escape(&path.to_string_lossy())
 }
 
@@ -246,6 +235,14 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::machine::{Arch, Firmware};
+
+    /// What a TCG config without `arch`, `cpu_mode` and `firmware` gets on an x86_64 host.
+    static TCG_DEFAULT: Machine = Machine {
+        arch: Arch::X86_64,
+        cpu: None,
+        firmware: Firmware::Bios,
+    };
 
     fn spec<'a>(overlay: &'a Path, log: &'a Path, boot: Option<&'a DirectBoot>) -> DomainSpec<'a> {
         DomainSpec {
@@ -254,8 +251,10 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             overlay,
-            network: "default",
+            nic: Nic::plain("default"),
             direct_boot: boot,
+            machine: &TCG_DEFAULT,
+            nvram: Path::new("/images/hyperjob-job-42.nvram.fd"),
             console_log: log,
             seed: None,
             job_id: 42,
@@ -287,6 +286,7 @@ mod tests {
 
         assert!(xml.starts_with("<domain type='qemu'>\n  <name>hyperjob-job-42</name>"));
         assert!(xml.contains("<boot dev='hd'/>"));
+        assert!(xml.contains("<type arch='x86_64' machine='pc'>hvm</type>"));
         assert!(!xml.contains("<kernel>"));
         assert!(xml.contains("<source file='/images/hyperjob-job-42.qcow2'/>"));
         assert!(xml.contains("<target dev='vda' bus='virtio'/>"));
@@ -356,7 +356,7 @@ mod tests {
         let overlay = PathBuf::from("/images/a'b<c>&\"d.qcow2");
         let log = PathBuf::from("/o.log");
         let mut spec = spec(&overlay, &log, None);
-        spec.network = "net'/><evil/>";
+        spec.nic.network = "net'/><evil/>";
         let owner = "/srv/a'b</hyperjob:owner><evil/>&\"c";
         spec.owner = owner;
 
