@@ -338,6 +338,60 @@ mod tests {
         .expect("config")
     }
 
+    /// A backend that only describes its images.
+    struct Images(Option<&'static str>);
+
+    impl Backend for Images {
+        fn create(
+            &self,
+            _: &crate::VmRequest,
+            _: &dyn crate::plugin::Progress,
+        ) -> Result<(), PluginError> {
+            Err(PluginError::Unsupported("create"))
+        }
+
+        fn wait_address(
+            &self,
+            _: &str,
+            _: std::time::Instant,
+            _: &std::sync::atomic::AtomicBool,
+        ) -> Result<Endpoint, PluginError> {
+            Err(PluginError::Unsupported("wait_address"))
+        }
+
+        fn destroy(&self, _: &str) -> Result<(), PluginError> {
+            Ok(())
+        }
+
+        fn fingerprint(&self) -> Result<String, PluginError> {
+            self.0
+                .map(str::to_string)
+                .ok_or(PluginError::Unsupported("fingerprint"))
+        }
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_the_image_and_the_config_and_nothing_else() {
+        let base = config("[backends.libvirt]\nvcpus = 2\n");
+        let image = Images(Some("/b.qcow2:1:2:3:4.5"));
+        let first = fingerprint(&base, &image).expect("ok").expect("some");
+
+        assert_eq!(fingerprint(&base, &image).expect("ok"), Some(first.clone()));
+        let touched = Images(Some("/b.qcow2:1:2:3:4.6"));
+        assert_ne!(fingerprint(&base, &touched).expect("ok"), Some(first.clone()));
+        let bigger = config("[backends.libvirt]\nvcpus = 4\n");
+        assert_ne!(fingerprint(&bigger, &image).expect("ok"), Some(first.clone()));
+        let keys = config("guest_keys = \"per-job\"\n[backends.libvirt]\nvcpus = 2\n");
+        assert_ne!(fingerprint(&keys, &image).expect("ok"), Some(first.clone()));
+        let pooled = config("[pool]\nsize = 5\n[backends.libvirt]\nvcpus = 2\n");
+        assert_eq!(
+            fingerprint(&pooled, &image).expect("ok"),
+            Some(first),
+            "the pool's own size is not what a VM is made of"
+        );
+        assert_eq!(fingerprint(&base, &Images(None)).expect("ok"), None);
+    }
+
     #[test]
     fn pooled_vm_names_are_unique_and_never_a_jobs_name() {
         let config = config("");
