@@ -151,6 +151,9 @@ fn gc_removes_a_killed_prepare_and_a_job_whose_runner_died_at_once_but_keeps_a_w
     drop(session);
     drop(orphan_session);
     wrapped_session.cleanup();
+    for wrapper in [perl, sh] {
+        std::fs::remove_file(wrapper).expect("remove wrapper");
+    }
     ws.assert_nothing_left(&vm_name(wrapped));
 }
 
