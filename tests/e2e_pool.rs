@@ -121,7 +121,10 @@ fn prepare_claims_a_pooled_vm_at_once_and_a_replacement_boots_in_the_background(
     session.prepare().expect("prepare");
     let warm = started.elapsed();
 
-    println!("warm prepare (through the harness) took {:.2} s", warm.as_secs_f64());
+    println!(
+        "warm prepare (through the harness) took {:.2} s",
+        warm.as_secs_f64()
+    );
     let log = session_log(&session);
     assert!(log.contains("Claimed the pooled VM"), "{log}");
     assert_eq!(job_vm(&ws, id), before[0].0);
@@ -241,7 +244,11 @@ fn a_changed_base_image_drains_the_pool_and_idle_vms_are_reaped() {
     let id = unique_job_id();
     let session = configured_session(&env, &ws, &job(id));
     session.prepare().expect("prepare");
-    assert!(!session_log(&session).contains("Claimed"), "{}", session_log(&session));
+    assert!(
+        !session_log(&session).contains("Claimed"),
+        "{}",
+        session_log(&session)
+    );
     assert_ne!(job_vm(&ws, id), old);
     session.cleanup();
     let report = hyperjob_ok(&env, &ws, &["pool", "fill"]);
@@ -274,9 +281,55 @@ fn a_changed_base_image_drains_the_pool_and_idle_vms_are_reaped() {
     });
     let report = hyperjob_ok(&env, &ws, &["gc"]);
     assert!(
-        report.contains(&format!("removed {fresh}: idle in the pool for more than 1 s")),
+        report.contains(&format!(
+            "removed {fresh}: idle in the pool for more than 1 s"
+        )),
         "{report}"
     );
     ws.assert_nothing_left("stale-pool-");
     std::fs::remove_file(&base).expect("remove the base image copy");
+}
+
+#[test]
+fn with_per_job_keys_every_pooled_vm_has_its_own_keys_and_the_claim_hands_them_to_the_job() {
+    let env = TestEnv::load();
+    let ws = env.workspace("pool-keys");
+    with_pool(&ws, "keys", &ws.per_job_keys_config(), "size = 2");
+    hyperjob_ok(&env, &ws, &["pool", "fill"]);
+    let records: Vec<serde_json::Value> = pooled(&env, &ws)
+        .iter()
+        .map(|(vm, _)| {
+            let text = std::fs::read_to_string(ws.state_dir.join(format!("pool/{vm}.json")))
+                .expect("pool record");
+            serde_json::from_str(&text).expect("json")
+        })
+        .collect();
+    let host_keys: Vec<&str> = records
+        .iter()
+        .map(|r| r["endpoint"]["host_key"].as_str().expect("a host key"))
+        .collect();
+    assert_eq!(host_keys.len(), 2);
+    assert_ne!(host_keys[0], host_keys[1], "two pooled VMs share a host key");
+
+    let id = unique_job_id();
+    let session = configured_session(&env, &ws, &job(id));
+    session.prepare().expect("prepare");
+    assert!(session_log(&session).contains("Claimed the pooled VM"));
+    let state = recorded_state(&ws, id).expect("state");
+    let vm = job_vm(&ws, id);
+    let identity = state["endpoint"]["identity_file"].as_str().expect("identity file");
+    assert_eq!(
+        identity,
+        ws.state_dir
+            .join(format!("job-{id}.keys/id_ed25519"))
+            .display()
+            .to_string()
+    );
+    assert!(!ws.state_dir.join(format!("pool/{vm}.keys")).exists());
+    // The job logs in with the key it was handed and checks the pooled VM's own host key.
+    run_the_script(&session);
+    session.cleanup();
+    assert!(!ws.state_dir.join(format!("job-{id}.keys")).exists());
+    wait_for_ready(&env, &ws, 2);
+    drain_and_check(&env, &ws, "keys");
 }

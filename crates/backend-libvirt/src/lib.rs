@@ -346,9 +346,7 @@ impl Backend for LibvirtBackend {
                 Some(xml::METADATA_NS),
                 virt::sys::VIR_DOMAIN_AFFECT_LIVE,
             )
-            .map_err(|err| {
-                libvirt_error(format!("cannot relabel domain {}", record.vm_name), &err)
-            })
+            .map_err(|err| libvirt_error(format!("cannot relabel domain {}", record.vm_name), &err))
     }
 
     fn fingerprint(&self) -> Result<String, PluginError> {

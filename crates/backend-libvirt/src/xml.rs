@@ -41,9 +41,21 @@ pub fn metadata_element(job_id: u64, times: (u64, u64), owner: &str, indent: &st
     let mut xml = String::new();
     let _ = writeln!(xml, "{indent}<hyperjob:job xmlns:hyperjob='{METADATA_NS}'>");
     let _ = writeln!(xml, "{indent}  <hyperjob:id>{job_id}</hyperjob:id>");
-    let _ = writeln!(xml, "{indent}  <hyperjob:created>{}</hyperjob:created>", times.0);
-    let _ = writeln!(xml, "{indent}  <hyperjob:deadline>{}</hyperjob:deadline>", times.1);
-    let _ = writeln!(xml, "{indent}  <hyperjob:owner>{}</hyperjob:owner>", escape(owner));
+    let _ = writeln!(
+        xml,
+        "{indent}  <hyperjob:created>{}</hyperjob:created>",
+        times.0
+    );
+    let _ = writeln!(
+        xml,
+        "{indent}  <hyperjob:deadline>{}</hyperjob:deadline>",
+        times.1
+    );
+    let _ = writeln!(
+        xml,
+        "{indent}  <hyperjob:owner>{}</hyperjob:owner>",
+        escape(owner)
+    );
     let _ = writeln!(xml, "{indent}</hyperjob:job>");
     xml
 }

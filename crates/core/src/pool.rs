@@ -179,8 +179,9 @@ impl PoolDir {
             Ok(listing) => listing,
             Err(err) if err.kind() == ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
             Err(err) => {
-                return Err(anyhow::Error::new(err)
-                    .context(format!("cannot list {}", self.dir.display())))
+                return Err(
+                    anyhow::Error::new(err).context(format!("cannot list {}", self.dir.display()))
+                )
             }
         };
         let (mut entries, mut unreadable) = (Vec::new(), Vec::new());
@@ -230,8 +231,9 @@ impl PoolDir {
             Ok(()) => {}
             Err(err) if err.kind() == ErrorKind::NotFound => {}
             Err(err) => {
-                return Err(anyhow::Error::new(err)
-                    .context(format!("cannot remove {}", keys.display())))
+                return Err(
+                    anyhow::Error::new(err).context(format!("cannot remove {}", keys.display()))
+                )
             }
         }
         for path in [self.entry_path(vm_name), self.claim_path(vm_name)] {
@@ -378,9 +380,15 @@ mod tests {
 
         assert_eq!(fingerprint(&base, &image).expect("ok"), Some(first.clone()));
         let touched = Images(Some("/b.qcow2:1:2:3:4.6"));
-        assert_ne!(fingerprint(&base, &touched).expect("ok"), Some(first.clone()));
+        assert_ne!(
+            fingerprint(&base, &touched).expect("ok"),
+            Some(first.clone())
+        );
         let bigger = config("[backends.libvirt]\nvcpus = 4\n");
-        assert_ne!(fingerprint(&bigger, &image).expect("ok"), Some(first.clone()));
+        assert_ne!(
+            fingerprint(&bigger, &image).expect("ok"),
+            Some(first.clone())
+        );
         let keys = config("guest_keys = \"per-job\"\n[backends.libvirt]\nvcpus = 2\n");
         assert_ne!(fingerprint(&keys, &image).expect("ok"), Some(first.clone()));
         let pooled = config("[pool]\nsize = 5\n[backends.libvirt]\nvcpus = 2\n");
@@ -417,7 +425,10 @@ mod tests {
                     scope.spawn(move || pool.try_claim("vm-a", job).expect("claim"))
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("join")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("join"))
+                .collect()
         });
 
         assert_eq!(wins.iter().filter(|won| **won).count(), 1, "{wins:?}");

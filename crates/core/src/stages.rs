@@ -109,12 +109,12 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     };
     let leftovers = std::iter::once(&vm_name)
         .chain(earlier.as_ref())
-        .try_for_each(|name| {
-            match crate::ownership::refusal(backend.as_ref(), name, &me)? {
+        .try_for_each(
+            |name| match crate::ownership::refusal(backend.as_ref(), name, &me)? {
                 Some(why) => bail!("refusing to destroy it: {why}"),
                 None => Ok(backend.destroy(name)?),
-            }
-        })
+            },
+        )
         .with_context(|| format!("cannot remove leftovers of an earlier attempt for {vm_name}"));
     if let Err(err) = leftovers {
         // Nothing was written yet: a backend that cannot even be reached leaves no trace.
@@ -168,10 +168,10 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     };
     let result = booted
         .boot(&request, &store.keys_dir(ctx.job.job_id), started)
-    .and_then(|endpoint| {
-        store.save(&record.ready(endpoint.clone()))?;
-        Ok(endpoint)
-    });
+        .and_then(|endpoint| {
+            store.save(&record.ready(endpoint.clone()))?;
+            Ok(endpoint)
+        });
     match result {
         Ok(endpoint) => {
             progress.say(&format!(

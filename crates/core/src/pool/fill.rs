@@ -41,7 +41,11 @@ pub fn fill(
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<StageOutcome> {
     if config.pool.size == 0 {
-        writeln!(out, "the pool is off (pool.size = 0 in {})", config.path.display())?;
+        writeln!(
+            out,
+            "the pool is off (pool.size = 0 in {})",
+            config.path.display()
+        )?;
         return Ok(StageOutcome::Success);
     }
     let backend = build_backend(config, registry)?;
@@ -67,7 +71,11 @@ pub fn fill(
         let missing = (config.pool.size as usize).saturating_sub(ready);
         if missing == 0 {
             let mut out = out.lock().map_err(|_| anyhow::anyhow!("output poisoned"))?;
-            writeln!(out, "the pool has {ready} ready VM(s) of {}", config.pool.size)?;
+            writeln!(
+                out,
+                "the pool has {ready} ready VM(s) of {}",
+                config.pool.size
+            )?;
             return Ok(StageOutcome::Success);
         }
         let booted: Vec<bool> = std::thread::scope(|scope| {
@@ -172,7 +180,11 @@ pub fn drain(
             // A prepare is taking it: it is the job's, not the pool's.
             continue;
         }
-        match backend.destroy(vm_name).map_err(anyhow::Error::new).and_then(|()| pool.remove(vm_name)) {
+        match backend
+            .destroy(vm_name)
+            .map_err(anyhow::Error::new)
+            .and_then(|()| pool.remove(vm_name))
+        {
             Ok(()) => writeln!(out, "removed {vm_name}: drained")?,
             Err(err) => {
                 failures += 1;

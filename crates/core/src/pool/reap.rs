@@ -25,7 +25,10 @@ pub fn reap(
         return Ok(0);
     }
     let Some(lock) = pool.try_lock()? else {
-        writeln!(out, "the pool is being filled; its VMs are judged by the next gc")?;
+        writeln!(
+            out,
+            "the pool is being filled; its VMs are judged by the next gc"
+        )?;
         return Ok(0);
     };
     let current = super::fingerprint(config, backend)?;
@@ -67,7 +70,10 @@ pub(super) fn reap_locked(
                 }
                 continue;
             }
-            doomed.push((vm.clone(), format!("its claim by job {job} was interrupted")));
+            doomed.push((
+                vm.clone(),
+                format!("its claim by job {job} was interrupted"),
+            ));
             continue;
         }
         let reason = if entry.phase == PoolPhase::Booting {
