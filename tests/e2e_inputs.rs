@@ -14,7 +14,7 @@ use std::time::Duration;
 use hyperjob_test_harness::{
     run_job, Driver, Job, JobReport, JobResult, JobVariable, RunnerSettings,
 };
-use support::{list_dir, unique_job_id, virsh, TestEnv, Workspace};
+use support::{driver_errors, list_dir, unique_job_id, virsh, TestEnv, Workspace};
 
 fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
     Driver::single_binary(&env.hyperjob)
@@ -47,16 +47,6 @@ fn system_failure(report: &JobReport) -> String {
             report.log_text()
         ),
     }
-}
-
-/// The driver's own error lines in the job log ("hyperjob <stage>: …").
-fn driver_errors(report: &JobReport) -> Vec<String> {
-    report
-        .log_text()
-        .lines()
-        .filter(|line| line.starts_with("hyperjob "))
-        .map(str::to_string)
-        .collect()
 }
 
 fn replace_in_config(ws: &Workspace, from: &str, to: &str) {

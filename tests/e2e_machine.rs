@@ -12,8 +12,10 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use hyperjob_test_harness::{run_job, Job, JobReport, JobResult, RunnerSettings, Stage};
-use support::{list_dir, session_log, unique_job_id, virsh, vm_name, TestEnv, Workspace};
+use hyperjob_test_harness::{run_job, Job, JobResult, RunnerSettings, Stage};
+use support::{
+    driver_errors, list_dir, session_log, unique_job_id, virsh, vm_name, TestEnv, Workspace,
+};
 
 /// The stock config with `keys` added to its `[backends.libvirt]` table.
 fn stock_config_with(ws: &Workspace, keys: &str) -> String {
@@ -213,16 +215,6 @@ fn settings() -> RunnerSettings {
         preparation_retry_interval: Duration::from_millis(200),
         ..RunnerSettings::default()
     }
-}
-
-/// The job log lines hyperjob itself wrote ("hyperjob <stage>: …").
-fn driver_errors(report: &JobReport) -> Vec<String> {
-    report
-        .log_text()
-        .lines()
-        .filter(|line| line.starts_with("hyperjob "))
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]

@@ -9,10 +9,10 @@ mod support;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use hyperjob_test_harness::{ExitInfo, Job, Stage};
+use hyperjob_test_harness::{ExitInfo, Job};
 use support::{
-    configured_session, domain_exists, job_without_sources, recorded_state, session_log,
-    unique_job_id, virsh, wait_until, TestEnv, Workspace,
+    configured_session, domain_exists, job_without_sources, recorded_state, run_sources_and_script,
+    session_log, unique_job_id, virsh, wait_until, TestEnv, Workspace,
 };
 
 /// Generous bounds: four TCG guests may share the two cores of a test machine.
@@ -85,13 +85,6 @@ fn job_vm(ws: &Workspace, id: i64) -> String {
         .to_string()
 }
 
-fn run_the_script(session: &hyperjob_test_harness::ExecutorSession) {
-    for stage in [Stage::GetSources, Stage::UserStep("script".into())] {
-        let invocation = session.run_stage(&stage).expect("stage").expect("invoked");
-        assert!(invocation.succeeded(), "{}", session_log(session));
-    }
-}
-
 /// Drains the pool and checks that nothing of the workspace is left.
 fn drain_and_check(env: &TestEnv, ws: &Workspace, tag: &str) {
     let report = hyperjob_ok(env, ws, &["pool", "drain"]);
@@ -129,7 +122,7 @@ fn prepare_claims_a_pooled_vm_at_once_and_a_replacement_boots_in_the_background(
     assert!(log.contains("Claimed the pooled VM"), "{log}");
     assert_eq!(job_vm(&ws, id), before[0].0);
     assert_eq!(recorded_state(&ws, id).expect("state")["phase"], "ready");
-    run_the_script(&session);
+    run_sources_and_script(&session);
     // The replacement was started by the claim, and prepare did not wait for it.
     wait_for_ready(&env, &ws, 1);
     let after = pooled(&env, &ws);
@@ -173,7 +166,7 @@ fn racing_prepares_never_claim_the_same_pooled_vm() {
     let claimed = vms.iter().filter(|vm| pool_before.contains(vm)).count();
     assert_eq!(claimed, 2, "{vms:?}");
     for session in &sessions {
-        run_the_script(session);
+        run_sources_and_script(session);
     }
     wait_for_ready(&env, &ws, 2);
     for session in &sessions {
@@ -309,7 +302,10 @@ fn with_per_job_keys_every_pooled_vm_has_its_own_keys_and_the_claim_hands_them_t
         .map(|r| r["endpoint"]["host_key"].as_str().expect("a host key"))
         .collect();
     assert_eq!(host_keys.len(), 2);
-    assert_ne!(host_keys[0], host_keys[1], "two pooled VMs share a host key");
+    assert_ne!(
+        host_keys[0], host_keys[1],
+        "two pooled VMs share a host key"
+    );
 
     let id = unique_job_id();
     let session = configured_session(&env, &ws, &job(id));
@@ -317,7 +313,9 @@ fn with_per_job_keys_every_pooled_vm_has_its_own_keys_and_the_claim_hands_them_t
     assert!(session_log(&session).contains("Claimed the pooled VM"));
     let state = recorded_state(&ws, id).expect("state");
     let vm = job_vm(&ws, id);
-    let identity = state["endpoint"]["identity_file"].as_str().expect("identity file");
+    let identity = state["endpoint"]["identity_file"]
+        .as_str()
+        .expect("identity file");
     assert_eq!(
         identity,
         ws.state_dir
@@ -327,7 +325,7 @@ fn with_per_job_keys_every_pooled_vm_has_its_own_keys_and_the_claim_hands_them_t
     );
     assert!(!ws.state_dir.join(format!("pool/{vm}.keys")).exists());
     // The job logs in with the key it was handed and checks the pooled VM's own host key.
-    run_the_script(&session);
+    run_sources_and_script(&session);
     session.cleanup();
     assert!(!ws.state_dir.join(format!("job-{id}.keys")).exists());
     wait_for_ready(&env, &ws, 2);

@@ -102,3 +102,21 @@ pub fn recorded_phase(ws: &Workspace, job_id: i64) -> Option<String> {
         .as_str()
         .map(str::to_string)
 }
+
+/// Runs the job's get_sources and `script` stages; both must succeed.
+pub fn run_sources_and_script(session: &ExecutorSession) {
+    for stage in [Stage::GetSources, Stage::UserStep("script".into())] {
+        let invocation = session.run_stage(&stage).expect("stage").expect("invoked");
+        assert!(invocation.succeeded(), "{}", session_log(session));
+    }
+}
+
+/// The job log lines hyperjob itself wrote ("hyperjob <stage>: …").
+pub fn driver_errors(report: &hyperjob_test_harness::JobReport) -> Vec<String> {
+    report
+        .log_text()
+        .lines()
+        .filter(|line| line.starts_with("hyperjob "))
+        .map(str::to_string)
+        .collect()
+}
