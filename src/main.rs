@@ -63,6 +63,15 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check everything hyperjob needs on this host, one line each (exit 1 on any ✗)
+    Doctor {
+        /// Also boot one VM from the configured image, check its host key and log in
+        #[arg(long)]
+        boot: bool,
+        /// GitLab Runner's config file, checked when it exists
+        #[arg(long, value_name = "PATH", default_value = hyperjob_core::doctor::RUNNER_CONFIG)]
+        runner_config: PathBuf,
+    },
     /// The warm pool of VMs booted ahead ([pool] in the config)
     Pool {
         #[command(subcommand)]
@@ -93,6 +102,7 @@ impl Command {
             Command::Cleanup => "cleanup",
             Command::Gc { .. } => "gc",
             Command::Pool { .. } => "pool",
+            Command::Doctor { .. } => "doctor",
             Command::Plugins => "plugins",
         }
     }
@@ -116,6 +126,24 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
     let config_path = config::resolve_path(cli.config.as_deref());
+    if let Command::Doctor {
+        boot,
+        runner_config,
+    } = &cli.command
+    {
+        // The doctor reports a broken config as one of its lines, so it loads it itself.
+        let options = hyperjob_core::doctor::Options {
+            config_path,
+            runner_config: runner_config.clone(),
+            boot: *boot,
+        };
+        return hyperjob_core::doctor::doctor(
+            &options,
+            |config| Ok(Registry::load(config)?),
+            cancel,
+            &mut std::io::stdout(),
+        );
+    }
     let config = Config::load(&config_path)?;
     let registry = Registry::load(&config)?;
     if let Command::Plugins = cli.command {
@@ -149,7 +177,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Prepare => stages::prepare(&ctx),
         Command::Run { script, stage } => stages::run(&ctx, script, stage),
         Command::Cleanup => stages::cleanup(&ctx),
-        Command::Gc { .. } | Command::Plugins | Command::Pool { .. } => {
+        Command::Gc { .. } | Command::Plugins | Command::Pool { .. } | Command::Doctor { .. } => {
             anyhow::bail!("not a job stage")
         }
     }

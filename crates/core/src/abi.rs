@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::plugin::{
-    Backend, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
+    Backend, Check, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
     VmPresence, VmRequest,
 };
 use crate::registry::{Entry, Origin, PluginContext, Registry, RegistryError};
@@ -40,8 +40,8 @@ pub const HEADER_VERSION: u32 = 1;
 /// Version of the plugin API (the traits, `PluginContext`, the registrar). Bumped whenever a
 /// plugin built against the old API would misbehave. 2: `VmRequest::owner`, `OwnedVm::owner`.
 /// 3: `Backend::inspect`, `Backend::names_with_files`. 4: `Backend::relabel`,
-/// `Backend::fingerprint`, `PoolConfig`.
-pub const CORE_API_VERSION: u32 = 4;
+/// `Backend::fingerprint`. 5: `Backend::doctor`, `Transport::doctor`.
+pub const CORE_API_VERSION: u32 = 5;
 /// The rustc that built this hyperjob-core.
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The target this hyperjob-core was built for.
@@ -367,6 +367,11 @@ impl Backend for GuardedBackend {
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
         guard("reading the console", || self.0.console_tail(vm_name))?
     }
+
+    fn doctor(&self) -> Vec<Check> {
+        guard("checking the host", || self.0.doctor())
+            .unwrap_or_else(|err| vec![Check::fail("the backend's own checks", err.to_string())])
+    }
 }
 
 /// A library transport whose every call is guarded against panics.
@@ -382,6 +387,11 @@ impl Transport for GuardedTransport {
         guard("reporting its user", || self.0.login_user())
             .ok()
             .flatten()
+    }
+
+    fn doctor(&self) -> Vec<Check> {
+        guard("checking its setup", || self.0.doctor())
+            .unwrap_or_else(|err| vec![Check::fail("the transport's own checks", err.to_string())])
     }
 
     fn wait_ready(

@@ -134,6 +134,7 @@ pub fn gc(
     // Candidates: every job with a file in state_dir, every VM the backend lists as this
     // installation's, and every name with files in the backend's storage.
     let mut jobs: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    let mut jobless = Vec::new();
     match backend.list_owned() {
         Ok(vms) => {
             for vm in vms {
@@ -143,6 +144,14 @@ pub fn gc(
                     (Ownership::Other, Some(owner)) => {
                         if dry_run && now > vm.deadline_unix {
                             let _ = writeln!(out, "skipping {}: owned by {owner}", vm.vm_name);
+                        }
+                    }
+                    // A VM of no job and no pool (`hyperjob doctor --boot`'s): its deadline.
+                    _ if vm.job_id == crate::pool::POOL_JOB_ID
+                        && !vm.vm_name.starts_with(&config.pool_prefix()) =>
+                    {
+                        if now > vm.deadline_unix {
+                            jobless.push(vm.vm_name);
                         }
                     }
                     _ => {
@@ -187,6 +196,9 @@ pub fn gc(
             collector.failures += 1;
             let _ = writeln!(collector.out, "could not remove job {job_id}: {err:#}");
         }
+    }
+    for vm_name in jobless {
+        collector.jobless(&vm_name);
     }
     collector.failures += crate::pool::reap(config, backend.as_ref(), dry_run, collector.out)?;
     collector.stale_temporary_files();
@@ -295,6 +307,30 @@ impl Collector<'_> {
             self.store.remove(job_id)?;
         }
         Ok(())
+    }
+
+    /// Removes a VM of no job whose deadline has passed, if it is still ours now.
+    fn jobless(&mut self, vm_name: &str) {
+        let verdict = Verdict::DeadlinePassed.reason(None);
+        if self.dry_run {
+            let _ = writeln!(self.out, "would remove {vm_name}: {verdict}");
+            return;
+        }
+        let removed = crate::ownership::refusal(self.backend, vm_name, &self.me)
+            .map_err(anyhow::Error::new)
+            .and_then(|refused| match refused {
+                Some(why) => Err(anyhow::anyhow!("left alone: {why}")),
+                None => Ok(self.backend.destroy(vm_name)?),
+            });
+        match removed {
+            Ok(()) => {
+                let _ = writeln!(self.out, "removed {vm_name}: {verdict}");
+            }
+            Err(err) => {
+                self.failures += 1;
+                let _ = writeln!(self.out, "could not remove {vm_name}: {err:#}");
+            }
+        }
     }
 
     /// Temporary files of state writes a killed process never finished.

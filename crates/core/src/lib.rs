@@ -10,6 +10,7 @@
 pub mod abi;
 pub mod boot;
 pub mod config;
+pub mod doctor;
 pub mod exec_plugin;
 pub mod exit;
 pub mod job;
@@ -26,8 +27,8 @@ pub mod state;
 pub mod wait;
 
 pub use plugin::{
-    Backend, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport, VmPresence,
-    VmRequest,
+    Backend, Check, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport,
+    VmPresence, VmRequest,
 };
 pub mod gc;
 

@@ -253,6 +253,11 @@ impl StateStore {
         self.dir.join(format!("job-{job_id}.lock"))
     }
 
+    /// Creates the state directory (0700) or checks the one that is there.
+    pub fn ensure_exists(&self) -> Result<(), StateError> {
+        self.ensure_dir()
+    }
+
     fn ensure_dir(&self) -> Result<(), StateError> {
         private_dir(&self.dir, true)
     }

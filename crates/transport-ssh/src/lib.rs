@@ -3,6 +3,7 @@
 //! the guest shell on stdin with stdout and stderr relayed live and separately.
 
 pub mod config;
+mod doctor;
 pub mod known_hosts;
 mod relay;
 mod remote;
@@ -350,6 +351,10 @@ impl Transport for SshTransport {
 
     fn login_user(&self) -> Option<String> {
         Some(self.config.user.clone())
+    }
+
+    fn doctor(&self) -> Vec<hyperjob_core::Check> {
+        doctor::checks(&self.config)
     }
 
     fn wait_ready(
