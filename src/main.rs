@@ -24,6 +24,8 @@ use hyperjob_core::stages::{self, StageContext};
 use hyperjob_backend_libvirt as _;
 use hyperjob_transport_ssh as _;
 
+mod logging;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "hyperjob",
@@ -113,7 +115,7 @@ fn main() -> ExitCode {
     // instead of stopping the stage.
     let cancel = install_signal_handlers();
     let cli = Cli::parse();
-    init_logging();
+    logging::init();
     let result = match run(&cli, &cancel) {
         // A stopped script is the runner's doing, never a build failure.
         Ok(StageOutcome::ScriptFailed { exit_code }) if cancel.load(Ordering::Relaxed) => Err(
@@ -165,7 +167,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         job: &job,
         cancel,
     };
-    match &cli.command {
+    let result = match &cli.command {
         Command::Config => {
             let document = stages::config(&ctx)?;
             let mut stdout = std::io::stdout().lock();
@@ -180,7 +182,20 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Gc { .. } | Command::Plugins | Command::Pool { .. } | Command::Doctor { .. } => {
             anyhow::bail!("not a job stage")
         }
+    };
+    if matches!(
+        cli.command,
+        Command::Prepare | Command::Run { .. } | Command::Cleanup
+    ) {
+        hyperjob_core::metrics::stage_finished(
+            &config,
+            job.job_id,
+            cli.command.name(),
+            &result,
+            cancel.load(Ordering::Relaxed),
+        );
     }
+    result
 }
 
 /// `hyperjob pool status | fill | drain`.
@@ -238,18 +253,6 @@ fn print_plugins(registry: &Registry) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// Logs go to stderr (the job log for prepare and run); `HYPERJOB_LOG` sets the filter.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERJOB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
 }
 
 /// How long a stage may take to stop after the first SIGTERM/SIGINT before the process ends

@@ -52,6 +52,7 @@ struct ConfigFile {
     guest_keys: Option<String>,
     name_prefix: Option<String>,
     pool: Option<PoolFile>,
+    metrics_file: Option<PathBuf>,
     #[serde(default)]
     plugin_dirs: Vec<PathBuf>,
     #[serde(default)]
@@ -116,6 +117,8 @@ pub struct Config {
     /// The start of every VM name of this installation; the job id follows.
     pub name_prefix: String,
     pub pool: PoolConfig,
+    /// Where Prometheus metrics are written (`metrics_file`); `None`: no metrics.
+    pub metrics_file: Option<PathBuf>,
     /// Directories whose `*.so` plugin libraries are loaded.
     pub plugin_dirs: Vec<PathBuf>,
     /// Plugin libraries loaded by path.
@@ -225,6 +228,12 @@ impl Config {
                 }
             }
         };
+        if let Some(path) = file.metrics_file.as_ref().filter(|p| !p.is_absolute()) {
+            return Err(invalid(format!(
+                "`metrics_file` must be an absolute path, not {:?}",
+                path.display().to_string()
+            )));
+        }
         let backend_table =
             plugin_table(&file.backends, "backends", &file.backend).map_err(invalid)?;
         let transport_table =
@@ -239,6 +248,7 @@ impl Config {
             guest_keys,
             name_prefix,
             pool,
+            metrics_file: file.metrics_file,
             plugin_dirs: file.plugin_dirs,
             plugins: file.plugins,
             deadline_margin_secs: file

@@ -127,6 +127,36 @@ pub fn gc(
     dry_run: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<StageOutcome> {
+    let mut counted = crate::metrics::RemovalCounter::new(out);
+    let result = collect(config, registry, dry_run, &mut counted);
+    if let (Some(metrics_file), false) = (&config.metrics_file, dry_run) {
+        let vms_alive = build_backend(config, registry)
+            .ok()
+            .and_then(|backend| backend.list_owned().ok())
+            .map(|vms| {
+                let me = owner_of(&config.state_dir);
+                vms.iter()
+                    .filter(|vm| ownership(vm.owner.as_deref(), &me) != Ownership::Other)
+                    .count() as u64
+            });
+        crate::metrics::record(
+            metrics_file,
+            &crate::metrics::Update {
+                gc_removals: counted.removals(),
+                vms_alive,
+                ..Default::default()
+            },
+        );
+    }
+    result
+}
+
+fn collect(
+    config: &Config,
+    registry: &Registry,
+    dry_run: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<StageOutcome> {
     let backend = build_backend(config, registry)?;
     let store = StateStore::new(&config.state_dir);
     let me = owner_of(&config.state_dir);

@@ -16,6 +16,7 @@ pub mod exit;
 pub mod job;
 pub mod keys;
 pub mod lock;
+pub mod metrics;
 pub mod ownership;
 pub mod plugin;
 pub mod pool;

@@ -152,6 +152,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             "Guest ready at {endpoint} in the pooled VM {pooled} after {:.2} s",
             started.elapsed().as_secs_f64()
         ));
+        prepared_metric(ctx, "warm", started);
         return Ok(StageOutcome::Success);
     }
     store.save(&record)?;
@@ -178,6 +179,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
                 "Guest ready at {endpoint} after {:.1} s",
                 started.elapsed().as_secs_f64()
             ));
+            prepared_metric(ctx, "cold", started);
             Ok(StageOutcome::Success)
         }
         Err(err) => {
@@ -267,11 +269,17 @@ pub fn run(
 /// runner may start it while a killed run of the same job is still dying. A VM of that name
 /// another installation owns is left alone (this job's state still goes).
 pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
+    let started = Instant::now();
     let backend = ctx.backend()?;
     let store = ctx.store();
-    let vm_name = match store.load(ctx.job.job_id) {
-        Ok(Some(state)) => state.vm_name,
-        _ => ctx.config.vm_name(ctx.job.job_id),
+    let state = store.load(ctx.job.job_id).ok().flatten();
+    let (had_state, failure) = (
+        state.is_some(),
+        state.as_ref().and_then(|s| s.failure.clone()),
+    );
+    let vm_name = match state {
+        Some(state) => state.vm_name,
+        None => ctx.config.vm_name(ctx.job.job_id),
     };
     let me = crate::ownership::owner_of(&ctx.config.state_dir);
     match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
@@ -284,7 +292,30 @@ pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             .with_context(|| format!("cannot destroy VM {vm_name}"))?,
     }
     store.remove(ctx.job.job_id)?;
+    if let Some(metrics_file) = &ctx.config.metrics_file {
+        crate::metrics::record(
+            metrics_file,
+            &crate::metrics::Update {
+                job: Some(crate::metrics::job_outcome(failure.as_deref(), had_state)),
+                cleanup_seconds: Some(started.elapsed().as_secs_f64()),
+                ..Default::default()
+            },
+        );
+    }
     Ok(StageOutcome::Success)
+}
+
+/// Counts a successful prepare, `cold` (booted) or `warm` (claimed from the pool).
+fn prepared_metric(ctx: &StageContext<'_>, kind: &'static str, started: Instant) {
+    if let Some(metrics_file) = &ctx.config.metrics_file {
+        crate::metrics::record(
+            metrics_file,
+            &crate::metrics::Update {
+                prepare: Some((kind, started.elapsed().as_secs_f64())),
+                ..Default::default()
+            },
+        );
+    }
 }
 
 /// The interpreter named by the script's `#!` line: `bash` (also without a `#!` line) or `sh`.

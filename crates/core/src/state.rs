@@ -185,6 +185,10 @@ pub struct JobState {
     /// The runner that started prepare ([`crate::runner`]); a job whose runner is gone is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<ProcessIdentity>,
+    /// The job's first failure so far (`build_failure`, or `system_failure/<cause>`), for the
+    /// metrics counted at cleanup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 impl JobState {
@@ -206,6 +210,7 @@ impl JobState {
             created_unix: times.0,
             deadline_unix: times.1,
             runner: None,
+            failure: None,
         }
     }
 
