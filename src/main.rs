@@ -161,6 +161,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         return pool(action, &config, &registry, cancel);
     }
     let job = JobIdentity::from_env()?;
+    let config = job_config(&config, &cli.command, &job)?;
     let ctx = StageContext {
         config: &config,
         registry: &registry,
@@ -198,6 +199,36 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
     result
 }
 
+/// The config for this job: its image's tables merged in (`[images]`), and at prepare its
+/// resource requests. prepare reads the job's choice from the runner's variables; the later
+/// stages read what prepare recorded, so a job keeps its image to the end.
+fn job_config(config: &Config, command: &Command, job: &JobIdentity) -> anyhow::Result<Config> {
+    use hyperjob_core::images::{JOB_IMAGE_ENV, MEMORY_ENV, VCPUS_ENV};
+    let var = |name: &str| std::env::var(name).ok();
+    match command {
+        Command::Prepare => Ok(config
+            .for_image(var(JOB_IMAGE_ENV).as_deref())?
+            .with_resources(var(VCPUS_ENV).as_deref(), var(MEMORY_ENV).as_deref())?),
+        Command::Run { .. } | Command::Cleanup => {
+            let recorded = hyperjob_core::state::StateStore::new(&config.state_dir)
+                .load(job.job_id)
+                .ok()
+                .flatten()
+                .and_then(|state| state.image);
+            match config.for_image(recorded.as_deref()) {
+                Ok(config) => Ok(config),
+                // The image left the config since prepare: its VM is still removed by name.
+                Err(err) if matches!(command, Command::Cleanup) => {
+                    tracing::warn!("{err}; cleaning up with the default image's settings");
+                    Ok(config.for_image(None)?)
+                }
+                Err(err) => Err(err.into()),
+            }
+        }
+        _ => Ok(config.clone()),
+    }
+}
+
 /// `hyperjob pool status | fill | drain`.
 fn pool(
     action: &PoolAction,
@@ -210,7 +241,7 @@ fn pool(
         PoolAction::Status => pool::status(config, registry, &mut std::io::stdout()),
         PoolAction::Drain => pool::drain(config, registry, &mut std::io::stdout()),
         PoolAction::Fill { background: false } => {
-            pool::fill(config, registry, cancel, &mut std::io::stdout())
+            pool::fill_all(config, registry, cancel, &mut std::io::stdout())
         }
         PoolAction::Fill { background: true } => {
             let path = pool::PoolDir::new(&config.state_dir).log_path();
@@ -221,7 +252,7 @@ fn pool(
                 .mode(0o600)
                 .open(&path)
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            let result = pool::fill(config, registry, cancel, &mut log);
+            let result = pool::fill_all(config, registry, cancel, &mut log);
             if let Err(err) = &result {
                 let _ = writeln!(log, "fill failed: {err:#}");
             }

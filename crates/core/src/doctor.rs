@@ -33,7 +33,7 @@ pub struct Options {
 /// Writes one line per check to `out`; fails when any check failed.
 pub fn doctor(
     options: &Options,
-    load_registry: impl FnOnce(&Config) -> anyhow::Result<Registry>,
+    load_registry: impl Fn(&Config) -> anyhow::Result<Registry>,
     cancel: &AtomicBool,
     out: &mut dyn Write,
 ) -> anyhow::Result<StageOutcome> {
@@ -76,8 +76,37 @@ pub fn doctor(
         }
     };
     report.line(&state_dir_check(&config.state_dir))?;
-    for check in backend.doctor().iter().chain(transport.doctor().iter()) {
-        report.line(check)?;
+    if config.images.allowed.is_empty() {
+        for check in backend.doctor().iter().chain(transport.doctor().iter()) {
+            report.line(check)?;
+        }
+    }
+    // Each allowed image with its own tables: its own base image, keys, directories.
+    let mut images = Vec::new();
+    for image in config
+        .image_configs()
+        .into_iter()
+        .filter(|c| c.image.is_some())
+    {
+        let name = image.image.clone().unwrap_or_default();
+        let loaded = load_registry(&image).and_then(|registry| {
+            Ok((
+                build_backend(&image, &registry)?,
+                build_transport(&image, &registry)?,
+            ))
+        });
+        match loaded {
+            Ok((backend, transport)) => {
+                for check in backend.doctor().iter().chain(transport.doctor().iter()) {
+                    report.line(&Check {
+                        what: format!("image {name}: {}", check.what),
+                        ..check.clone()
+                    })?;
+                }
+                images.push((image, backend, transport));
+            }
+            Err(err) => report.line(&Check::fail(format!("image {name}"), one_line(&err)))?,
+        }
     }
     if options.runner_config.exists() {
         for check in runner_config_checks(&options.runner_config, &options.config_path) {
@@ -85,8 +114,18 @@ pub fn doctor(
         }
     }
     if options.boot {
-        let check = boot_check(&config, backend.as_ref(), transport.as_ref(), cancel);
-        report.line(&check)?;
+        if images.is_empty() {
+            let check = boot_check(&config, backend.as_ref(), transport.as_ref(), cancel);
+            report.line(&check)?;
+        }
+        for (image, backend, transport) in &images {
+            let check = boot_check(image, backend.as_ref(), transport.as_ref(), cancel);
+            let name = image.image.as_deref().unwrap_or_default();
+            report.line(&Check {
+                what: format!("image {name}: {}", check.what),
+                ..check
+            })?;
+        }
     }
     report.finish()
 }

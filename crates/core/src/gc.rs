@@ -107,6 +107,11 @@ pub fn judge(seen: &Observed) -> Verdict {
 /// One gc run: what it works with and what it reports.
 struct Collector<'a> {
     config: &'a Config,
+    /// The backend built for each image's config (one, keyed `None`, without `[images]`).
+    image_backends: &'a BTreeMap<Option<String>, Box<dyn Backend>>,
+    /// The image whose storage holds a VM name's files.
+    file_images: BTreeMap<String, Option<String>>,
+    /// The default image's backend: for what no state or file ties to an image.
     backend: &'a dyn Backend,
     store: StateStore,
     me: String,
@@ -196,21 +201,30 @@ fn collect(
     for job_id in store.job_ids_with_files()? {
         jobs.entry(job_id).or_default();
     }
-    match backend.names_with_files() {
-        Ok(names) => {
-            for name in names {
-                if let Some(job_id) = config.job_id_of(&name) {
-                    jobs.entry(job_id).or_default().insert(name);
+    // Each image may keep its files elsewhere (its own images_dir): each image's backend
+    // lists and removes its own.
+    let image_backends = crate::pool::image_backends(config, registry)?;
+    let mut file_images = BTreeMap::new();
+    for (image, image_backend) in &image_backends {
+        match image_backend.names_with_files() {
+            Ok(names) => {
+                for name in names {
+                    if let Some(job_id) = config.job_id_of(&name) {
+                        file_images.insert(name.clone(), image.clone());
+                        jobs.entry(job_id).or_default().insert(name);
+                    }
                 }
             }
-        }
-        Err(PluginError::Unsupported(_)) => {}
-        Err(err) => {
-            return Err(anyhow::Error::new(err).context("cannot list the backend's VM files"))
+            Err(PluginError::Unsupported(_)) => {}
+            Err(err) => {
+                return Err(anyhow::Error::new(err).context("cannot list the backend's VM files"))
+            }
         }
     }
     let mut collector = Collector {
         config,
+        image_backends: &image_backends,
+        file_images,
         backend: backend.as_ref(),
         store,
         me,
@@ -230,7 +244,8 @@ fn collect(
     for vm_name in jobless {
         collector.jobless(&vm_name);
     }
-    collector.failures += crate::pool::reap(config, backend.as_ref(), dry_run, collector.out)?;
+    collector.failures +=
+        crate::pool::reap(config, &image_backends, registry, dry_run, collector.out)?;
     collector.stale_temporary_files();
     if collector.failures > 0 {
         bail!("{} job(s) could not be removed", collector.failures);
@@ -238,7 +253,16 @@ fn collect(
     Ok(StageOutcome::Success)
 }
 
-impl Collector<'_> {
+impl<'a> Collector<'a> {
+    /// The backend of `vm_name`: its job's image, else the image whose storage holds its
+    /// files, else the default.
+    fn backend_of(&self, image: Option<&Option<String>>, vm_name: &str) -> &'a dyn Backend {
+        image
+            .or_else(|| self.file_images.get(vm_name))
+            .and_then(|image| self.image_backends.get(image))
+            .map_or(self.backend, |backend| backend.as_ref())
+    }
+
     /// Decides about one job and acts on the decision.
     fn job(&mut self, job_id: u64, mut names: BTreeSet<String>) -> anyhow::Result<()> {
         let lock = self.store.try_lock_exclusive(job_id)?;
@@ -275,7 +299,8 @@ impl Collector<'_> {
         // Each name is looked up now, not taken from the listing made before.
         let mut refusals = BTreeMap::new();
         for name in &names {
-            let presence = match self.backend.inspect(name) {
+            let backend = self.backend_of(state.as_ref().map(|s| &s.image), name);
+            let presence = match backend.inspect(name) {
                 Ok(presence) => presence,
                 // Whether it exists cannot be told: never "gone".
                 Err(PluginError::Unsupported(_)) => {
@@ -316,7 +341,8 @@ impl Collector<'_> {
                 let _ = writeln!(self.out, "would remove {name}: {reason}");
                 continue;
             }
-            match self.backend.destroy(name) {
+            let backend = self.backend_of(state.as_ref().map(|s| &s.image), name);
+            match backend.destroy(name) {
                 Ok(()) => {
                     let _ = writeln!(self.out, "removed {name}: {reason}");
                 }

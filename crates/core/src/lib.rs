@@ -32,6 +32,7 @@ pub use plugin::{
     VmPresence, VmRequest,
 };
 pub mod gc;
+pub mod images;
 
 /// Version of hyperjob-core, shown by `config` and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

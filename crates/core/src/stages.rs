@@ -138,6 +138,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     // The record comes first, so whatever happens next can be found and removed again.
     let record = JobState {
         runner: crate::runner::current_runner(),
+        image: ctx.config.image.clone(),
         ..JobState::creating(
             ctx.job.job_id,
             vm_name.clone(),

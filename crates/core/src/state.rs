@@ -189,6 +189,9 @@ pub struct JobState {
     /// metrics counted at cleanup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The image the job picked (`[images.NAME]`); `None` without `[images]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl JobState {
@@ -211,6 +214,7 @@ impl JobState {
             deadline_unix: times.1,
             runner: None,
             failure: None,
+            image: None,
         }
     }
 
