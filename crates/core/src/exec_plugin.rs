@@ -28,21 +28,14 @@ use crate::registry::{Entry, Kind, Origin, PluginContext, Registry, RegistryErro
 
 /// The protocol version this host speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
-/// How long a plugin may take to say hello.
+/// How long a plugin may take to say hello when a stage starts it.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `hyperjob plugins` waits for the hellos of all executables (started in parallel).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long any request without its own deadline may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest line accepted from a plugin (a stream frame carries at most 1 MiB of output).
 const MAX_LINE: usize = 4 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ExecPluginError {
-    /// The message already names the plugin.
-    #[error(transparent)]
-    Start(#[from] PluginError),
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-}
 
 /// What a plugin says first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +175,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn start(path: &Path) -> Result<(Self, Hello), PluginError> {
+    fn start(path: &Path, hello_timeout: Duration) -> Result<(Self, Hello), PluginError> {
         let mut child = Command::new(path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -229,9 +222,19 @@ impl Connection {
             lines,
             next_id: 1,
         };
-        let line = connection.next_line(Instant::now() + HELLO_TIMEOUT)?;
-        let hello = parse_hello(&line).map_err(|reason| connection.failure(&reason))?;
-        Ok((connection, hello))
+        let hello = match connection.next_line(Instant::now() + hello_timeout) {
+            Ok(line) => parse_hello(&line).map_err(|reason| connection.failure(&reason)),
+            Err(err) => Err(err),
+        };
+        match hello {
+            Ok(hello) => Ok((connection, hello)),
+            Err(err) => {
+                // No use waiting for a plugin that cannot even say hello.
+                let _ = connection.child.kill();
+                let _ = connection.child.wait();
+                Err(err)
+            }
+        }
     }
 
     fn failure(&self, reason: &str) -> PluginError {
@@ -248,7 +251,7 @@ impl Connection {
             Ok(Err(reason)) => Err(self.failure(&reason)),
             Err(RecvTimeoutError::Timeout) => Err(self.failure(&format!(
                 "did not answer within {} s",
-                wait.as_secs().max(1)
+                wait.as_millis().div_ceil(1000).max(1)
             ))),
             Err(RecvTimeoutError::Disconnected) => Err(self.failure("exited")),
         }
@@ -368,16 +371,31 @@ impl Shared {
     }
 }
 
+/// Starts the executable and checks that its hello says what its file name says.
+fn start_checked(
+    path: &Path,
+    kind: Kind,
+    name: &str,
+    hello_timeout: Duration,
+) -> Result<(Connection, Hello), PluginError> {
+    let (connection, hello) = Connection::start(path, hello_timeout)?;
+    if hello.kind != kind || hello.name != name {
+        return Err(connection.failure(&format!(
+            "says it is {} {:?}, but its file name says {kind} {name:?}",
+            hello.kind, hello.name
+        )));
+    }
+    Ok((connection, hello))
+}
+
 fn connect_and_configure(
     path: &Path,
-    expected: Kind,
+    kind: Kind,
+    name: &str,
     ctx: &PluginContext,
     table: &toml::Table,
 ) -> Result<Shared, PluginError> {
-    let (connection, hello) = Connection::start(path)?;
-    if hello.kind != expected {
-        return Err(connection.failure(&format!("is a {}, not a {expected}", hello.kind)));
-    }
+    let (connection, _) = start_checked(path, kind, name, HELLO_TIMEOUT)?;
     let shared = Shared(Mutex::new(connection));
     let config = toml::to_string(table).map_err(|err| PluginError::Config(err.to_string()))?;
     shared.call(
@@ -392,33 +410,88 @@ fn connect_and_configure(
     Ok(shared)
 }
 
-/// Starts the executable, reads its hello and registers what it offers.
-pub fn load_executable(path: &Path, registry: &mut Registry) -> Result<(), ExecPluginError> {
-    let (connection, hello) = Connection::start(path)?;
+/// The kind and name an executable plugin provides, from its file name alone
+/// (`hyperjob-backend-<name>`, `hyperjob-transport-<name>`): a stage starts only the one it
+/// selected, so it must know which that is without starting any. Also checks that it is an
+/// executable file.
+pub fn identify(path: &Path) -> Result<(Kind, String), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let (kind, name) = if let Some(name) = file_name.strip_prefix("hyperjob-backend-") {
+        (Kind::Backend, name)
+    } else if let Some(name) = file_name.strip_prefix("hyperjob-transport-") {
+        (Kind::Transport, name)
+    } else {
+        return Err(format!(
+            "executable plugin {} is not named hyperjob-backend-<name> or \
+             hyperjob-transport-<name> (its file name says what it provides)",
+            path.display()
+        ));
+    };
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        return Err(format!(
+            "executable plugin {}: the name after hyperjob-{kind}- must be 1 to 64 characters",
+            path.display()
+        ));
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
+            Ok((kind, name.to_string()))
+        }
+        Ok(_) => Err(format!(
+            "executable plugin {} is not an executable file",
+            path.display()
+        )),
+        Err(err) => Err(format!(
+            "cannot use executable plugin {}: {err}",
+            path.display()
+        )),
+    }
+}
+
+/// Starts the executable `kind` plugin `name` at `path`, reads its hello (within `timeout`)
+/// and ends it: what `hyperjob plugins` shows.
+pub fn probe(path: &Path, kind: Kind, name: &str, timeout: Duration) -> Result<Hello, PluginError> {
+    let (connection, hello) = start_checked(path, kind, name, timeout)?;
     drop(connection);
+    Ok(hello)
+}
+
+/// Registers the executable `kind` plugin `name` at `path` without starting it: building it
+/// starts the process, checks its hello and configures it.
+pub fn register(
+    path: &Path,
+    kind: Kind,
+    name: &str,
+    version: &str,
+    registry: &mut Registry,
+) -> Result<(), RegistryError> {
     let origin = Origin::Executable(path.to_path_buf());
     let owned = path.to_path_buf();
-    match hello.kind {
+    let plugin = name.to_string();
+    match kind {
         Kind::Backend => registry.add_backend(Entry {
-            name: hello.name,
-            version: hello.version,
+            name: name.to_string(),
+            version: version.to_string(),
             origin,
             build: Arc::new(move |ctx, table| {
-                let shared = connect_and_configure(&owned, Kind::Backend, ctx, table)?;
+                let shared = connect_and_configure(&owned, Kind::Backend, &plugin, ctx, table)?;
                 Ok(Box::new(ExecBackend(shared)) as Box<dyn Backend>)
             }),
-        })?,
+        }),
         Kind::Transport => registry.add_transport(Entry {
-            name: hello.name,
-            version: hello.version,
+            name: name.to_string(),
+            version: version.to_string(),
             origin,
             build: Arc::new(move |ctx, table| {
-                let shared = connect_and_configure(&owned, Kind::Transport, ctx, table)?;
+                let shared = connect_and_configure(&owned, Kind::Transport, &plugin, ctx, table)?;
                 Ok(Box::new(ExecTransport(shared)) as Box<dyn Transport>)
             }),
-        })?,
+        }),
     }
-    Ok(())
 }
 
 /// Executables in a plugin directory named `hyperjob-backend-*` or `hyperjob-transport-*`.
@@ -835,12 +908,35 @@ mod tests {
     }
 
     #[test]
+    fn the_file_name_says_what_an_executable_provides() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugin = script_plugin(&dir, "exit 0");
+        let other = dir.path().join("my-plugin");
+        std::fs::copy(&plugin, &other).expect("copy");
+        let transport = dir.path().join("hyperjob-transport-x.py");
+        std::fs::write(&transport, "").expect("write");
+
+        assert_eq!(
+            identify(&plugin).expect("named"),
+            (Kind::Backend, "test".to_string())
+        );
+        assert!(identify(&other)
+            .expect_err("unnamed")
+            .contains("is not named hyperjob-backend-<name>"));
+        assert!(identify(&transport)
+            .expect_err("not executable")
+            .ends_with("is not an executable file"));
+        assert!(identify(&dir.path().join("hyperjob-backend-gone"))
+            .expect_err("missing")
+            .starts_with("cannot use executable plugin"));
+    }
+
+    #[test]
     fn a_plugin_that_exits_before_hello_is_a_clear_failure() {
         let dir = tempfile::tempdir().expect("tempdir");
         let plugin = script_plugin(&dir, "exit 3");
-        let mut registry = Registry::default();
 
-        let err = load_executable(&plugin, &mut registry).expect_err("exits");
+        let err = probe(&plugin, Kind::Backend, "test", PROBE_TIMEOUT).expect_err("exits");
 
         assert!(
             err.to_string().ends_with("exited (closed its stdout)"),
@@ -849,16 +945,39 @@ mod tests {
     }
 
     #[test]
-    fn a_plugin_that_never_says_hello_times_out() {
+    fn a_plugin_that_never_says_hello_is_given_up_on_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let plugin = script_plugin(&dir, "exec sleep 30");
-        let mut registry = Registry::default();
         let started = Instant::now();
 
-        let err = load_executable(&plugin, &mut registry).expect_err("hangs");
+        let err =
+            probe(&plugin, Kind::Backend, "test", Duration::from_millis(300)).expect_err("hangs");
 
         assert!(err.to_string().contains("did not answer within"), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(20));
+        // Killed when the hello did not come, not 2 s later.
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_hello_that_contradicts_the_file_name_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugin = script_plugin(
+            &dir,
+            r#"echo '{"hello":{"protocol":1,"kind":"transport","name":"other","version":"1"}}'; read line"#,
+        );
+
+        let err = probe(&plugin, Kind::Backend, "test", PROBE_TIMEOUT).expect_err("lies");
+
+        assert!(
+            err.to_string().ends_with(
+                "says it is transport \"other\", but its file name says backend \"test\""
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -866,16 +985,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let plugin = script_plugin(
             &dir,
-            r#"echo '{"hello":{"protocol":1,"kind":"backend","name":"bad","version":"1"}}'; read line; echo 'this is not json'; read line"#,
+            r#"echo '{"hello":{"protocol":1,"kind":"backend","name":"test","version":"1"}}'; read line; echo 'this is not json'; read line"#,
         );
         let mut registry = Registry::default();
-        load_executable(&plugin, &mut registry).expect("hello is fine");
+        register(&plugin, Kind::Backend, "test", "", &mut registry).expect("registered");
         let ctx = PluginContext {
             state_dir: dir.path().to_path_buf(),
             guest_keys: GuestKeyMode::Pinned,
         };
 
-        let entry = registry.backend("bad").expect("registered");
+        let entry = registry.backend("test").expect("registered");
         let err = (entry.build)(&ctx, &toml::Table::new())
             .map(drop)
             .expect_err("malformed");
