@@ -9,137 +9,19 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::Stage;
 use support::{
-    fixture_library, prepared_session, qemu_plugin_library, session_log, unique_job_id, vm_name,
-    write_executable, write_hung_plugin, TestEnv,
+    fixture_library, hyperjob, libc, prepared_session, qemu_plugin_library, refused_lines,
+    session_log, stderr, stdout, unique_job_id, vm_name, write_executable, write_hung_plugin,
+    PluginSetup as Setup, TestEnv,
 };
-
-fn hyperjob() -> PathBuf {
-    std::env::var_os("HYPERJOB_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hyperjob")))
-}
 
 fn fixture(name: &str) -> PathBuf {
     fixture_library(&hyperjob(), name)
-}
-
-/// libc: a shared library that is no hyperjob plugin.
-fn libc() -> PathBuf {
-    [
-        "/lib/x86_64-linux-gnu/libc.so.6",
-        "/lib/aarch64-linux-gnu/libc.so.6",
-        "/lib64/libc.so.6",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
-    .expect("a libc.so.6")
-}
-
-fn quoted(paths: &[&Path]) -> String {
-    paths
-        .iter()
-        .map(|p| format!("{:?}", p.display().to_string()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A config in a temporary directory: libvirt (whose build needs no libvirtd: the URI points
-/// nowhere) or another backend, the SSH transport, and the given plugin files and directories.
-struct Setup {
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new(backend: &str, plugins: &[&Path]) -> Self {
-        let setup = Self {
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        setup.write(backend, plugins, &[], "");
-        setup
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes the config; `extra` is appended (more tables).
-    fn write(&self, backend: &str, plugins: &[&Path], dirs: &[&Path], extra: &str) {
-        let key = self.path("id");
-        let known_hosts = self.path("known_hosts");
-        std::fs::write(&key, "unused").expect("key");
-        std::fs::write(
-            &known_hosts,
-            "* ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGh5cGVyam9iLXRlc3Qta2V5LTAxMjM0NTY3ODlhYmNk\n",
-        )
-        .expect("known_hosts");
-        std::fs::write(
-            self.path("config.toml"),
-            format!(
-                "backend = \"{backend}\"\ntransport = \"ssh\"\nstate_dir = {state:?}\n\
-                 plugins = [{plugins}]\nplugin_dirs = [{dirs}]\n\n\
-                 [backends.libvirt]\nuri = \"qemu+unix:///system?socket=/nonexistent/libvirt-sock\"\n\
-                 base_image = {base:?}\nimages_dir = {images:?}\n\n\
-                 [transports.ssh]\nidentity_file = {key:?}\nknown_hosts = {known_hosts:?}\n{extra}",
-                state = self.path("state").display().to_string(),
-                plugins = quoted(plugins),
-                dirs = quoted(dirs),
-                base = self.path("base.qcow2").display().to_string(),
-                images = self.dir.path().display().to_string(),
-                key = key.display().to_string(),
-                known_hosts = known_hosts.display().to_string(),
-            ),
-        )
-        .expect("config");
-        std::fs::write(self.path("response.json"), "{\"id\":31337}\n").expect("response");
-    }
-
-    fn edit_config(&self, edit: impl Fn(String) -> String) {
-        let path = self.path("config.toml");
-        let text = std::fs::read_to_string(&path).expect("config");
-        std::fs::write(&path, edit(text)).expect("config");
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(hyperjob())
-            .arg("--config")
-            .arg(self.path("config.toml"))
-            .args(args)
-            .env("JOB_RESPONSE_FILE", self.path("response.json"))
-            .env("SYSTEM_FAILURE_EXIT_CODE", "2")
-            .env("BUILD_FAILURE_EXIT_CODE", "1")
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .expect("run hyperjob")
-    }
-
-    fn state_files(&self) -> Vec<String> {
-        support::list_dir(&self.path("state"))
-    }
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// The lines of `hyperjob plugins` after its REFUSED heading.
-fn refused_lines(listing: &str) -> Vec<String> {
-    listing
-        .lines()
-        .skip_while(|l| !l.starts_with("REFUSED"))
-        .skip(1)
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]
