@@ -214,10 +214,7 @@ fn print_plugins(survey: &hyperjob_core::discovery::Survey) -> anyhow::Result<()
         )?;
     }
     if !survey.refused.is_empty() {
-        writeln!(
-            out,
-            "\nREFUSED (not loaded; a config that selects none of them is unaffected)"
-        )?;
+        writeln!(out, "\nREFUSED (no stage uses these)")?;
         for refused in &survey.refused {
             writeln!(out, "{}", refused.reason)?;
         }
