@@ -82,7 +82,7 @@ pub enum RegistryError {
         kind: Kind,
         name: String,
         known: String,
-        /// Empty, or "; refused plugin files …" (they might have been meant).
+        /// Empty, or "; plugin files that could not be looked at …" (one might be meant).
         refused: String,
     },
     /// The selected plugin's file could not be used; the reason names the file.
@@ -154,10 +154,11 @@ pub struct Registry {
     others: Vec<(Kind, String)>,
     /// Plugin files that cannot be used.
     refused: Vec<Refused>,
-    /// Why a selected plugin is unusable although a file provides it: a load failure or a
-    /// clash (reported even if another file provides the name too), or a gate refusal
-    /// (reported only if no usable file does).
+    /// Selected plugins whose file passed the gate but could not be loaded, or clashes with
+    /// another provider of the name: (kind, name, reason). Never used.
     failed: Vec<(Kind, String, String)>,
+    /// Selected plugins provided by a library the gate refused: the reason is the error when
+    /// no other file provides the name, and a warning when one does.
     refused_selected: Vec<(Kind, String, String)>,
 }
 
