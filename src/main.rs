@@ -19,6 +19,12 @@ use hyperjob_core::job::JobIdentity;
 use hyperjob_core::registry::Registry;
 use hyperjob_core::stages::{self, StageContext};
 
+/// Plugin libraries allocate what hyperjob frees and the other way round: both sides use the
+/// system allocator (`export_plugin!` installs it in every plugin; plugin headers say
+/// `hyperjob_core::abi::ALLOCATOR`). A dependency that sets another one fails this build.
+#[global_allocator]
+static ALLOCATOR: std::alloc::System = std::alloc::System;
+
 // Built-in plugins register themselves with `inventory`; naming the crates keeps the linker
 // from dropping those registrations.
 use hyperjob_backend_libvirt as _;
@@ -147,11 +153,13 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         );
     }
     let config = Config::load(&config_path)?;
-    let registry = Registry::load(&config)?;
     if let Command::Plugins = cli.command {
-        print_plugins(&registry)?;
+        print_plugins(&hyperjob_core::discovery::survey(&config)?)?;
         return Ok(StageOutcome::Success);
     }
+    // Only the selected plugins are loaded: nothing wrong with another plugin file can fail
+    // or slow a stage.
+    let registry = Registry::load(&config)?;
     if let Command::Gc { dry_run } = cli.command {
         // gc serves the whole host, not one job: no JOB_RESPONSE_FILE.
         return hyperjob_core::gc::gc(&config, &registry, dry_run, &mut std::io::stdout());
@@ -261,27 +269,29 @@ fn pool(
     }
 }
 
-/// `hyperjob plugins`: one line per plugin.
-fn print_plugins(registry: &Registry) -> anyhow::Result<()> {
+/// `hyperjob plugins`: one line per plugin, then every plugin file that was refused, and why.
+fn print_plugins(survey: &hyperjob_core::discovery::Survey) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "{:<10} {:<12} {:<10} ORIGIN",
         "KIND", "NAME", "VERSION"
     )?;
-    for entry in registry.backends() {
+    for plugin in &survey.plugins {
         writeln!(
             out,
             "{:<10} {:<12} {:<10} {}",
-            "backend", entry.name, entry.version, entry.origin
+            plugin.kind.to_string(),
+            plugin.name,
+            plugin.version,
+            plugin.origin
         )?;
     }
-    for entry in registry.transports() {
-        writeln!(
-            out,
-            "{:<10} {:<12} {:<10} {}",
-            "transport", entry.name, entry.version, entry.origin
-        )?;
+    if !survey.refused.is_empty() {
+        writeln!(out, "\nREFUSED (no stage uses these)")?;
+        for refused in &survey.refused {
+            writeln!(out, "{}", refused.reason)?;
+        }
     }
     Ok(())
 }

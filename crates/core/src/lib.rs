@@ -10,6 +10,7 @@
 pub mod abi;
 pub mod boot;
 pub mod config;
+pub mod discovery;
 pub mod doctor;
 pub mod exec_plugin;
 pub mod exit;

@@ -75,9 +75,11 @@ fn plugin_failure(
 
 /// `config_exec`: the JSON document GitLab Runner reads from stdout.
 pub fn config(ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-    // Validate the plugin selection now, so a broken config fails before a VM is asked for.
-    ctx.registry.backend(&ctx.config.backend)?;
-    ctx.registry.transport(&ctx.config.transport)?;
+    // Build the selected plugins from their tables now, so a broken selection or table fails
+    // before a VM is asked for. Building only parses and checks: it creates nothing and
+    // touches no VM (the libvirt backend does not even connect).
+    drop(ctx.backend()?);
+    drop(ctx.transport()?);
     Ok(json!({
         "driver": { "name": "hyperjob", "version": crate::VERSION },
         "builds_dir": ctx.config.builds_dir,
