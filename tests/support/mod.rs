@@ -7,8 +7,11 @@
 
 #![allow(dead_code)]
 
+mod demo;
 mod jobs;
 mod lookalike;
+#[allow(unused_imports)]
+pub use demo::*;
 #[allow(unused_imports)]
 pub use jobs::*;
 #[allow(unused_imports)]
@@ -317,9 +320,31 @@ connect_timeout_secs = 2
         fs::write(&self.config_path, text).expect("write config");
     }
 
+    /// Waits until no job of this workspace is still being torn down in the background:
+    /// cleanup halts the VM, records phase `destroying` and leaves the rest to a detached
+    /// `hyperjob finish-cleanup`, which removes the record last (hyperjob_core::teardown). A
+    /// teardown that never finishes fails the test.
+    pub fn wait_for_teardown(&self) {
+        let destroying = || {
+            list_dir(&self.state_dir).iter().any(|name| {
+                name.ends_with(".json")
+                    && fs::read_to_string(self.state_dir.join(name))
+                        .ok()
+                        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                        .is_some_and(|record| record["phase"] == "destroying")
+            })
+        };
+        wait_until(
+            "cleanup's background teardown",
+            Duration::from_secs(120),
+            || !destroying(),
+        );
+    }
+
     /// Asserts that nothing of `vm_name` remains: no domain, no file in the images or state
-    /// dir, no QEMU process.
+    /// dir, no QEMU process (once cleanup's background teardown is done).
     pub fn assert_nothing_left(&self, vm_name: &str) {
+        self.wait_for_teardown();
         let domains = virsh(&self.env.libvirt_uri, &["list", "--all", "--name"]);
         assert!(
             !domains.lines().any(|line| line.trim() == vm_name),

@@ -40,8 +40,8 @@ pub const HEADER_VERSION: u32 = 1;
 /// Version of the plugin API (the traits, `PluginContext`, the registrar). Bumped whenever a
 /// plugin built against the old API would misbehave. 2: `VmRequest::owner`, `OwnedVm::owner`.
 /// 3: `Backend::inspect`, `Backend::names_with_files`. 4: `Backend::relabel`,
-/// `Backend::fingerprint`, `PoolConfig`.
-pub const CORE_API_VERSION: u32 = 4;
+/// `Backend::fingerprint`, `PoolConfig`. 5: `Backend::halt`.
+pub const CORE_API_VERSION: u32 = 5;
 /// The rustc that built this hyperjob-core.
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The target this hyperjob-core was built for.
@@ -354,6 +354,10 @@ impl Backend for GuardedBackend {
 
     fn names_with_files(&self) -> Result<Vec<String>, PluginError> {
         guard("listing its files", || self.0.names_with_files())?
+    }
+
+    fn halt(&self, vm_name: &str) -> Result<(), PluginError> {
+        guard("halting the VM", || self.0.halt(vm_name))?
     }
 
     fn relabel(&self, record: &OwnedVm) -> Result<(), PluginError> {

@@ -10,6 +10,7 @@
 pub mod abi;
 pub mod boot;
 pub mod config;
+pub mod detached;
 pub mod exec_plugin;
 pub mod exit;
 pub mod job;
@@ -23,6 +24,7 @@ pub mod registry;
 pub mod runner;
 pub mod stages;
 pub mod state;
+pub mod teardown;
 pub mod wait;
 
 pub use plugin::{

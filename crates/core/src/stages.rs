@@ -265,13 +265,15 @@ pub fn run(
 
 /// `cleanup_exec`: destroys the VM and the job's state. Idempotent, and it takes no lock: the
 /// runner may start it while a killed run of the same job is still dying. A VM of that name
-/// another installation owns is left alone (this job's state still goes).
+/// another installation owns is left alone (this job's state still goes). A backend that can
+/// halt its VMs gets the slow part of the destroy done in the background ([`crate::teardown`]).
 pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let backend = ctx.backend()?;
     let store = ctx.store();
-    let vm_name = match store.load(ctx.job.job_id) {
-        Ok(Some(state)) => state.vm_name,
-        _ => ctx.config.vm_name(ctx.job.job_id),
+    let state = store.load(ctx.job.job_id).ok().flatten();
+    let vm_name = match &state {
+        Some(state) => state.vm_name.clone(),
+        None => ctx.config.vm_name(ctx.job.job_id),
     };
     let me = crate::ownership::owner_of(&ctx.config.state_dir);
     match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
@@ -279,9 +281,18 @@ pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     {
         // Not this job's VM: nothing of the job is left to destroy.
         Some(why) => tracing::warn!("left {vm_name} alone: {why}"),
-        None => backend
-            .destroy(&vm_name)
-            .with_context(|| format!("cannot destroy VM {vm_name}"))?,
+        None => {
+            // With a record to anchor it, the VM is halted now and removed in the background
+            // (crate::teardown); else, or if that cannot be done, right here.
+            if let Some(state) = state {
+                if crate::teardown::hand_off(&ctx.config.path, backend.as_ref(), &store, state)? {
+                    return Ok(StageOutcome::Success);
+                }
+            }
+            backend
+                .destroy(&vm_name)
+                .with_context(|| format!("cannot destroy VM {vm_name}"))?
+        }
     }
     store.remove(ctx.job.job_id)?;
     Ok(StageOutcome::Success)

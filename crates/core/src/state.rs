@@ -167,6 +167,9 @@ pub enum Phase {
     Creating,
     /// The guest is reachable at `endpoint`.
     Ready,
+    /// cleanup halted the VM and handed its removal to a background process
+    /// ([`crate::teardown`]); `gc` finishes it if that process died.
+    Destroying,
 }
 
 /// What prepare records for the later stages of one job.
@@ -206,6 +209,14 @@ impl JobState {
             created_unix: times.0,
             deadline_unix: times.1,
             runner: None,
+        }
+    }
+
+    /// The same record once cleanup handed the VM's removal to the background.
+    pub fn destroying(self) -> Self {
+        Self {
+            phase: Phase::Destroying,
+            ..self
         }
     }
 
@@ -265,6 +276,15 @@ impl StateStore {
         let file = lock_file(&path, &|file| file.lock_shared().map(|()| true))?
             .expect("a blocking lock is always taken");
         Ok(ActivityLock { file, path })
+    }
+
+    /// The job's lock, exclusively, once no prepare, run or gc holds it (waits until then).
+    pub fn lock_exclusive(&self, job_id: u64) -> Result<ExclusiveLock, StateError> {
+        self.ensure_dir()?;
+        let path = self.lock_path(job_id);
+        let file = lock_file(&path, &|file| file.lock().map(|()| true))?
+            .expect("a blocking lock is always taken");
+        Ok(ExclusiveLock { _file: file, path })
     }
 
     /// The job's lock, exclusively, if no prepare, run or gc holds it now: while it is held,
