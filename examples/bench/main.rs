@@ -129,9 +129,9 @@ fn main() -> ExitCode {
     for round in 1..=options.rounds {
         for (side, samples) in [(&mut hj, &mut hs), (&mut base, &mut bs)] {
             let ids: Vec<i64> = (0..options.concurrent).map(|_| unique_job_id()).collect();
-            if let Some(wall) = side.concurrent_jobs(&ids, &git.repo_url, &git.sha) {
-                samples.add("concurrent wall", wall.as_secs_f64());
-            }
+            let (wall, failed) = side.concurrent_jobs(&ids, &git.repo_url, &git.sha);
+            samples.add("concurrent wall", wall.as_secs_f64());
+            samples.add("concurrent failed", failed as f64);
         }
         println!(
             "throughput round {round}: {} jobs in {:.1} / {:.1} s",
@@ -181,20 +181,37 @@ fn main() -> ExitCode {
             &hs,
             &bs,
         ),
+        Row::of(
+            &format!("  of which failed (of {k})"),
+            "",
+            "concurrent failed",
+            &hs,
+            &bs,
+        ),
     ];
     print_table(&rows);
-    let per_hour = |samples: &Samples| {
-        samples
-            .median("concurrent wall")
-            .map_or("n/a".to_string(), |wall| {
-                format!("{:.0}", k as f64 * 3600.0 / wall)
-            })
+    // Jobs that succeeded per hour: K at once, the median wall time, less the median failures.
+    let per_hour = |samples: &Samples| match (
+        samples.median("concurrent wall"),
+        samples.median("concurrent failed"),
+    ) {
+        (Some(wall), Some(failed)) => format!("{:.0}", (k as f64 - failed) * 3600.0 / wall),
+        _ => "n/a".to_string(),
     };
     println!(
-        "throughput with {k} at once: {} jobs/h (hyperjob), {} jobs/h (baseline)",
+        "throughput with {k} at once: {} successful jobs/h (hyperjob), {} (baseline)",
         per_hour(&hs),
         per_hour(&bs)
     );
+    for side in [&hj, &warm, &base] {
+        if let Some(first) = side.failures.first() {
+            println!(
+                "{:?}: {} job(s) failed, e.g. {first}",
+                side.kind,
+                side.failures.len()
+            );
+        }
+    }
     println!(
         "baseline cleanups that left their VM running: {} (destroyed by the bench afterwards)",
         base.left_running

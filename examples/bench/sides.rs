@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::{
-    run_job, Driver, ExecutorSession, Invocation, InvocationKind, Job, JobResult, RunnerSettings,
-    Stage,
+    run_job, Driver, ExecutorSession, Invocation, InvocationKind, Job, JobReport, JobResult,
+    RunnerSettings, Stage,
 };
 
 use crate::figures::Samples;
@@ -29,6 +29,8 @@ pub struct Side {
     uri: String,
     /// Baseline VMs its cleanup left running (destroyed by the bench afterwards).
     pub left_running: usize,
+    /// Why jobs of this side failed (the runner's failure message), one entry per job.
+    pub failures: Vec<String>,
 }
 
 impl Side {
@@ -40,6 +42,7 @@ impl Side {
             settings: RunnerSettings::default(),
             uri: env.libvirt_uri.clone(),
             left_running: 0,
+            failures: Vec::new(),
         }
     }
 
@@ -85,6 +88,7 @@ impl Side {
             },
             uri: env.libvirt_uri.clone(),
             left_running: 0,
+            failures: Vec::new(),
         }
     }
 
@@ -159,44 +163,58 @@ impl Side {
         }
     }
 
-    /// The demo job through `run_job`; its whole duration.
+    /// The demo job through `run_job`; its whole duration if it succeeded.
     pub fn demo_job(&mut self, id: i64, repo_url: &str, sha: &str) -> Option<Duration> {
         let report = run_job(&self.driver, &demo_job(id, repo_url, sha), &self.settings);
         self.after_cleanup(id);
-        match report.result {
-            JobResult::Success => Some(report.duration),
-            other => {
-                eprintln!("{:?}: demo job {id} did not succeed: {other:?}", self.kind);
-                None
-            }
-        }
+        self.record(id, &report).then_some(report.duration)
     }
 
-    /// `count` demo jobs at once; the time until the last one ended.
-    pub fn concurrent_jobs(&mut self, ids: &[i64], repo_url: &str, sha: &str) -> Option<Duration> {
+    /// Demo jobs `ids` at once; the time until the last one ended, and how many failed.
+    pub fn concurrent_jobs(&mut self, ids: &[i64], repo_url: &str, sha: &str) -> (Duration, usize) {
         let started = Instant::now();
-        let results: Vec<bool> = std::thread::scope(|scope| {
+        let reports: Vec<Option<JobReport>> = std::thread::scope(|scope| {
             let handles: Vec<_> = ids
                 .iter()
                 .map(|&id| {
                     let side = &*self;
                     scope.spawn(move || {
-                        let report =
-                            run_job(&side.driver, &demo_job(id, repo_url, sha), &side.settings);
-                        matches!(report.result, JobResult::Success)
+                        run_job(&side.driver, &demo_job(id, repo_url, sha), &side.settings)
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(false))
-                .collect()
+            handles.into_iter().map(|h| h.join().ok()).collect()
         });
         let wall = started.elapsed();
-        for &id in ids {
+        let mut failed = 0;
+        for (&id, report) in ids.iter().zip(&reports) {
             self.after_cleanup(id);
+            let ok = report
+                .as_ref()
+                .is_some_and(|report| self.record(id, report));
+            failed += usize::from(!ok);
         }
-        results.iter().all(|ok| *ok).then_some(wall)
+        (wall, failed)
+    }
+
+    /// Whether the job succeeded; if not, why (kept in `failures` and printed).
+    fn record(&mut self, id: i64, report: &JobReport) -> bool {
+        if report.result == JobResult::Success {
+            return true;
+        }
+        let why = report
+            .failure_message
+            .clone()
+            .unwrap_or_else(|| format!("{:?}", report.result));
+        // The driver's own last word, e.g. the baseline's "Waited 30 seconds for VM to start".
+        let log = report.log_text();
+        let detail = log
+            .lines()
+            .rfind(|line| line.contains("Waited") || line.contains("rror"))
+            .unwrap_or_default();
+        eprintln!("{:?}: job {id} failed: {why} {detail}", self.kind);
+        self.failures.push(format!("{why} {detail}"));
+        false
     }
 
     /// What the bench removes after a job's cleanup: the baseline's guest, which its cleanup

@@ -325,20 +325,20 @@ connect_timeout_secs = 2
     /// `hyperjob finish-cleanup`, which removes the record last (hyperjob_core::teardown). A
     /// teardown that never finishes fails the test.
     pub fn wait_for_teardown(&self) {
-        let destroying = || {
-            list_dir(&self.state_dir).iter().any(|name| {
-                name.ends_with(".json")
-                    && fs::read_to_string(self.state_dir.join(name))
-                        .ok()
-                        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-                        .is_some_and(|record| record["phase"] == "destroying")
-            })
-        };
-        wait_until(
-            "cleanup's background teardown",
-            Duration::from_secs(120),
-            || !destroying(),
-        );
+        wait_until("cleanup's background teardown", TEARDOWN_WAIT, || {
+            !self.teardown_pending()
+        });
+    }
+
+    /// Whether a job of this workspace is `destroying` (its finisher has not removed it yet).
+    fn teardown_pending(&self) -> bool {
+        list_dir(&self.state_dir).iter().any(|name| {
+            name.ends_with(".json")
+                && fs::read_to_string(self.state_dir.join(name))
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                    .is_some_and(|record| record["phase"] == "destroying")
+        })
     }
 
     /// Asserts that nothing of `vm_name` remains: no domain, no file in the images or state
@@ -366,8 +366,17 @@ connect_timeout_secs = 2
     }
 }
 
+/// How long a test waits for cleanup's background teardown (seconds, normally).
+const TEARDOWN_WAIT: Duration = Duration::from_secs(120);
+
 impl Drop for Workspace {
     fn drop(&mut self) {
+        // A finisher cleanup started reads the config: let it finish before the config goes
+        // (never a panic here; a teardown still pending afterwards is the leak check's).
+        let started = Instant::now();
+        while self.teardown_pending() && started.elapsed() < TEARDOWN_WAIT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // Only empty directories go: a leftover overlay stays for scripts/leak-check.sh.
         let _ = fs::remove_file(&self.config_path);
         let _ = fs::remove_dir(&self.images_dir);
