@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     for round in 1..=options.rounds {
         for (side, samples) in [(&mut hj, &mut hs), (&mut base, &mut bs)] {
             let ids: Vec<i64> = (0..options.concurrent).map(|_| unique_job_id()).collect();
-            let (wall, failed) = side.concurrent_jobs(&ids, &git.repo_url, &git.sha);
+            let (wall, failed) = side.concurrent_jobs(&ids, &git.repo_url, &git.sha, samples);
             samples.add("concurrent wall", wall.as_secs_f64());
             samples.add("concurrent failed", failed as f64);
         }
@@ -182,6 +182,13 @@ fn main() -> ExitCode {
             &bs,
         ),
         Row::of(
+            &format!("  prepare with {k} at once"),
+            "s",
+            "concurrent prepare",
+            &hs,
+            &bs,
+        ),
+        Row::of(
             &format!("  of which failed (of {k})"),
             "",
             "concurrent failed",
@@ -213,8 +220,8 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "baseline cleanups that left their VM running: {} (destroyed by the bench afterwards)",
-        base.left_running
+        "baseline cleanups that left their VM running: {}, their disk: {} (removed by the bench afterwards)",
+        base.left_running, base.left_disks
     );
     println!("bench took {:.0} s", started.elapsed().as_secs_f64());
     let _ = std::fs::remove_file(baseline_ws.images_dir.join("known_hosts"));

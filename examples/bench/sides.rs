@@ -2,7 +2,7 @@
 //! real binary, with a workspace config) and the baseline (scripts/bench-baseline, the shell
 //! driver from GitLab's documentation).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::{
@@ -29,6 +29,10 @@ pub struct Side {
     uri: String,
     /// Baseline VMs its cleanup left running (destroyed by the bench afterwards).
     pub left_running: usize,
+    /// Baseline disks its cleanup left (removed by the bench afterwards).
+    pub left_disks: usize,
+    /// Where the baseline's disks are (unused for hyperjob).
+    images_dir: PathBuf,
     /// Why jobs of this side failed (the runner's failure message), one entry per job.
     pub failures: Vec<String>,
 }
@@ -42,6 +46,8 @@ impl Side {
             settings: RunnerSettings::default(),
             uri: env.libvirt_uri.clone(),
             left_running: 0,
+            left_disks: 0,
+            images_dir: PathBuf::new(),
             failures: Vec::new(),
         }
     }
@@ -88,6 +94,8 @@ impl Side {
             },
             uri: env.libvirt_uri.clone(),
             left_running: 0,
+            left_disks: 0,
+            images_dir: images_dir.to_path_buf(),
             failures: Vec::new(),
         }
     }
@@ -170,8 +178,15 @@ impl Side {
         self.record(id, &report).then_some(report.duration)
     }
 
-    /// Demo jobs `ids` at once; the time until the last one ended, and how many failed.
-    pub fn concurrent_jobs(&mut self, ids: &[i64], repo_url: &str, sha: &str) -> (Duration, usize) {
+    /// Demo jobs `ids` at once; the time until the last one ended, and how many failed. Each
+    /// successful prepare's duration goes to `out` as `concurrent prepare`.
+    pub fn concurrent_jobs(
+        &mut self,
+        ids: &[i64],
+        repo_url: &str,
+        sha: &str,
+        out: &mut Samples,
+    ) -> (Duration, usize) {
         let started = Instant::now();
         let reports: Vec<Option<JobReport>> = std::thread::scope(|scope| {
             let handles: Vec<_> = ids
@@ -193,6 +208,10 @@ impl Side {
                 .as_ref()
                 .is_some_and(|report| self.record(id, report));
             failed += usize::from(!ok);
+            let prepares = report.iter().flat_map(|report| &report.invocations);
+            for prepare in prepares.filter(|i| i.kind == InvocationKind::Prepare && i.succeeded()) {
+                out.add("concurrent prepare", secs(prepare.duration));
+            }
         }
         (wall, failed)
     }
@@ -237,6 +256,14 @@ impl Side {
             let _ = std::process::Command::new("virsh")
                 .args(["-q", "-c", &self.uri, "undefine", name])
                 .output();
+        }
+        // A failed baseline prepare's cleanup stops at `virsh shutdown` of a domain that is not
+        // running (set -e) and never removes the disk.
+        for file in crate::support::list_dir(&self.images_dir) {
+            if file.ends_with(&format!("{suffix}.qcow2")) {
+                self.left_disks += 1;
+                let _ = std::fs::remove_file(self.images_dir.join(file));
+            }
         }
     }
 }
