@@ -8,15 +8,8 @@ mod support;
 
 use std::process::ExitCode;
 
-use hyperjob_test_harness::{run_job, Driver, Job, JobResult, Step};
-use support::{unique_job_id, GitServer, TestEnv};
-
-const BUILD_SH: &str = r#"#!/bin/sh
-set -e
-echo "compiling on $(uname -srm) with $(nproc) vCPU"
-printf 'int main(void) { return 0; }\n' > main.c
-echo "checksum of the sources: $(cat main.c build.sh | sha256sum | cut -c1-16)"
-"#;
+use hyperjob_test_harness::{run_job, Driver, JobResult};
+use support::{demo_git_server, demo_job, unique_job_id, TestEnv};
 
 fn main() -> ExitCode {
     let env = TestEnv::load();
@@ -37,36 +30,10 @@ fn main() -> ExitCode {
         }
         None => (env.bridge_ip.clone(), env.bridge_ip.clone()),
     };
-    let git = GitServer::start(
-        &bind_ip,
-        "hello",
-        &[
-            (
-                "README.md",
-                "# hello\nA project cloned into the VM by get_sources.\n",
-            ),
-            ("build.sh", BUILD_SH),
-        ],
-    );
+    let git = demo_git_server(&bind_ip);
     let repo_url = git.repo_url.replacen(&bind_ip, &guest_sees_host, 1);
     let id = unique_job_id();
-    let mut job = Job::new(
-        id,
-        "demo/hello",
-        &repo_url,
-        &git.sha,
-        &[
-            "echo \"this is $(hostname), kernel $(uname -r), user $(id -un)\"",
-            "head -n 2 README.md",
-            "sh build.sh",
-            "for i in 1 2 3; do echo \"streaming line $i\"; sleep 1; done",
-        ],
-    );
-    job.steps.push(Step::new(
-        "release",
-        &["echo \"releasing commit $CI_COMMIT_SHA\""],
-    ));
-    job.after_script = vec!["echo \"after_script: job status is $CI_JOB_STATUS\"".to_string()];
+    let job = demo_job(id, &repo_url, &git.sha);
     let driver = Driver::single_binary(&env.hyperjob).with_env(
         "HYPERJOB_CONFIG",
         ws.config_path.to_str().expect("utf-8 path"),

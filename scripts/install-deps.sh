@@ -44,9 +44,11 @@ apt_get install -qq --no-install-recommends -t "${codename}-backports" \
 # ovmf: UEFI firmware for x86 guests with its descriptors in /usr/share/qemu/firmware, which
 # libvirt's firmware autoselection reads (`firmware = "efi"`; tests/e2e_machine.rs).
 # systemd-boot-efi: systemd-bootx64.efi, bootable.qcow2's UEFI boot loader.
+# virtinst: virt-install, which the baseline of scripts/bench.sh (GitLab's documented shell
+# driver) creates its guests with.
 apt_get install -qq --no-install-recommends \
     libssh2-1-dev libssl-dev pkg-config e2fsprogs openssh-client iproute2 dnsmasq-base \
     iptables util-linux git ca-certificates procps strace \
     syslinux syslinux-common mtools dosfstools fdisk genisoimage xorriso ovmf systemd-boot-efi \
-    >/dev/null
+    virtinst >/dev/null
 echo "install-deps.sh: packages installed"

@@ -85,6 +85,12 @@ enum Command {
         #[command(subcommand)]
         action: PoolAction,
     },
+    /// The rest of a cleanup: what `cleanup` starts in the background after halting the VM
+    #[command(name = "finish-cleanup", hide = true)]
+    FinishCleanup {
+        /// The job whose VM cleanup halted
+        job_id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +117,7 @@ impl Command {
             Command::Gc { .. } => "gc",
             Command::Pool { .. } => "pool",
             Command::Doctor { .. } => "doctor",
+            Command::FinishCleanup { .. } => "finish-cleanup",
             Command::Plugins => "plugins",
         }
     }
@@ -164,6 +171,10 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         // gc serves the whole host, not one job: no JOB_RESPONSE_FILE.
         return hyperjob_core::gc::gc(&config, &registry, dry_run, &mut std::io::stdout());
     }
+    if let Command::FinishCleanup { job_id } = cli.command {
+        // Started by cleanup, which has the job id from JOB_RESPONSE_FILE (gone by now).
+        return hyperjob_core::teardown::finish(&config, &registry, job_id);
+    }
     if let Command::Pool { action } = &cli.command {
         // The pool serves the whole installation, not one job: no JOB_RESPONSE_FILE.
         return pool(action, &config, &registry, cancel);
@@ -188,7 +199,11 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Prepare => stages::prepare(&ctx),
         Command::Run { script, stage } => stages::run(&ctx, script, stage),
         Command::Cleanup => stages::cleanup(&ctx),
-        Command::Gc { .. } | Command::Plugins | Command::Pool { .. } | Command::Doctor { .. } => {
+        Command::Gc { .. }
+        | Command::Plugins
+        | Command::Pool { .. }
+        | Command::Doctor { .. }
+        | Command::FinishCleanup { .. } => {
             anyhow::bail!("not a job stage")
         }
     };

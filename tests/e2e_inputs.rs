@@ -524,6 +524,7 @@ fn secrets_stay_out_of_argv_logs_and_readable_guest_files() {
         !log.contains(&secret),
         "the job never prints it, so nobody else may: {log}"
     );
+    ws.wait_for_teardown();
     let state_files: Vec<_> = list_dir(&ws.state_dir);
     assert!(state_files.is_empty(), "{state_files:?}");
     ws.assert_nothing_left(&vm_name(id));

@@ -253,6 +253,7 @@ fn per_job_keys_reach_a_stock_cloud_init_guest_and_are_removed_with_the_job() {
     );
     assert!(log.contains("host keys in the guest: 1"), "{log}");
     assert!(log.contains("authorized: 1"), "{log}");
+    ws.wait_for_teardown();
     assert!(!keys_dir.exists(), "the job's keys outlived cleanup");
     ws.assert_nothing_left(&vm_name(id));
 }

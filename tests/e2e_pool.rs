@@ -131,6 +131,7 @@ fn prepare_claims_a_pooled_vm_at_once_and_a_replacement_boots_in_the_background(
     let report = hyperjob_ok(&env, &ws, &["gc"]);
     assert!(!report.contains("removed"), "{report}");
     session.cleanup();
+    ws.wait_for_teardown();
     assert!(!domain_exists(&env.libvirt_uri, &before[0].0));
     drain_and_check(&env, &ws, "claim");
 }
@@ -172,6 +173,7 @@ fn racing_prepares_never_claim_the_same_pooled_vm() {
     for session in &sessions {
         session.cleanup();
     }
+    ws.wait_for_teardown();
     for vm in &vms {
         assert!(!domain_exists(&env.libvirt_uri, vm));
     }
@@ -329,6 +331,7 @@ fn with_per_job_keys_every_pooled_vm_has_its_own_keys_and_the_claim_hands_them_t
     // The job logs in with the key it was handed and checks the pooled VM's own host key.
     run_sources_and_script(&session);
     session.cleanup();
+    ws.wait_for_teardown();
     assert!(!ws.state_dir.join(format!("job-{id}.keys")).exists());
     wait_for_ready(&env, &ws, 2);
     drain_and_check(&env, &ws, "keys");

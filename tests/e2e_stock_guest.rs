@@ -403,6 +403,7 @@ fn stock_guest_with_per_job_keys_serves_only_the_jobs_host_key() {
         refused.contains("Host key verification failed"),
         "{refused}"
     );
+    ws.wait_for_teardown();
     assert!(!keys_dir.exists(), "the job's keys outlived cleanup");
     ws.assert_nothing_left(&vm_name(id));
 }

@@ -7,9 +7,12 @@
 
 #![allow(dead_code)]
 
+mod demo;
 mod jobs;
 mod lookalike;
 mod plugins;
+#[allow(unused_imports)]
+pub use demo::*;
 #[allow(unused_imports)]
 pub use jobs::*;
 #[allow(unused_imports)]
@@ -320,9 +323,31 @@ connect_timeout_secs = 2
         fs::write(&self.config_path, text).expect("write config");
     }
 
+    /// Waits until no job of this workspace is still being torn down in the background:
+    /// cleanup halts the VM, records phase `destroying` and leaves the rest to a detached
+    /// `hyperjob finish-cleanup`, which removes the record last (hyperjob_core::teardown). A
+    /// teardown that never finishes fails the test.
+    pub fn wait_for_teardown(&self) {
+        wait_until("cleanup's background teardown", TEARDOWN_WAIT, || {
+            !self.teardown_pending()
+        });
+    }
+
+    /// Whether a job of this workspace is `destroying` (its finisher has not removed it yet).
+    fn teardown_pending(&self) -> bool {
+        list_dir(&self.state_dir).iter().any(|name| {
+            name.ends_with(".json")
+                && fs::read_to_string(self.state_dir.join(name))
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                    .is_some_and(|record| record["phase"] == "destroying")
+        })
+    }
+
     /// Asserts that nothing of `vm_name` remains: no domain, no file in the images or state
-    /// dir, no QEMU process.
+    /// dir, no QEMU process (once cleanup's background teardown is done).
     pub fn assert_nothing_left(&self, vm_name: &str) {
+        self.wait_for_teardown();
         let domains = virsh(&self.env.libvirt_uri, &["list", "--all", "--name"]);
         assert!(
             !domains.lines().any(|line| line.trim() == vm_name),
@@ -344,8 +369,17 @@ connect_timeout_secs = 2
     }
 }
 
+/// How long a test waits for cleanup's background teardown (seconds, normally).
+const TEARDOWN_WAIT: Duration = Duration::from_secs(120);
+
 impl Drop for Workspace {
     fn drop(&mut self) {
+        // A finisher cleanup started reads the config: let it finish before the config goes
+        // (never a panic here; a teardown still pending afterwards is the leak check's).
+        let started = Instant::now();
+        while self.teardown_pending() && started.elapsed() < TEARDOWN_WAIT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // Only empty directories go: a leftover overlay stays for scripts/leak-check.sh.
         let _ = fs::remove_file(&self.config_path);
         let _ = fs::remove_dir(&self.images_dir);

@@ -330,6 +330,10 @@ impl Backend for GuardedBackend {
         guard("listing its files", || self.0.names_with_files())?
     }
 
+    fn halt(&self, vm_name: &str) -> Result<(), PluginError> {
+        guard("halting the VM", || self.0.halt(vm_name))?
+    }
+
     fn relabel(&self, record: &OwnedVm) -> Result<(), PluginError> {
         guard("relabelling the VM", || self.0.relabel(record))?
     }

@@ -40,6 +40,8 @@ pub enum Verdict {
     RunnerGone,
     /// Its VM no longer exists and nothing works on the job.
     Gone,
+    /// cleanup halted its VM and handed the removal to a background process that is gone.
+    CleanupUnfinished,
 }
 
 impl Verdict {
@@ -53,6 +55,9 @@ impl Verdict {
                 None => "its runner is gone".to_string(),
             },
             Verdict::Gone => "its VM is gone and no stage is running".to_string(),
+            Verdict::CleanupUnfinished => {
+                "its cleanup began and its background teardown is gone".to_string()
+            }
         }
     }
 }
@@ -93,6 +98,9 @@ pub fn judge(seen: &Observed) -> Verdict {
     }
     if seen.phase == Some(Phase::Creating) {
         return Verdict::PrepareKilled;
+    }
+    if seen.phase == Some(Phase::Destroying) {
+        return Verdict::CleanupUnfinished;
     }
     if seen.phase.is_some() && seen.runner_alive == Some(false) {
         return Verdict::RunnerGone;

@@ -85,6 +85,21 @@ fn a_prepare_that_died_creating_is_dead_at_once() {
 }
 
 #[test]
+fn a_cleanup_whose_background_teardown_died_is_finished_at_once_unless_it_still_works() {
+    let orphaned = Observed {
+        phase: Some(Phase::Destroying),
+        ..running_job()
+    };
+    let finishing = Observed {
+        active: true,
+        ..orphaned.clone()
+    };
+
+    assert_eq!(judge(&orphaned), Verdict::CleanupUnfinished);
+    assert_eq!(judge(&finishing), Verdict::Keep);
+}
+
+#[test]
 fn a_job_whose_runner_is_gone_is_gone() {
     let seen = Observed {
         runner_alive: Some(false),

@@ -10,6 +10,7 @@
 pub mod abi;
 pub mod boot;
 pub mod config;
+pub mod detached;
 pub mod discovery;
 pub mod doctor;
 pub mod exec_plugin;
@@ -26,6 +27,7 @@ pub mod registry;
 pub mod runner;
 pub mod stages;
 pub mod state;
+pub mod teardown;
 pub mod wait;
 
 pub use plugin::{

@@ -193,6 +193,14 @@ pub trait Backend: Send + Sync {
     /// must work from the name alone (prepare may have died before recording anything).
     fn destroy(&self, vm_name: &str) -> Result<(), PluginError>;
 
+    /// Stops the VM from running anything at once (pauses or kills it) without waiting for its
+    /// resources to be released: cleanup then hands the `destroy` to a background process and
+    /// returns ([`crate::teardown`]). A VM that is not running is no error. Backends whose
+    /// destroy is quick need not implement it (cleanup then destroys in the foreground).
+    fn halt(&self, _vm_name: &str) -> Result<(), PluginError> {
+        Err(PluginError::Unsupported("halt"))
+    }
+
     /// Optional: every VM this backend created that still exists, with its ownership record,
     /// for `hyperjob gc`. Must never list anything hyperjob did not create.
     fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {

@@ -270,7 +270,8 @@ pub fn run(
 
 /// `cleanup_exec`: destroys the VM and the job's state. Idempotent, and it takes no lock: the
 /// runner may start it while a killed run of the same job is still dying. A VM of that name
-/// another installation owns is left alone (this job's state still goes).
+/// another installation owns is left alone (this job's state still goes). A backend that can
+/// halt its VMs gets the slow part of the destroy done in the background ([`crate::teardown`]).
 pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let started = Instant::now();
     let backend = ctx.backend()?;
@@ -280,21 +281,39 @@ pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         state.is_some(),
         state.as_ref().and_then(|s| s.failure.clone()),
     );
-    let vm_name = match state {
-        Some(state) => state.vm_name,
+    let vm_name = match &state {
+        Some(state) => state.vm_name.clone(),
         None => ctx.config.vm_name(ctx.job.job_id),
     };
     let me = crate::ownership::owner_of(&ctx.config.state_dir);
-    match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
+    let handed_off = match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
         .with_context(|| format!("cannot destroy VM {vm_name}"))?
     {
         // Not this job's VM: nothing of the job is left to destroy.
-        Some(why) => tracing::warn!("left {vm_name} alone: {why}"),
-        None => backend
-            .destroy(&vm_name)
-            .with_context(|| format!("cannot destroy VM {vm_name}"))?,
+        Some(why) => {
+            tracing::warn!("left {vm_name} alone: {why}");
+            false
+        }
+        None => {
+            // With a record to anchor it, the VM is halted now and removed in the background
+            // (crate::teardown); else, or if that cannot be done, right here.
+            let handed_off = match state {
+                Some(state) => {
+                    crate::teardown::hand_off(&ctx.config.path, backend.as_ref(), &store, state)?
+                }
+                None => false,
+            };
+            if !handed_off {
+                backend
+                    .destroy(&vm_name)
+                    .with_context(|| format!("cannot destroy VM {vm_name}"))?;
+            }
+            handed_off
+        }
+    };
+    if !handed_off {
+        store.remove(ctx.job.job_id)?;
     }
-    store.remove(ctx.job.job_id)?;
     if let Some(metrics_file) = &ctx.config.metrics_file {
         crate::metrics::record(
             metrics_file,

@@ -167,6 +167,9 @@ pub enum Phase {
     Creating,
     /// The guest is reachable at `endpoint`.
     Ready,
+    /// cleanup halted the VM and handed its removal to a background process
+    /// ([`crate::teardown`]); `gc` finishes it if that process died.
+    Destroying,
 }
 
 /// What prepare records for the later stages of one job.
@@ -215,6 +218,14 @@ impl JobState {
             runner: None,
             failure: None,
             image: None,
+        }
+    }
+
+    /// The same record once cleanup handed the VM's removal to the background.
+    pub fn destroying(self) -> Self {
+        Self {
+            phase: Phase::Destroying,
+            ..self
         }
     }
 
@@ -279,6 +290,15 @@ impl StateStore {
         let file = lock_file(&path, &|file| file.lock_shared().map(|()| true))?
             .expect("a blocking lock is always taken");
         Ok(ActivityLock { file, path })
+    }
+
+    /// The job's lock, exclusively, once no prepare, run or gc holds it (waits until then).
+    pub fn lock_exclusive(&self, job_id: u64) -> Result<ExclusiveLock, StateError> {
+        self.ensure_dir()?;
+        let path = self.lock_path(job_id);
+        let file = lock_file(&path, &|file| file.lock().map(|()| true))?
+            .expect("a blocking lock is always taken");
+        Ok(ExclusiveLock { _file: file, path })
     }
 
     /// The job's lock, exclusively, if no prepare, run or gc holds it now: while it is held,

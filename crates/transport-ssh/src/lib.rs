@@ -3,6 +3,7 @@
 //! the guest shell on stdin with stdout and stderr relayed live and separately.
 
 pub mod config;
+mod connect;
 mod doctor;
 pub mod known_hosts;
 mod relay;
@@ -10,7 +11,7 @@ mod remote;
 mod signals;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -160,14 +161,18 @@ impl SshTransport {
         timeout: Duration,
         cancel: &AtomicBool,
     ) -> Result<Session, SshError> {
-        let interrupted = |during: &'static str| {
-            if cancel.load(Ordering::Relaxed) {
-                Err(SshError::Interrupted(during))
-            } else {
-                Ok(())
-            }
-        };
-        interrupted("before connecting")?;
+        interrupted(cancel, "before connecting")?;
+        let (addr, addr_text) = self.resolve(endpoint)?;
+        let tcp =
+            TcpStream::connect_timeout(&addr, timeout).map_err(|source| SshError::Connect {
+                addr: addr_text.clone(),
+                source,
+            })?;
+        self.session_over(tcp, endpoint, timeout, cancel)
+    }
+
+    /// The endpoint's socket address, and how errors name it.
+    fn resolve(&self, endpoint: &Endpoint) -> Result<(SocketAddr, String), SshError> {
         let port = self.port(endpoint);
         let addr_text = format!("{}:{port}", endpoint.host);
         let addr = (endpoint.host.as_str(), port)
@@ -175,11 +180,19 @@ impl SshTransport {
             .ok()
             .and_then(|mut addrs| addrs.next())
             .ok_or_else(|| SshError::Resolve(addr_text.clone()))?;
-        let tcp =
-            TcpStream::connect_timeout(&addr, timeout).map_err(|source| SshError::Connect {
-                addr: addr_text.clone(),
-                source,
-            })?;
+        Ok((addr, addr_text))
+    }
+
+    /// The SSH session over an open TCP connection: handshake, host key check, login.
+    fn session_over(
+        &self,
+        tcp: TcpStream,
+        endpoint: &Endpoint,
+        timeout: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<Session, SshError> {
+        let interrupted = |during: &'static str| interrupted(cancel, during);
+        let addr_text = format!("{}:{}", endpoint.host, self.port(endpoint));
         tracing::debug!("TCP connection to {addr_text} open");
         interrupted("while connecting")?;
         let _ = tcp.set_nodelay(true);
@@ -371,8 +384,21 @@ impl Transport for SshTransport {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt_timeout = attempt_timeout(attempts, self.config.connect_timeout, remaining);
             attempts = attempts.saturating_add(1);
+            // A new connection attempt every 50 ms until one gets through (connect.rs).
             let attempt = self
-                .open_session(endpoint, attempt_timeout, cancel)
+                .resolve(endpoint)
+                .and_then(|(addr, addr_text)| {
+                    connect::first_connection(addr, attempt_timeout, cancel).map_err(|source| {
+                        match source.kind() {
+                            ErrorKind::Interrupted => SshError::Interrupted("before connecting"),
+                            _ => SshError::Connect {
+                                addr: addr_text,
+                                source,
+                            },
+                        }
+                    })
+                })
+                .and_then(|tcp| self.session_over(tcp, endpoint, attempt_timeout, cancel))
                 .and_then(|session| Self::probe(&session));
             let err = match attempt {
                 Ok(()) => return Ok(()),
@@ -415,6 +441,15 @@ impl Transport for SshTransport {
                 }
             },
         )
+    }
+}
+
+/// `Interrupted(during)` once a stop was asked for.
+fn interrupted(cancel: &AtomicBool, during: &'static str) -> Result<(), SshError> {
+    if cancel.load(Ordering::Relaxed) {
+        Err(SshError::Interrupted(during))
+    } else {
+        Ok(())
     }
 }
 
