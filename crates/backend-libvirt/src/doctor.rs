@@ -141,7 +141,7 @@ impl QemuUser {
     /// a session URI: this user.
     fn of(uri: &str) -> Option<Self> {
         let name = if uri.contains("/session") {
-            users::name_of(effective_uid())?
+            users::name_of(hyperjob_core::state::effective_uid())?
         } else {
             std::fs::read_to_string("/etc/libvirt/qemu.conf")
                 .ok()
@@ -189,14 +189,6 @@ fn configured_user(qemu_conf: &str) -> Option<String> {
         let value = value.trim().trim_matches('"');
         (!value.is_empty() && !value.starts_with('+')).then(|| value.to_string())
     })
-}
-
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::geteuid()
-    }
 }
 
 /// Users and groups by name, through the C library (so NSS sources count).
@@ -318,16 +310,7 @@ fn images_dir_check(dir: &Path, qemu: &Option<QemuUser>) -> Check {
     if !dir.is_dir() {
         return Check::fail(what, "does not exist (create it)");
     }
-    let writable = {
-        use std::os::unix::ffi::OsStrExt;
-        std::ffi::CString::new(dir.as_os_str().as_bytes()).is_ok_and(|c| {
-            // SAFETY: access(2) reads the NUL-terminated path only.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0
-            }
-        })
-    };
+    let writable = hyperjob_core::doctor::writable(dir);
     if !writable {
         return Check::fail(
             what,

@@ -170,12 +170,12 @@ fn state_dir_check(dir: &Path) -> Check {
             "is a symbolic link; set state_dir to the real directory it points to",
         ),
         Ok(meta) if !meta.is_dir() => Check::fail(what, "exists and is not a directory"),
-        Ok(meta) if meta.uid() != effective_uid() => Check::fail(
+        Ok(meta) if meta.uid() != crate::state::effective_uid() => Check::fail(
             what,
             format!(
                 "belongs to uid {}, not to uid {} that hyperjob runs as (chown it)",
                 meta.uid(),
-                effective_uid()
+                crate::state::effective_uid()
             ),
         ),
         Ok(meta) if meta.mode() & 0o077 != 0 => Check::fail(
@@ -210,15 +210,8 @@ fn state_dir_check(dir: &Path) -> Check {
     }
 }
 
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::geteuid()
-    }
-}
-
-fn writable(path: &Path) -> bool {
+/// Whether this user may create files in `path` (write and search).
+pub fn writable(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return false;

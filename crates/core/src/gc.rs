@@ -380,12 +380,7 @@ impl<'a> Collector<'a> {
             let _ = writeln!(self.out, "would remove {vm_name}: {verdict}");
             return;
         }
-        let removed = crate::ownership::refusal(self.backend, vm_name, &self.me)
-            .map_err(anyhow::Error::new)
-            .and_then(|refused| match refused {
-                Some(why) => Err(anyhow::anyhow!("left alone: {why}")),
-                None => Ok(self.backend.destroy(vm_name)?),
-            });
+        let removed = crate::ownership::destroy_unless_refused(self.backend, vm_name, &self.me);
         match removed {
             Ok(()) => {
                 let _ = writeln!(self.out, "removed {vm_name}: {verdict}");

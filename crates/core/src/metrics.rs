@@ -345,21 +345,9 @@ fn add(counts: &mut Counts, update: &Update) {
 
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = sibling(path, &format!(".{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).mode(mode);
+    crate::state::replace_file(&options, &tmp, path, bytes)
 }
 
 /// A label value, escaped as the text format wants.

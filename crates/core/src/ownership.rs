@@ -60,6 +60,18 @@ pub fn refusal(
     }
 }
 
+/// Destroys `vm_name` unless [`refusal`] refuses it; a refusal is an error "left alone: why".
+pub fn destroy_unless_refused(
+    backend: &dyn Backend,
+    vm_name: &str,
+    me: &str,
+) -> anyhow::Result<()> {
+    match refusal(backend, vm_name, me)? {
+        Some(why) => Err(anyhow::anyhow!("left alone: {why}")),
+        None => Ok(backend.destroy(vm_name)?),
+    }
+}
+
 /// [`refusal`], given what the backend found under `vm_name`.
 pub fn refusal_of(presence: &VmPresence, vm_name: &str, me: &str) -> Option<String> {
     match presence {

@@ -41,7 +41,7 @@ use crate::plugin::{Backend, Endpoint, PluginError};
 use anyhow::Context as _;
 
 use crate::lock::lock_file;
-use crate::state::{private_dir, private_file_options, StateError};
+use crate::state::{private_dir, private_file_options, replace_file, StateError};
 
 /// The job id in the ownership record of a VM that waits in the pool.
 pub const POOL_JOB_ID: u64 = 0;
@@ -260,16 +260,12 @@ impl PoolDir {
             entry.vm_name,
             std::process::id()
         ));
-        let write = || -> std::io::Result<()> {
-            let mut file = private_file_options().truncate(true).open(&tmp)?;
-            file.write_all(&serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|err| {
-            let _ = fs::remove_file(&tmp);
-            anyhow::Error::new(err).context(format!("cannot write {}", path.display()))
-        })
+        serde_json::to_vec_pretty(entry)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| replace_file(&private_file_options(), &tmp, &path, &bytes))
+            .map_err(|err| {
+                anyhow::Error::new(err).context(format!("cannot write {}", path.display()))
+            })
     }
 
     /// Removes everything the pool keeps of a VM (not the VM itself); absent is fine.

@@ -75,7 +75,7 @@ pub(crate) fn private_file_options() -> OpenOptions {
 }
 
 /// The effective user id of this process.
-fn effective_uid() -> u32 {
+pub fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) has no preconditions, cannot fail and only reads process state.
     #[allow(unsafe_code)]
     unsafe {
@@ -157,6 +157,26 @@ pub fn save_client_key_in(dir: &Path, private_openssh: &str) -> Result<PathBuf, 
         source,
     })?;
     Ok(path)
+}
+
+/// Writes `bytes` to `tmp` (opened with `options`, truncated), syncs it and renames it over
+/// `path`, so a reader sees the old file or the new one, never half of one; `tmp` is removed
+/// again when anything fails.
+pub(crate) fn replace_file(
+    options: &OpenOptions,
+    tmp: &Path,
+    path: &Path,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let write = || -> std::io::Result<()> {
+        let mut file = options.clone().truncate(true).open(tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(tmp, path)
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(tmp);
+    })
 }
 
 /// How far prepare got.
@@ -384,20 +404,10 @@ impl StateStore {
             state.job_id,
             std::process::id()
         ));
-        let write = |tmp: &Path| -> std::io::Result<()> {
-            let mut file = private_file_options().truncate(true).open(tmp)?;
-            let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            fs::rename(tmp, &path)
-        };
-        write(&tmp).map_err(|source| {
-            let _ = fs::remove_file(&tmp);
-            StateError::Write {
-                path: path.clone(),
-                source,
-            }
-        })
+        serde_json::to_vec_pretty(state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| replace_file(&private_file_options(), &tmp, &path, &bytes))
+            .map_err(|source| StateError::Write { path, source })
     }
 
     /// The state of a job, or `None` when prepare never recorded one.

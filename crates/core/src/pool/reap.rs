@@ -6,7 +6,7 @@ use std::io::Write;
 
 use super::{PoolDir, PoolPhase, POOL_JOB_ID};
 use crate::config::Config;
-use crate::ownership::{owner_of, ownership, refusal, Ownership};
+use crate::ownership::{destroy_unless_refused, owner_of, ownership, Ownership};
 use crate::plugin::PluginError;
 use crate::stages::unix_now;
 use crate::state::StateStore;
@@ -158,13 +158,7 @@ pub(super) fn reap_locked(
             .get(&vm)
             .and_then(|image| backends.get(image))
             .map_or(default, |backend| backend.as_ref());
-        let removed = refusal(backend, &vm, &me)
-            .map_err(anyhow::Error::new)
-            .and_then(|refused| match refused {
-                Some(why) => Err(anyhow::anyhow!("left alone: {why}")),
-                None => Ok(backend.destroy(&vm)?),
-            })
-            .and_then(|()| pool.remove(&vm));
+        let removed = destroy_unless_refused(backend, &vm, &me).and_then(|()| pool.remove(&vm));
         match removed {
             Ok(()) => writeln!(out, "removed {vm}: {reason}")?,
             Err(err) => {
