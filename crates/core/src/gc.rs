@@ -252,8 +252,7 @@ fn collect(
     for vm_name in jobless {
         collector.jobless(&vm_name);
     }
-    collector.failures +=
-        crate::pool::reap(config, &image_backends, registry, dry_run, collector.out)?;
+    collector.failures += crate::pool::reap(config, &image_backends, dry_run, collector.out)?;
     collector.stale_temporary_files();
     if collector.failures > 0 {
         bail!("{} job(s) could not be removed", collector.failures);

@@ -122,15 +122,15 @@ pub fn image_backends(
         .collect()
 }
 
-/// The fingerprints of every image of `config`'s installation.
-pub fn fingerprints(
-    config: &Config,
-    registry: &crate::registry::Registry,
-) -> anyhow::Result<Fingerprints> {
+/// The fingerprints of every image of `config`'s installation, from its [`ImageBackends`].
+pub fn fingerprints(config: &Config, backends: &ImageBackends) -> anyhow::Result<Fingerprints> {
     let mut all = Fingerprints::new();
     for image in config.image_configs() {
-        let backend = crate::stages::build_backend(&image, registry)?;
-        all.insert(image.image.clone(), fingerprint(&image, backend.as_ref())?);
+        let fp = match backends.get(&image.image) {
+            Some(backend) => fingerprint(&image, backend.as_ref())?,
+            None => None,
+        };
+        all.insert(image.image.clone(), fp);
     }
     Ok(all)
 }

@@ -83,8 +83,8 @@ pub fn fill(
     };
     let pool = PoolDir::new(&config.state_dir);
     let _lock = pool.lock()?;
-    let fingerprints = super::fingerprints(config, registry)?;
     let backends = super::image_backends(config, registry)?;
+    let fingerprints = super::fingerprints(config, &backends)?;
     reap::reap_locked(config, &backends, &pool, &fingerprints, false, out)?;
     let out = Mutex::new(out);
     loop {
@@ -243,7 +243,7 @@ pub fn status(
     registry: &Registry,
     out: &mut dyn Write,
 ) -> anyhow::Result<StageOutcome> {
-    let current = super::fingerprints(config, registry)?;
+    let current = super::fingerprints(config, &super::image_backends(config, registry)?)?;
     let pool = PoolDir::new(&config.state_dir);
     let (entries, unreadable) = pool.entries()?;
     let now = unix_now();

@@ -16,7 +16,6 @@ use crate::state::StateStore;
 pub fn reap(
     config: &Config,
     backends: &super::ImageBackends,
-    registry: &crate::registry::Registry,
     dry_run: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
@@ -32,7 +31,7 @@ pub fn reap(
         )?;
         return Ok(0);
     };
-    let current = super::fingerprints(config, registry)?;
+    let current = super::fingerprints(config, backends)?;
     let failures = reap_locked(config, backends, &pool, &current, dry_run, out)?;
     if !dry_run {
         pool.remove_if_empty(&lock)?;
