@@ -19,10 +19,18 @@ use hyperjob_core::job::JobIdentity;
 use hyperjob_core::registry::Registry;
 use hyperjob_core::stages::{self, StageContext};
 
+/// Plugin libraries allocate what hyperjob frees and the other way round: both sides use the
+/// system allocator (`export_plugin!` installs it in every plugin; plugin headers say
+/// `hyperjob_core::abi::ALLOCATOR`). A dependency that sets another one fails this build.
+#[global_allocator]
+static ALLOCATOR: std::alloc::System = std::alloc::System;
+
 // Built-in plugins register themselves with `inventory`; naming the crates keeps the linker
 // from dropping those registrations.
 use hyperjob_backend_libvirt as _;
 use hyperjob_transport_ssh as _;
+
+mod logging;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,6 +71,15 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check everything hyperjob needs on this host, one line each (exit 1 on any ✗)
+    Doctor {
+        /// Also boot one VM from the configured image, check its host key and log in
+        #[arg(long)]
+        boot: bool,
+        /// GitLab Runner's config file, checked when it exists
+        #[arg(long, value_name = "PATH", default_value = hyperjob_core::doctor::RUNNER_CONFIG)]
+        runner_config: PathBuf,
+    },
     /// The warm pool of VMs booted ahead ([pool] in the config)
     Pool {
         #[command(subcommand)]
@@ -100,6 +117,7 @@ impl Command {
             Command::Gc { .. } => "gc",
             Command::Pool { .. } => "pool",
             Command::FinishCleanup { .. } => "finish-cleanup",
+            Command::Doctor { .. } => "doctor",
             Command::Plugins => "plugins",
         }
     }
@@ -110,7 +128,7 @@ fn main() -> ExitCode {
     // instead of stopping the stage.
     let cancel = install_signal_handlers();
     let cli = Cli::parse();
-    init_logging();
+    logging::init();
     let result = match run(&cli, &cancel) {
         // A stopped script is the runner's doing, never a build failure.
         Ok(StageOutcome::ScriptFailed { exit_code }) if cancel.load(Ordering::Relaxed) => Err(
@@ -123,18 +141,44 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
     let config_path = config::resolve_path(cli.config.as_deref());
+    if let Command::Doctor {
+        boot,
+        runner_config,
+    } = &cli.command
+    {
+        // The doctor reports a broken config as one of its lines, so it loads it itself.
+        let options = hyperjob_core::doctor::Options {
+            config_path,
+            runner_config: runner_config.clone(),
+            boot: *boot,
+        };
+        return hyperjob_core::doctor::doctor(
+            &options,
+            |config| Ok(Registry::load(config)?),
+            cancel,
+            &mut std::io::stdout(),
+        );
+    }
     let config = Config::load(&config_path)?;
-    let registry = Registry::load(&config)?;
     if let Command::Plugins = cli.command {
-        print_plugins(&registry)?;
+        print_plugins(&hyperjob_core::discovery::survey(&config)?)?;
         return Ok(StageOutcome::Success);
     }
+    // Only the selected plugins are loaded: nothing wrong with another plugin file can fail
+    // or slow a stage.
+    let registry = Registry::load(&config)?;
     if let Command::Gc { dry_run } = cli.command {
         // gc serves the whole host, not one job: no JOB_RESPONSE_FILE.
         return hyperjob_core::gc::gc(&config, &registry, dry_run, &mut std::io::stdout());
     }
     if let Command::FinishCleanup { job_id } = cli.command {
-        // Started by cleanup, which has the job id from JOB_RESPONSE_FILE (gone by now).
+        // Started by cleanup, which has the job id from JOB_RESPONSE_FILE (gone by now); the
+        // job's image settings as cleanup had them.
+        let job = JobIdentity {
+            job_id,
+            timeout_secs: 0,
+        };
+        let config = job_config(&config, &Command::Cleanup, &job)?;
         return hyperjob_core::teardown::finish(&config, &registry, job_id);
     }
     if let Command::Pool { action } = &cli.command {
@@ -142,13 +186,14 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         return pool(action, &config, &registry, cancel);
     }
     let job = JobIdentity::from_env()?;
+    let config = job_config(&config, &cli.command, &job)?;
     let ctx = StageContext {
         config: &config,
         registry: &registry,
         job: &job,
         cancel,
     };
-    match &cli.command {
+    let result = match &cli.command {
         Command::Config => {
             let document = stages::config(&ctx)?;
             let mut stdout = std::io::stdout().lock();
@@ -163,9 +208,53 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Gc { .. }
         | Command::Plugins
         | Command::Pool { .. }
+        | Command::Doctor { .. }
         | Command::FinishCleanup { .. } => {
             anyhow::bail!("not a job stage")
         }
+    };
+    if matches!(
+        cli.command,
+        Command::Prepare | Command::Run { .. } | Command::Cleanup
+    ) {
+        hyperjob_core::metrics::stage_finished(
+            &config,
+            job.job_id,
+            cli.command.name(),
+            &result,
+            cancel.load(Ordering::Relaxed),
+        );
+    }
+    result
+}
+
+/// The config for this job: its image's tables merged in (`[images]`), and at prepare its
+/// resource requests. prepare reads the job's choice from the runner's variables; the later
+/// stages read what prepare recorded, so a job keeps its image to the end.
+fn job_config(config: &Config, command: &Command, job: &JobIdentity) -> anyhow::Result<Config> {
+    use hyperjob_core::images::{JOB_IMAGE_ENV, MEMORY_ENV, VCPUS_ENV};
+    let var = |name: &str| std::env::var(name).ok();
+    match command {
+        Command::Prepare => Ok(config
+            .for_image(var(JOB_IMAGE_ENV).as_deref())?
+            .with_resources(var(VCPUS_ENV).as_deref(), var(MEMORY_ENV).as_deref())?),
+        Command::Run { .. } | Command::Cleanup => {
+            let recorded = hyperjob_core::state::StateStore::new(&config.state_dir)
+                .load(job.job_id)
+                .ok()
+                .flatten()
+                .and_then(|state| state.image);
+            match config.for_image(recorded.as_deref()) {
+                Ok(config) => Ok(config),
+                // The image left the config since prepare: its VM is still removed by name.
+                Err(err) if matches!(command, Command::Cleanup) => {
+                    tracing::warn!("{err}; cleaning up with the default image's settings");
+                    Ok(config.for_image(None)?)
+                }
+                Err(err) => Err(err.into()),
+            }
+        }
+        _ => Ok(config.clone()),
     }
 }
 
@@ -181,7 +270,7 @@ fn pool(
         PoolAction::Status => pool::status(config, registry, &mut std::io::stdout()),
         PoolAction::Drain => pool::drain(config, registry, &mut std::io::stdout()),
         PoolAction::Fill { background: false } => {
-            pool::fill(config, registry, cancel, &mut std::io::stdout())
+            pool::fill_all(config, registry, cancel, &mut std::io::stdout())
         }
         PoolAction::Fill { background: true } => {
             let path = pool::PoolDir::new(&config.state_dir).log_path();
@@ -192,7 +281,7 @@ fn pool(
                 .mode(0o600)
                 .open(&path)
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            let result = pool::fill(config, registry, cancel, &mut log);
+            let result = pool::fill_all(config, registry, cancel, &mut log);
             if let Err(err) = &result {
                 let _ = writeln!(log, "fill failed: {err:#}");
             }
@@ -201,41 +290,31 @@ fn pool(
     }
 }
 
-/// `hyperjob plugins`: one line per plugin.
-fn print_plugins(registry: &Registry) -> anyhow::Result<()> {
+/// `hyperjob plugins`: one line per plugin, then every plugin file that was refused, and why.
+fn print_plugins(survey: &hyperjob_core::discovery::Survey) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "{:<10} {:<12} {:<10} ORIGIN",
         "KIND", "NAME", "VERSION"
     )?;
-    for entry in registry.backends() {
+    for plugin in &survey.plugins {
         writeln!(
             out,
             "{:<10} {:<12} {:<10} {}",
-            "backend", entry.name, entry.version, entry.origin
+            plugin.kind.to_string(),
+            plugin.name,
+            plugin.version,
+            plugin.origin
         )?;
     }
-    for entry in registry.transports() {
-        writeln!(
-            out,
-            "{:<10} {:<12} {:<10} {}",
-            "transport", entry.name, entry.version, entry.origin
-        )?;
+    if !survey.refused.is_empty() {
+        writeln!(out, "\nREFUSED (no stage uses these)")?;
+        for refused in &survey.refused {
+            writeln!(out, "{}", refused.reason)?;
+        }
     }
     Ok(())
-}
-
-/// Logs go to stderr (the job log for prepare and run); `HYPERJOB_LOG` sets the filter.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERJOB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
 }
 
 /// How long a stage may take to stop after the first SIGTERM/SIGINT before the process ends

@@ -209,8 +209,10 @@ fn a_prepare_killed_in_the_middle_of_a_claim_leaves_nothing_after_gc() {
     );
     assert!(!domain_exists(&env.libvirt_uri, &vm));
     assert!(recorded_state(&ws, id).is_none());
-    // The claim had started a replacement, which no job has touched.
-    wait_for_ready(&env, &ws, 1);
+    // The claim had started a replacement; a fill waits for it (or replaces it) and returns
+    // with the pool full, which no job has touched.
+    hyperjob_ok(&env, &ws, &["pool", "fill"]);
+    assert_eq!(ready_count(&env, &ws), 1);
     drain_and_check(&env, &ws, "kill");
 }
 

@@ -10,39 +10,22 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
 use support::{
-    list_dir, qemu_processes_of, unique_job_id, wait_until, GitServer, TestEnv, Workspace,
+    list_dir, qemu_plugin_library, qemu_processes_of, unique_job_id, wait_until, GitServer,
+    TestEnv, Workspace,
 };
 
 /// The guest reaches the host's loopback at this address (QEMU user networking).
 const HOST_FROM_GUEST: &str = "10.0.2.2";
 
-/// The built plugin library; fails loudly, with instructions, without it.
-fn plugin_library() -> PathBuf {
-    let path = std::env::var_os("HYPERJOB_QEMU_PLUGIN")
-        .map(PathBuf::from)
-        .expect(
-            "HYPERJOB_QEMU_PLUGIN must name the QEMU backend plugin library: build it with \
-         `cargo build -p hyperjob-backend-qemu` and set \
-         HYPERJOB_QEMU_PLUGIN=$PWD/target/debug/libhyperjob_backend_qemu.so",
-        );
-    assert!(
-        path.is_absolute() && path.is_file(),
-        "HYPERJOB_QEMU_PLUGIN={} is not an absolute path to a file: build it with \
-         `cargo build -p hyperjob-backend-qemu`",
-        path.display()
-    );
-    path
-}
-
 fn workspace(env: &TestEnv, name: &str) -> Workspace {
     let ws = env.workspace(name);
-    ws.write_config(&ws.qemu_config(&plugin_library()));
+    ws.write_config(&ws.qemu_config(&qemu_plugin_library()));
     ws
 }
 
@@ -50,7 +33,7 @@ fn workspace(env: &TestEnv, name: &str) -> Workspace {
 /// no known_hosts, the seed brings the job's own.
 fn per_job_keys_config(env: &TestEnv, ws: &Workspace) -> String {
     let config = ws
-        .qemu_config(&plugin_library())
+        .qemu_config(&qemu_plugin_library())
         .replacen(
             "transport = \"ssh\"\n",
             "transport = \"ssh\"\nguest_keys = \"per-job\"\n",
@@ -165,7 +148,7 @@ fn plugin_lists_the_qemu_backend_from_its_library() {
         .unwrap_or_else(|| panic!("no qemu backend listed: {stdout}"));
     assert!(line.starts_with("backend"), "{line}");
     assert!(
-        line.ends_with(&format!("library {}", plugin_library().display())),
+        line.ends_with(&format!("library {}", qemu_plugin_library().display())),
         "{line}"
     );
 }

@@ -10,12 +10,15 @@
 mod demo;
 mod jobs;
 mod lookalike;
+mod plugins;
 #[allow(unused_imports)]
 pub use demo::*;
 #[allow(unused_imports)]
 pub use jobs::*;
 #[allow(unused_imports)]
 pub use lookalike::*;
+#[allow(unused_imports)]
+pub use plugins::*;
 
 use std::collections::HashMap;
 use std::fs;

@@ -5,6 +5,7 @@
 //! domain removes it completely and a host reboot cannot leave a defined domain behind.
 
 pub mod config;
+pub mod doctor;
 pub mod machine;
 pub mod network;
 pub mod nic;
@@ -455,6 +456,10 @@ impl Backend for LibvirtBackend {
             });
         }
         Ok(owned)
+    }
+
+    fn doctor(&self) -> Vec<hyperjob_core::Check> {
+        doctor::checks(&self.config)
     }
 
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {

@@ -108,7 +108,7 @@ pub fn macs_in_xml(xml: &str) -> Vec<Mac> {
 }
 
 /// The value of `name='…'` or `name="…"` in the text of one tag (after its element name).
-fn attribute<'t>(tag: &'t str, name: &str) -> Option<&'t str> {
+pub(crate) fn attribute<'t>(tag: &'t str, name: &str) -> Option<&'t str> {
     let mut from = 0;
     while let Some(found) = tag[from..].find(name) {
         let at = from + found;

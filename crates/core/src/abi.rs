@@ -3,133 +3,52 @@
 //!
 //! Rust has no stable ABI, so handing `Box<dyn Backend>` across a library boundary is sound
 //! only when both sides were built by the same rustc, for the same target, against the same
-//! hyperjob-core. Every plugin therefore exports a frozen `#[repr(C)]` [`PluginHeader`] under
-//! the symbol `HYPERJOB_PLUGIN_HEADER`, which the host reads and checks *before* it calls any
-//! Rust function in the library. Only then does it call `hyperjob_plugin_register`. Libraries
-//! are never unloaded (code and vtables of their objects must outlive every use), and config
-//! reaches a plugin as TOML text.
+//! boundary types, with the same panic strategy and allocator. Every plugin therefore exports a
+//! frozen `#[repr(C)]` [`PluginHeader`] under the symbol `HYPERJOB_PLUGIN_HEADER`, which says
+//! all of that and which plugins the library provides. hyperjob reads it from the library
+//! *file* ([`elf`]) — a library that is not selected, or that the gate refuses, is never
+//! loaded, and none of its code runs. Only a library that passed is loaded; only then does
+//! hyperjob call `hyperjob_plugin_register`. Libraries are never unloaded (code and vtables of
+//! their objects must outlive every use), and config reaches a plugin as TOML text.
 //!
 //! Panics: a `cdylib` carries its own copy of the standard library, and a panic thrown by one
 //! copy cannot be caught by another (the host would see a foreign exception and abort). So the
 //! guard that turns a panic into a system failure runs *inside the plugin*: `export_plugin!`
 //! wraps every factory and every object it returns in [`guarded_backend`] /
 //! [`guarded_transport`], whose code is compiled into the plugin with the plugin's own std.
+//! The guard covers every call, the objects' `Drop`, and the errors a plugin returns: an
+//! error's source chain (plugin types with plugin `Display` and `Drop` code) is rendered to
+//! text and dropped inside the plugin, so hyperjob only ever formats and frees plain strings.
+//! A plugin built with `panic = "abort"` could not contain anything: the gate refuses it.
 //!
 //! A plugin is its trait implementations plus one [`export_plugin!`](crate::export_plugin).
 
-use std::any::Any;
+pub mod boundary;
+mod contain;
+pub mod elf;
+mod header;
+
+pub use header::*;
+
+use contain::guard;
+
 use std::ffi::OsStr;
 use std::io::Write;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::plugin::{
-    Backend, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
+    Backend, Check, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
     VmPresence, VmRequest,
 };
-use crate::registry::{Entry, Origin, PluginContext, Registry, RegistryError};
+use crate::registry::{Entry, Kind, Origin, PluginContext, Registry, RegistryError};
 
-/// First bytes of every header.
-pub const HEADER_MAGIC: [u8; 8] = *b"HYPERJOB";
-/// Layout version of [`PluginHeader`] itself. Frozen: fields are only ever appended, and a new
-/// layout gets a new number.
-pub const HEADER_VERSION: u32 = 1;
-/// Version of the plugin API (the traits, `PluginContext`, the registrar). Bumped whenever a
-/// plugin built against the old API would misbehave. 2: `VmRequest::owner`, `OwnedVm::owner`.
-/// 3: `Backend::inspect`, `Backend::names_with_files`. 4: `Backend::relabel`,
-/// `Backend::fingerprint`, `PoolConfig`. 5: `Backend::halt`.
-pub const CORE_API_VERSION: u32 = 5;
-/// The rustc that built this hyperjob-core.
-pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
-/// The target this hyperjob-core was built for.
-pub const TARGET: &str = env!("HYPERJOB_TARGET");
 /// Symbol of the header.
-pub const HEADER_SYMBOL: &[u8] = b"HYPERJOB_PLUGIN_HEADER\0";
+pub const HEADER_SYMBOL: &str = "HYPERJOB_PLUGIN_HEADER";
 /// Symbol of the registration function.
 pub const REGISTER_SYMBOL: &[u8] = b"hyperjob_plugin_register\0";
-
-const TEXT: usize = 96;
-
-/// The frozen header every shared-library plugin exports. Plain data only: the host reads it
-/// before it trusts anything else in the library.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct PluginHeader {
-    pub magic: [u8; 8],
-    pub header_version: u32,
-    pub core_api_version: u32,
-    /// NUL-padded UTF-8.
-    pub rustc_version: [u8; TEXT],
-    pub core_version: [u8; TEXT],
-    pub target: [u8; TEXT],
-}
-
-const fn text(value: &str) -> [u8; TEXT] {
-    let bytes = value.as_bytes();
-    let mut out = [0u8; TEXT];
-    let mut i = 0;
-    while i < bytes.len() && i < TEXT - 1 {
-        out[i] = bytes[i];
-        i += 1;
-    }
-    out
-}
-
-fn read_text(bytes: &[u8; TEXT]) -> String {
-    let end = bytes.iter().position(|b| *b == 0).unwrap_or(TEXT);
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
-impl PluginHeader {
-    /// The header of a plugin built right now, against this hyperjob-core.
-    pub const fn current() -> Self {
-        Self {
-            magic: HEADER_MAGIC,
-            header_version: HEADER_VERSION,
-            core_api_version: CORE_API_VERSION,
-            rustc_version: text(RUSTC_VERSION),
-            core_version: text(crate::VERSION),
-            target: text(TARGET),
-        }
-    }
-
-    /// Every way `self` (the plugin's) differs from `host`, as "what: plugin X, hyperjob Y".
-    pub fn mismatches(&self, host: &PluginHeader) -> Vec<String> {
-        if self.magic != host.magic {
-            return vec!["header magic differs: not a hyperjob plugin header".to_string()];
-        }
-        if self.header_version != host.header_version {
-            return vec![format!(
-                "header version: plugin {}, hyperjob {}",
-                self.header_version, host.header_version
-            )];
-        }
-        let mut out = Vec::new();
-        if self.core_api_version != host.core_api_version {
-            out.push(format!(
-                "core API version: plugin {}, hyperjob {}",
-                self.core_api_version, host.core_api_version
-            ));
-        }
-        for (what, plugin, ours) in [
-            ("rustc", &self.rustc_version, &host.rustc_version),
-            ("hyperjob-core", &self.core_version, &host.core_version),
-            ("target", &self.target, &host.target),
-        ] {
-            if plugin != ours {
-                out.push(format!(
-                    "{what}: plugin {:?}, hyperjob {:?}",
-                    read_text(plugin),
-                    read_text(ours)
-                ));
-            }
-        }
-        out
-    }
-}
 
 /// Builds a backend from the TOML text of its config table.
 pub type LibraryBackendFn = fn(&PluginContext, &str) -> Result<Box<dyn Backend>, PluginError>;
@@ -155,7 +74,7 @@ impl PluginRegistrar {
     }
 }
 
-/// Exports a shared-library plugin: its header and its registration function.
+/// Exports a shared-library plugin: its header, its registration function and its allocator.
 ///
 /// ```ignore
 /// hyperjob_core::export_plugin! {
@@ -164,18 +83,31 @@ impl PluginRegistrar {
 /// }
 /// ```
 /// where `build_qemu_backend: fn(&PluginContext, &str) -> Result<Box<dyn Backend>, PluginError>`
-/// receives the TOML text of `[backends.qemu]`.
+/// receives the TOML text of `[backends.qemu]`. The names go into the header, so hyperjob
+/// knows what the library provides without loading it. The macro also makes
+/// `std::alloc::System` the library's global allocator (hyperjob frees what the plugin
+/// allocates): a crate that sets another `#[global_allocator]` cannot be linked into a plugin.
 #[macro_export]
 macro_rules! export_plugin {
     (backends: [$($bname:literal => $bbuild:path),* $(,)?], transports: [$($tname:literal => $tbuild:path),* $(,)?] $(,)?) => {
-        /// Read by hyperjob before anything else in this library.
+        /// Read by hyperjob from the library file before anything else.
         #[allow(unsafe_code)]
         #[no_mangle]
         pub static HYPERJOB_PLUGIN_HEADER: $crate::abi::PluginHeader =
-            $crate::abi::PluginHeader::current();
+            $crate::abi::PluginHeader::with(
+                &[$($bname),*],
+                &[$($tname),*],
+                env!("CARGO_PKG_VERSION"),
+                // Asked here, in the plugin's own crate: the strategy its build really uses.
+                $crate::abi::panic_strategy(cfg!(panic = "unwind"), cfg!(panic = "abort")),
+            );
 
-        /// Called by hyperjob once the header matched. Every factory is wrapped so that its
-        /// panics are caught here, by this library's own standard library.
+        /// Objects cross the boundary in both directions: both sides use the system allocator.
+        #[global_allocator]
+        static HYPERJOB_PLUGIN_ALLOCATOR: ::std::alloc::System = ::std::alloc::System;
+
+        /// Called by hyperjob once the header passed the gate. Every factory is wrapped so that
+        /// its panics are caught here, by this library's own standard library.
         #[allow(unsafe_code)]
         #[no_mangle]
         pub fn hyperjob_plugin_register(registrar: &mut $crate::abi::PluginRegistrar) {
@@ -213,6 +145,8 @@ pub fn guarded_transport(
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibraryError {
+    #[error("cannot read plugin library {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
     #[error("cannot load plugin library {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("{path} is not a hyperjob plugin: it exports no HYPERJOB_PLUGIN_HEADER")]
@@ -221,40 +155,79 @@ pub enum LibraryError {
     Mismatch { path: PathBuf, details: String },
     #[error("plugin library {path} has a header but no hyperjob_plugin_register function")]
     NoRegister { path: PathBuf },
+    #[error("plugin library {path} is inconsistent: {details}")]
+    Inconsistent { path: PathBuf, details: String },
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
 
-/// Loads one plugin library and adds its backends and transports to `registry`. Returns how
-/// long loading took.
+/// Reads the header of the plugin library at `path` from the file, without loading it.
+pub fn read_header(path: &Path) -> Result<PluginHeader, LibraryError> {
+    match elf::exported_symbol(path, HEADER_SYMBOL) {
+        Ok(elf::Found::Symbol(bytes)) => {
+            PluginHeader::from_bytes(&bytes).map_err(|details| LibraryError::Mismatch {
+                path: path.to_path_buf(),
+                details,
+            })
+        }
+        Ok(elf::Found::Missing) => Err(LibraryError::NoHeader {
+            path: path.to_path_buf(),
+        }),
+        Err(reason) => Err(LibraryError::Unreadable {
+            path: path.to_path_buf(),
+            reason,
+        }),
+    }
+}
+
+/// The gate: refuses a header that differs from this hyperjob's in anything that matters.
+pub fn check_header(path: &Path, header: &PluginHeader) -> Result<(), LibraryError> {
+    let mismatches = header.mismatches(&PluginHeader::host());
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(LibraryError::Mismatch {
+            path: path.to_path_buf(),
+            details: mismatches.join("; "),
+        })
+    }
+}
+
+/// Loads one plugin library — after reading its header from the file and passing the gate —
+/// and adds its backends and transports to `registry`. Returns how long loading took.
 pub fn load_library(path: &Path, registry: &mut Registry) -> Result<Duration, LibraryError> {
     let started = Instant::now();
+    let header = read_header(path)?;
+    check_header(path, &header)?;
     let err_path = || path.to_path_buf();
     // SAFETY: loading a library runs its initialisers. Only libraries the administrator named
-    // in the config file (or put in a configured plugin directory) are loaded.
+    // in the config file (or put in a configured plugin directory), whose header shows they
+    // were built for this hyperjob, are loaded.
     #[allow(unsafe_code)]
     let library = unsafe { libloading::Library::new(path) }.map_err(|err| LibraryError::Load {
         path: err_path(),
         message: err.to_string(),
     })?;
     // SAFETY: the symbol, if present, is a `PluginHeader` static: plain `#[repr(C)]` data that
-    // is valid to read whatever rustc built the library. Nothing else is touched yet.
+    // is valid to read whatever built the library. It must be the header the gate passed (the
+    // file could have been replaced in between).
     #[allow(unsafe_code)]
-    let header: PluginHeader = unsafe {
+    let loaded: PluginHeader = unsafe {
         let symbol = library
-            .get::<*const PluginHeader>(HEADER_SYMBOL)
+            .get::<*const PluginHeader>(HEADER_SYMBOL.as_bytes())
             .map_err(|_| LibraryError::NoHeader { path: err_path() })?;
         std::ptr::read_unaligned(*symbol)
     };
-    let mismatches = header.mismatches(&PluginHeader::current());
-    if !mismatches.is_empty() {
-        return Err(LibraryError::Mismatch {
+    if loaded.to_bytes() != header.to_bytes() {
+        return Err(LibraryError::Inconsistent {
             path: err_path(),
-            details: mismatches.join("; "),
+            details:
+                "the header of the loaded library differs from the file's (replaced while loading?)"
+                    .to_string(),
         });
     }
     // SAFETY: the header proves the library was built by this rustc, for this target, against
-    // this hyperjob-core, so the Rust signature of the function is the one we declare.
+    // these boundary types, so the Rust signature of the function is the one we declare.
     #[allow(unsafe_code)]
     let register: fn(&mut PluginRegistrar) = unsafe {
         *library
@@ -266,6 +239,26 @@ pub fn load_library(path: &Path, registry: &mut Registry) -> Result<Duration, Li
     register(&mut registrar);
     // Never unloaded: objects the library creates point into its code.
     std::mem::forget(library);
+    let registered = |list: Vec<&String>| list.into_iter().cloned().collect::<Vec<_>>();
+    for (kind, said, did) in [
+        (
+            Kind::Backend,
+            header.names(Kind::Backend),
+            registered(registrar.backends.iter().map(|b| &b.0).collect()),
+        ),
+        (
+            Kind::Transport,
+            header.names(Kind::Transport),
+            registered(registrar.transports.iter().map(|t| &t.0).collect()),
+        ),
+    ] {
+        if said != did {
+            return Err(LibraryError::Inconsistent {
+                path: err_path(),
+                details: format!("its header lists {kind}s {said:?}, it registers {did:?}"),
+            });
+        }
+    }
     for (name, version, build) in registrar.backends {
         registry.add_backend(Entry {
             name,
@@ -299,25 +292,6 @@ pub fn is_shared_object_name(path: &Path) -> bool {
 pub fn libraries_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     crate::registry::files_in(dir, |path| {
         path.extension() == Some(OsStr::new("so")) && path.is_file()
-    })
-}
-
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string())
-}
-
-/// Runs a call into a plugin; a panic becomes a system failure naming what was being done.
-fn guard<T>(what: &str, call: impl FnOnce() -> T) -> Result<T, PluginError> {
-    catch_unwind(AssertUnwindSafe(call)).map_err(|panic| {
-        let _ = std::io::stderr().flush();
-        PluginError::msg(format!(
-            "the plugin panicked while {what}: {}",
-            panic_message(panic.as_ref())
-        ))
     })
 }
 
@@ -371,6 +345,11 @@ impl Backend for GuardedBackend {
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
         guard("reading the console", || self.0.console_tail(vm_name))?
     }
+
+    fn doctor(&self) -> Vec<Check> {
+        guard("checking the host", || self.0.doctor())
+            .unwrap_or_else(|err| vec![Check::fail("the backend's own checks", err.to_string())])
+    }
 }
 
 /// A library transport whose every call is guarded against panics.
@@ -386,6 +365,11 @@ impl Transport for GuardedTransport {
         guard("reporting its user", || self.0.login_user())
             .ok()
             .flatten()
+    }
+
+    fn doctor(&self) -> Vec<Check> {
+        guard("checking its setup", || self.0.doctor())
+            .unwrap_or_else(|err| vec![Check::fail("the transport's own checks", err.to_string())])
     }
 
     fn wait_ready(
@@ -432,157 +416,26 @@ mod tests {
         }
     }
 
-    /// The bytes of a header, as the loader sees them.
-    fn bytes_of(header: &PluginHeader) -> Vec<u8> {
-        let size = std::mem::size_of::<PluginHeader>();
-        // SAFETY: PluginHeader is #[repr(C)] plain data without padding (asserted by
-        // `the_header_layout_is_frozen`), so all of its `size` bytes are initialised.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::slice::from_raw_parts(std::ptr::from_ref(header).cast::<u8>(), size).to_vec()
-        }
-    }
-
     #[test]
-    fn the_header_a_plugin_exports_is_accepted_by_the_host() {
+    fn the_header_a_plugin_exports_is_accepted_by_the_host_and_names_its_plugins() {
         // SAFETY: read exactly as `load_library` reads the symbol of a loaded library.
         #[allow(unsafe_code)]
         let plugin: PluginHeader = unsafe {
             std::ptr::read_unaligned(std::ptr::from_ref(&exported::HYPERJOB_PLUGIN_HEADER))
         };
-        let host = PluginHeader::current();
 
-        assert_eq!(plugin.mismatches(&host), Vec::<String>::new());
-        assert_eq!(bytes_of(&plugin), bytes_of(&host));
+        assert_eq!(
+            plugin.mismatches(&PluginHeader::host()),
+            Vec::<String>::new()
+        );
+        assert_eq!(plugin.names(Kind::Backend), ["unit-test"]);
+        assert!(plugin.names(Kind::Transport).is_empty());
+        assert_eq!(plugin.panic_strategy, PANIC_UNWIND);
         let mut registrar = PluginRegistrar::default();
         exported::hyperjob_plugin_register(&mut registrar);
         assert_eq!(registrar.backends.len(), 1);
         assert_eq!(registrar.backends[0].0, "unit-test");
         assert!(registrar.transports.is_empty());
-    }
-
-    /// The header is frozen: built here byte by byte from its documented layout, it must equal
-    /// what this hyperjob-core writes. A reordered, resized or retyped field fails this.
-    #[test]
-    fn the_header_layout_is_frozen() {
-        let mut expected = Vec::new();
-        expected.extend_from_slice(b"HYPERJOB");
-        expected.extend_from_slice(&1u32.to_ne_bytes());
-        expected.extend_from_slice(&CORE_API_VERSION.to_ne_bytes());
-        for value in [RUSTC_VERSION, env!("CARGO_PKG_VERSION"), TARGET] {
-            let mut field = [0u8; 96];
-            field[..value.len()].copy_from_slice(value.as_bytes());
-            expected.extend_from_slice(&field);
-        }
-
-        assert_eq!(std::mem::size_of::<PluginHeader>(), 8 + 4 + 4 + 3 * 96);
-        assert_eq!(std::mem::align_of::<PluginHeader>(), 4);
-        assert_eq!(bytes_of(&PluginHeader::current()), expected);
-    }
-
-    /// What the header carries comes from the real build: a build script that could not ask
-    /// rustc would write the same placeholder into host and plugin, and they would "match".
-    #[test]
-    fn the_header_records_the_real_compiler_and_target() {
-        assert!(RUSTC_VERSION.starts_with("rustc 1."), "{RUSTC_VERSION}");
-        assert!(
-            TARGET.starts_with(std::env::consts::ARCH),
-            "{TARGET} is not for {}",
-            std::env::consts::ARCH
-        );
-        assert!(
-            TARGET.contains(std::env::consts::OS),
-            "{TARGET} is not for {}",
-            std::env::consts::OS
-        );
-        assert_eq!(crate::VERSION, env!("CARGO_PKG_VERSION"));
-    }
-
-    /// Each field, changed alone, is refused, and the refusal names that field.
-    #[test]
-    fn a_header_differing_in_any_one_field_is_refused_naming_it() {
-        type Change = fn(&mut PluginHeader);
-        let changes: [(&str, Change); 7] = [
-            ("magic", |h| h.magic[7] ^= 1),
-            ("header version", |h| h.header_version += 1),
-            ("core API version", |h| h.core_api_version -= 1),
-            ("rustc", |h| h.rustc_version[6] ^= 1),
-            ("hyperjob-core", |h| h.core_version[0] ^= 1),
-            ("target", |h| h.target[0] ^= 1),
-            // Past the text's terminating NUL: invisible when printed, still a difference.
-            ("target", |h| h.target[TEXT - 1] = b'x'),
-        ];
-
-        for (field, change) in changes {
-            let mut plugin = PluginHeader::current();
-            change(&mut plugin);
-
-            let found = plugin.mismatches(&PluginHeader::current());
-
-            assert_eq!(found.len(), 1, "{field}: {found:?}");
-            assert!(found[0].contains(field), "{field}: {found:?}");
-        }
-    }
-
-    #[test]
-    fn api_version_mismatch_names_both_versions() {
-        let mut plugin = PluginHeader::current();
-        plugin.core_api_version = CORE_API_VERSION + 1;
-
-        let found = plugin.mismatches(&PluginHeader::current());
-
-        assert_eq!(
-            found,
-            vec![format!(
-                "core API version: plugin {}, hyperjob {}",
-                CORE_API_VERSION + 1,
-                CORE_API_VERSION
-            )]
-        );
-    }
-
-    #[test]
-    fn rustc_mismatch_shows_both_compilers() {
-        let mut plugin = PluginHeader::current();
-        plugin.rustc_version = text("rustc 1.0.0 (a28077b28 2015-05-13)");
-
-        let found = plugin.mismatches(&PluginHeader::current()).join("; ");
-
-        assert!(
-            found.contains(
-                "rustc: plugin \"rustc 1.0.0 (a28077b28 2015-05-13)\", hyperjob \"rustc "
-            ),
-            "{found}"
-        );
-    }
-
-    #[test]
-    fn foreign_magic_is_refused_before_anything_else_is_read() {
-        let mut plugin = PluginHeader::current();
-        plugin.magic = *b"NOTOURS!";
-        plugin.core_api_version = 99;
-
-        let found = plugin.mismatches(&PluginHeader::current());
-
-        assert_eq!(found.len(), 1);
-        assert!(found[0].contains("magic"), "{found:?}");
-    }
-
-    #[test]
-    fn long_texts_are_truncated_and_nul_terminated() {
-        let long = "x".repeat(500);
-
-        let stored = text(&long);
-
-        assert_eq!(read_text(&stored).len(), TEXT - 1);
-    }
-
-    #[test]
-    fn a_panicking_call_becomes_a_system_failure() {
-        let result: Result<(), PluginError> = guard("testing", || panic!("boom"));
-
-        let message = result.expect_err("panicked").to_string();
-        assert_eq!(message, "the plugin panicked while testing: boom");
     }
 
     #[test]
@@ -594,9 +447,12 @@ mod tests {
 
         let err = load_library(&fake, &mut registry).expect_err("not a library");
 
-        assert!(
-            err.to_string().starts_with("cannot load plugin library"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot read plugin library {}: it is not an ELF file",
+                fake.display()
+            )
         );
     }
 

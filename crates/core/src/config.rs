@@ -52,6 +52,11 @@ struct ConfigFile {
     guest_keys: Option<String>,
     name_prefix: Option<String>,
     pool: Option<PoolFile>,
+    default_image: Option<String>,
+    #[serde(default)]
+    images: toml::Table,
+    resources: Option<toml::Table>,
+    metrics_file: Option<PathBuf>,
     #[serde(default)]
     plugin_dirs: Vec<PathBuf>,
     #[serde(default)]
@@ -87,6 +92,24 @@ impl Default for PoolConfig {
     }
 }
 
+/// `[pool]` (or an image's pool table) over `base`.
+fn pool_config(pool: &PoolFile, base: PoolConfig) -> Result<PoolConfig, String> {
+    let size = pool.size.unwrap_or(base.size);
+    if size > MAX_POOL_SIZE {
+        return Err(format!(
+            "`pool.size` must be at most {MAX_POOL_SIZE}, not {size}"
+        ));
+    }
+    let max_idle_secs = pool.max_idle_secs.unwrap_or(base.max_idle_secs);
+    if max_idle_secs == 0 {
+        return Err("`pool.max_idle_secs` must be positive".to_string());
+    }
+    Ok(PoolConfig {
+        size,
+        max_idle_secs,
+    })
+}
+
 /// Where the guest's SSH keys come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GuestKeyMode {
@@ -116,6 +139,12 @@ pub struct Config {
     /// The start of every VM name of this installation; the job id follows.
     pub name_prefix: String,
     pub pool: PoolConfig,
+    /// `default_image`, `[images]` and `[resources]`.
+    pub images: crate::images::Images,
+    /// The image this config was made for ([`Config::for_image`]); `None` without `[images]`.
+    pub image: Option<String>,
+    /// Where Prometheus metrics are written (`metrics_file`); `None`: no metrics.
+    pub metrics_file: Option<PathBuf>,
     /// Directories whose `*.so` plugin libraries are loaded.
     pub plugin_dirs: Vec<PathBuf>,
     /// Plugin libraries loaded by path.
@@ -206,25 +235,23 @@ impl Config {
                 .map(|()| prefix)
                 .map_err(invalid)?,
         };
-        let pool = match file.pool {
+        let pool = match &file.pool {
             None => PoolConfig::default(),
-            Some(pool) => {
-                let size = pool.size.unwrap_or(0);
-                if size > MAX_POOL_SIZE {
-                    return Err(invalid(format!(
-                        "`pool.size` must be at most {MAX_POOL_SIZE}, not {size}"
-                    )));
-                }
-                let max_idle_secs = pool.max_idle_secs.unwrap_or(DEFAULT_POOL_MAX_IDLE_SECS);
-                if max_idle_secs == 0 {
-                    return Err(invalid("`pool.max_idle_secs` must be positive".to_string()));
-                }
-                PoolConfig {
-                    size,
-                    max_idle_secs,
-                }
-            }
+            Some(pool) => pool_config(pool, PoolConfig::default()).map_err(invalid)?,
         };
+        let images = crate::images::Images::parse(
+            file.default_image.clone(),
+            &file.images,
+            file.resources.as_ref(),
+            pool,
+            |table, base| {
+                let file: PoolFile = toml::Value::Table(table.clone())
+                    .try_into()
+                    .map_err(|err: toml::de::Error| one_line(err.message()))?;
+                pool_config(&file, base)
+            },
+        )
+        .map_err(invalid)?;
         let backend_table =
             plugin_table(&file.backends, "backends", &file.backend).map_err(invalid)?;
         let transport_table =
@@ -239,6 +266,9 @@ impl Config {
             guest_keys,
             name_prefix,
             pool,
+            images,
+            image: None,
+            metrics_file: file.metrics_file,
             plugin_dirs: file.plugin_dirs,
             plugins: file.plugins,
             deadline_margin_secs: file

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -24,25 +24,22 @@ use crate::plugin::{
     Backend, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
     VmRequest,
 };
-use crate::registry::{Entry, Kind, Origin, PluginContext, Registry, RegistryError};
+use crate::registry::{Kind, PluginContext};
+
+mod files;
+
+pub use files::{executables_in, identify, probe, register};
 
 /// The protocol version this host speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
-/// How long a plugin may take to say hello.
+/// How long a plugin may take to say hello when a stage starts it.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `hyperjob plugins` waits for the hellos of all executables (started in parallel).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long any request without its own deadline may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest line accepted from a plugin (a stream frame carries at most 1 MiB of output).
 const MAX_LINE: usize = 4 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ExecPluginError {
-    /// The message already names the plugin.
-    #[error(transparent)]
-    Start(#[from] PluginError),
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-}
 
 /// What a plugin says first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +179,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn start(path: &Path) -> Result<(Self, Hello), PluginError> {
+    fn start(path: &Path, hello_timeout: Duration) -> Result<(Self, Hello), PluginError> {
         let mut child = Command::new(path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -229,9 +226,19 @@ impl Connection {
             lines,
             next_id: 1,
         };
-        let line = connection.next_line(Instant::now() + HELLO_TIMEOUT)?;
-        let hello = parse_hello(&line).map_err(|reason| connection.failure(&reason))?;
-        Ok((connection, hello))
+        let hello = match connection.next_line(Instant::now() + hello_timeout) {
+            Ok(line) => parse_hello(&line).map_err(|reason| connection.failure(&reason)),
+            Err(err) => Err(err),
+        };
+        match hello {
+            Ok(hello) => Ok((connection, hello)),
+            Err(err) => {
+                // No use waiting for a plugin that cannot even say hello.
+                let _ = connection.child.kill();
+                let _ = connection.child.wait();
+                Err(err)
+            }
+        }
     }
 
     fn failure(&self, reason: &str) -> PluginError {
@@ -248,7 +255,7 @@ impl Connection {
             Ok(Err(reason)) => Err(self.failure(&reason)),
             Err(RecvTimeoutError::Timeout) => Err(self.failure(&format!(
                 "did not answer within {} s",
-                wait.as_secs().max(1)
+                wait.as_millis().div_ceil(1000).max(1)
             ))),
             Err(RecvTimeoutError::Disconnected) => Err(self.failure("exited")),
         }
@@ -368,16 +375,31 @@ impl Shared {
     }
 }
 
+/// Starts the executable and checks that its hello says what its file name says.
+fn start_checked(
+    path: &Path,
+    kind: Kind,
+    name: &str,
+    hello_timeout: Duration,
+) -> Result<(Connection, Hello), PluginError> {
+    let (connection, hello) = Connection::start(path, hello_timeout)?;
+    if hello.kind != kind || hello.name != name {
+        return Err(connection.failure(&format!(
+            "says it is {} {:?}, but its file name says {kind} {name:?}",
+            hello.kind, hello.name
+        )));
+    }
+    Ok((connection, hello))
+}
+
 fn connect_and_configure(
     path: &Path,
-    expected: Kind,
+    kind: Kind,
+    name: &str,
     ctx: &PluginContext,
     table: &toml::Table,
 ) -> Result<Shared, PluginError> {
-    let (connection, hello) = Connection::start(path)?;
-    if hello.kind != expected {
-        return Err(connection.failure(&format!("is a {}, not a {expected}", hello.kind)));
-    }
+    let (connection, _) = start_checked(path, kind, name, HELLO_TIMEOUT)?;
     let shared = Shared(Mutex::new(connection));
     let config = toml::to_string(table).map_err(|err| PluginError::Config(err.to_string()))?;
     shared.call(
@@ -390,49 +412,6 @@ fn connect_and_configure(
         REQUEST_TIMEOUT,
     )?;
     Ok(shared)
-}
-
-/// Starts the executable, reads its hello and registers what it offers.
-pub fn load_executable(path: &Path, registry: &mut Registry) -> Result<(), ExecPluginError> {
-    let (connection, hello) = Connection::start(path)?;
-    drop(connection);
-    let origin = Origin::Executable(path.to_path_buf());
-    let owned = path.to_path_buf();
-    match hello.kind {
-        Kind::Backend => registry.add_backend(Entry {
-            name: hello.name,
-            version: hello.version,
-            origin,
-            build: Arc::new(move |ctx, table| {
-                let shared = connect_and_configure(&owned, Kind::Backend, ctx, table)?;
-                Ok(Box::new(ExecBackend(shared)) as Box<dyn Backend>)
-            }),
-        })?,
-        Kind::Transport => registry.add_transport(Entry {
-            name: hello.name,
-            version: hello.version,
-            origin,
-            build: Arc::new(move |ctx, table| {
-                let shared = connect_and_configure(&owned, Kind::Transport, ctx, table)?;
-                Ok(Box::new(ExecTransport(shared)) as Box<dyn Transport>)
-            }),
-        })?,
-    }
-    Ok(())
-}
-
-/// Executables in a plugin directory named `hyperjob-backend-*` or `hyperjob-transport-*`.
-pub fn executables_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    use std::os::unix::fs::PermissionsExt;
-    crate::registry::files_in(dir, |path| {
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        (name.starts_with("hyperjob-backend-") || name.starts_with("hyperjob-transport-"))
-            && std::fs::metadata(path)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
 }
 
 fn endpoint_json(endpoint: &Endpoint) -> Value {
@@ -800,89 +779,5 @@ mod tests {
             .is_err()
         );
         assert!(owned_vm(&json!({"vm_name": "x", "job_id": 1, "created_unix": 5})).is_err());
-    }
-
-    #[test]
-    fn only_named_executables_are_discovered() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        for (name, mode) in [
-            ("hyperjob-transport-b", 0o755),
-            ("hyperjob-backend-a", 0o755),
-            ("hyperjob-backend-noexec", 0o644),
-            ("other", 0o755),
-        ] {
-            let path = dir.path().join(name);
-            std::fs::write(&path, "#!/bin/sh\n").expect("write");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        }
-
-        let found = executables_in(dir.path()).expect("list");
-
-        let names: Vec<_> = found
-            .iter()
-            .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, ["hyperjob-backend-a", "hyperjob-transport-b"]);
-    }
-
-    fn script_plugin(dir: &tempfile::TempDir, body: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let path = dir.path().join("hyperjob-backend-test");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        path
-    }
-
-    #[test]
-    fn a_plugin_that_exits_before_hello_is_a_clear_failure() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let plugin = script_plugin(&dir, "exit 3");
-        let mut registry = Registry::default();
-
-        let err = load_executable(&plugin, &mut registry).expect_err("exits");
-
-        assert!(
-            err.to_string().ends_with("exited (closed its stdout)"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn a_plugin_that_never_says_hello_times_out() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let plugin = script_plugin(&dir, "exec sleep 30");
-        let mut registry = Registry::default();
-        let started = Instant::now();
-
-        let err = load_executable(&plugin, &mut registry).expect_err("hangs");
-
-        assert!(err.to_string().contains("did not answer within"), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(20));
-    }
-
-    #[test]
-    fn a_malformed_answer_to_configure_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let plugin = script_plugin(
-            &dir,
-            r#"echo '{"hello":{"protocol":1,"kind":"backend","name":"bad","version":"1"}}'; read line; echo 'this is not json'; read line"#,
-        );
-        let mut registry = Registry::default();
-        load_executable(&plugin, &mut registry).expect("hello is fine");
-        let ctx = PluginContext {
-            state_dir: dir.path().to_path_buf(),
-            guest_keys: GuestKeyMode::Pinned,
-        };
-
-        let entry = registry.backend("bad").expect("registered");
-        let err = (entry.build)(&ctx, &toml::Table::new())
-            .map(drop)
-            .expect_err("malformed");
-
-        assert!(
-            err.to_string().contains("sent a line that is not JSON"),
-            "{err}"
-        );
     }
 }

@@ -55,9 +55,26 @@ fn resolve(
     }
 }
 
+/// Environment variable choosing the log format on stderr: `json` for one JSON object per line.
+pub const LOG_FORMAT_ENV: &str = "HYPERJOB_LOG_FORMAT";
+
+/// Whether log lines on stderr are JSON (`HYPERJOB_LOG_FORMAT=json`).
+pub fn json_logs() -> bool {
+    std::env::var(LOG_FORMAT_ENV).is_ok_and(|format| format.eq_ignore_ascii_case("json"))
+}
+
 fn report(line: &str) {
+    let line = line.replace('\n', " ");
     let mut stderr = std::io::stderr().lock();
-    let _ = writeln!(stderr, "{}", line.replace('\n', " "));
+    let _ = if json_logs() {
+        writeln!(
+            stderr,
+            "{}",
+            serde_json::json!({ "level": "ERROR", "message": line })
+        )
+    } else {
+        writeln!(stderr, "{line}")
+    };
     let _ = stderr.flush();
 }
 

@@ -115,6 +115,11 @@ pub fn judge(seen: &Observed) -> Verdict {
 /// One gc run: what it works with and what it reports.
 struct Collector<'a> {
     config: &'a Config,
+    /// The backend built for each image's config (one, keyed `None`, without `[images]`).
+    image_backends: &'a BTreeMap<Option<String>, Box<dyn Backend>>,
+    /// The image whose storage holds a VM name's files.
+    file_images: BTreeMap<String, Option<String>>,
+    /// The default image's backend: for what no state or file ties to an image.
     backend: &'a dyn Backend,
     store: StateStore,
     me: String,
@@ -135,6 +140,36 @@ pub fn gc(
     dry_run: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<StageOutcome> {
+    let mut counted = crate::metrics::RemovalCounter::new(out);
+    let result = collect(config, registry, dry_run, &mut counted);
+    if let (Some(metrics_file), false) = (&config.metrics_file, dry_run) {
+        let vms_alive = build_backend(config, registry)
+            .ok()
+            .and_then(|backend| backend.list_owned().ok())
+            .map(|vms| {
+                let me = owner_of(&config.state_dir);
+                vms.iter()
+                    .filter(|vm| ownership(vm.owner.as_deref(), &me) != Ownership::Other)
+                    .count() as u64
+            });
+        crate::metrics::record(
+            metrics_file,
+            &crate::metrics::Update {
+                gc_removals: counted.removals(),
+                vms_alive,
+                ..Default::default()
+            },
+        );
+    }
+    result
+}
+
+fn collect(
+    config: &Config,
+    registry: &Registry,
+    dry_run: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<StageOutcome> {
     let backend = build_backend(config, registry)?;
     let store = StateStore::new(&config.state_dir);
     let me = owner_of(&config.state_dir);
@@ -142,6 +177,7 @@ pub fn gc(
     // Candidates: every job with a file in state_dir, every VM the backend lists as this
     // installation's, and every name with files in the backend's storage.
     let mut jobs: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    let mut jobless = Vec::new();
     match backend.list_owned() {
         Ok(vms) => {
             for vm in vms {
@@ -151,6 +187,14 @@ pub fn gc(
                     (Ownership::Other, Some(owner)) => {
                         if dry_run && now > vm.deadline_unix {
                             let _ = writeln!(out, "skipping {}: owned by {owner}", vm.vm_name);
+                        }
+                    }
+                    // A VM of no job and no pool (`hyperjob doctor --boot`'s): its deadline.
+                    _ if vm.job_id == crate::pool::POOL_JOB_ID
+                        && !vm.vm_name.starts_with(&config.pool_prefix()) =>
+                    {
+                        if now > vm.deadline_unix {
+                            jobless.push(vm.vm_name);
                         }
                     }
                     _ => {
@@ -165,21 +209,30 @@ pub fn gc(
     for job_id in store.job_ids_with_files()? {
         jobs.entry(job_id).or_default();
     }
-    match backend.names_with_files() {
-        Ok(names) => {
-            for name in names {
-                if let Some(job_id) = config.job_id_of(&name) {
-                    jobs.entry(job_id).or_default().insert(name);
+    // Each image may keep its files elsewhere (its own images_dir): each image's backend
+    // lists and removes its own.
+    let image_backends = crate::pool::image_backends(config, registry)?;
+    let mut file_images = BTreeMap::new();
+    for (image, image_backend) in &image_backends {
+        match image_backend.names_with_files() {
+            Ok(names) => {
+                for name in names {
+                    if let Some(job_id) = config.job_id_of(&name) {
+                        file_images.insert(name.clone(), image.clone());
+                        jobs.entry(job_id).or_default().insert(name);
+                    }
                 }
             }
-        }
-        Err(PluginError::Unsupported(_)) => {}
-        Err(err) => {
-            return Err(anyhow::Error::new(err).context("cannot list the backend's VM files"))
+            Err(PluginError::Unsupported(_)) => {}
+            Err(err) => {
+                return Err(anyhow::Error::new(err).context("cannot list the backend's VM files"))
+            }
         }
     }
     let mut collector = Collector {
         config,
+        image_backends: &image_backends,
+        file_images,
         backend: backend.as_ref(),
         store,
         me,
@@ -196,7 +249,11 @@ pub fn gc(
             let _ = writeln!(collector.out, "could not remove job {job_id}: {err:#}");
         }
     }
-    collector.failures += crate::pool::reap(config, backend.as_ref(), dry_run, collector.out)?;
+    for vm_name in jobless {
+        collector.jobless(&vm_name);
+    }
+    collector.failures +=
+        crate::pool::reap(config, &image_backends, registry, dry_run, collector.out)?;
     collector.stale_temporary_files();
     if collector.failures > 0 {
         bail!("{} job(s) could not be removed", collector.failures);
@@ -204,7 +261,16 @@ pub fn gc(
     Ok(StageOutcome::Success)
 }
 
-impl Collector<'_> {
+impl<'a> Collector<'a> {
+    /// The backend of `vm_name`: its job's image, else the image whose storage holds its
+    /// files, else the default.
+    fn backend_of(&self, image: Option<&Option<String>>, vm_name: &str) -> &'a dyn Backend {
+        image
+            .or_else(|| self.file_images.get(vm_name))
+            .and_then(|image| self.image_backends.get(image))
+            .map_or(self.backend, |backend| backend.as_ref())
+    }
+
     /// Decides about one job and acts on the decision.
     fn job(&mut self, job_id: u64, mut names: BTreeSet<String>) -> anyhow::Result<()> {
         let lock = self.store.try_lock_exclusive(job_id)?;
@@ -241,7 +307,8 @@ impl Collector<'_> {
         // Each name is looked up now, not taken from the listing made before.
         let mut refusals = BTreeMap::new();
         for name in &names {
-            let presence = match self.backend.inspect(name) {
+            let backend = self.backend_of(state.as_ref().map(|s| &s.image), name);
+            let presence = match backend.inspect(name) {
                 Ok(presence) => presence,
                 // Whether it exists cannot be told: never "gone".
                 Err(PluginError::Unsupported(_)) => {
@@ -282,7 +349,8 @@ impl Collector<'_> {
                 let _ = writeln!(self.out, "would remove {name}: {reason}");
                 continue;
             }
-            match self.backend.destroy(name) {
+            let backend = self.backend_of(state.as_ref().map(|s| &s.image), name);
+            match backend.destroy(name) {
                 Ok(()) => {
                     let _ = writeln!(self.out, "removed {name}: {reason}");
                 }
@@ -303,6 +371,30 @@ impl Collector<'_> {
             self.store.remove(job_id)?;
         }
         Ok(())
+    }
+
+    /// Removes a VM of no job whose deadline has passed, if it is still ours now.
+    fn jobless(&mut self, vm_name: &str) {
+        let verdict = Verdict::DeadlinePassed.reason(None);
+        if self.dry_run {
+            let _ = writeln!(self.out, "would remove {vm_name}: {verdict}");
+            return;
+        }
+        let removed = crate::ownership::refusal(self.backend, vm_name, &self.me)
+            .map_err(anyhow::Error::new)
+            .and_then(|refused| match refused {
+                Some(why) => Err(anyhow::anyhow!("left alone: {why}")),
+                None => Ok(self.backend.destroy(vm_name)?),
+            });
+        match removed {
+            Ok(()) => {
+                let _ = writeln!(self.out, "removed {vm_name}: {verdict}");
+            }
+            Err(err) => {
+                self.failures += 1;
+                let _ = writeln!(self.out, "could not remove {vm_name}: {err:#}");
+            }
+        }
     }
 
     /// Temporary files of state writes a killed process never finished.

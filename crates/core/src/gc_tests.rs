@@ -375,3 +375,29 @@ fn a_killed_prepare_and_leftover_files_are_removed_at_once_but_a_busy_job_is_not
         .expect("list");
     assert_eq!(left, [6]);
 }
+
+#[test]
+fn a_vm_of_no_job_and_no_pool_is_removed_once_its_deadline_passed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("state");
+    let ours = owner_of(&state_dir);
+    let doctor = |name: &str, deadline_unix| OwnedVm {
+        vm_name: name.to_string(),
+        job_id: crate::pool::POOL_JOB_ID,
+        created_unix: 0,
+        deadline_unix,
+        owner: Some(ours.clone()),
+    };
+    let vms = [
+        doctor("hyperjob-job-doctor-1", 1),
+        doctor("hyperjob-job-doctor-2", u64::MAX),
+    ];
+
+    let (report, destroyed) = gc_over(&state_dir, &vms, false);
+
+    assert_eq!(
+        report,
+        ["removed hyperjob-job-doctor-1: its deadline has passed"]
+    );
+    assert_eq!(destroyed, ["hyperjob-job-doctor-1"]);
+}

@@ -11,11 +11,14 @@ pub mod abi;
 pub mod boot;
 pub mod config;
 pub mod detached;
+pub mod discovery;
+pub mod doctor;
 pub mod exec_plugin;
 pub mod exit;
 pub mod job;
 pub mod keys;
 pub mod lock;
+pub mod metrics;
 pub mod ownership;
 pub mod plugin;
 pub mod pool;
@@ -28,10 +31,11 @@ pub mod teardown;
 pub mod wait;
 
 pub use plugin::{
-    Backend, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport, VmPresence,
-    VmRequest,
+    Backend, Check, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport,
+    VmPresence, VmRequest,
 };
 pub mod gc;
+pub mod images;
 
 /// Version of hyperjob-core, shown by `config` and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -143,6 +143,34 @@ pub enum VmPresence {
     Unrecognised(String),
 }
 
+/// One line of `hyperjob doctor`: what was checked, and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub ok: bool,
+    /// What was checked, and on success what was found ("network default: active, DHCP").
+    pub what: String,
+    /// On failure: what is wrong and how to fix it, one line.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    pub fn pass(what: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            what: what.into(),
+            fix: None,
+        }
+    }
+
+    pub fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
 /// Reports progress to the job log. Implemented by the core; plugins only call it.
 pub trait Progress {
     fn say(&self, message: &str);
@@ -211,6 +239,12 @@ pub trait Backend: Send + Sync {
         Err(PluginError::Unsupported("fingerprint"))
     }
 
+    /// Optional: checks of what this backend needs on the host (`hyperjob doctor`), one
+    /// [`Check`] each. Never creates anything.
+    fn doctor(&self) -> Vec<Check> {
+        Vec::new()
+    }
+
     /// Optional: the last lines the guest printed on its console, to explain a failed boot.
     fn console_tail(&self, _vm_name: &str) -> Result<String, PluginError> {
         Err(PluginError::Unsupported("console_tail"))
@@ -245,6 +279,11 @@ pub trait Transport: Send + Sync {
     /// authorised for this user.
     fn login_user(&self) -> Option<String> {
         None
+    }
+
+    /// Optional: checks of what this transport needs (`hyperjob doctor`): keys, files.
+    fn doctor(&self) -> Vec<Check> {
+        Vec::new()
     }
 
     /// Waits until the guest accepts a login and runs a command, or `deadline` passes.

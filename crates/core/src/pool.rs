@@ -25,7 +25,7 @@ mod fill;
 mod reap;
 
 pub use claim::claim;
-pub use fill::{drain, fill, status};
+pub use fill::{drain, fill, fill_all, status};
 pub use reap::reap;
 
 use std::fs::{self, File, OpenOptions};
@@ -70,6 +70,9 @@ pub struct PoolEntry {
     pub deadline_unix: u64,
     /// [`fingerprint`] of what it was built from.
     pub fingerprint: String,
+    /// The image it was built for (`[images.NAME]`); `None` without `[images]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl PoolEntry {
@@ -83,8 +86,53 @@ impl PoolEntry {
             created_unix: times.0,
             deadline_unix: times.1,
             fingerprint,
+            image: None,
         }
     }
+
+    /// Whether this VM may still serve jobs of its image, given the current fingerprints.
+    pub fn fresh(&self, current: &Fingerprints) -> bool {
+        current
+            .get(&self.image)
+            .is_some_and(|fp| fp.as_deref().is_none_or(|fp| fp == self.fingerprint))
+    }
+}
+
+/// The current [`fingerprint`] of every image (`None` key without `[images]`); a value of
+/// `None` where the backend cannot tell.
+pub type Fingerprints = std::collections::BTreeMap<Option<String>, Option<String>>;
+
+/// The backend built for each image's config (keyed `None` without `[images]`).
+pub type ImageBackends = std::collections::BTreeMap<Option<String>, Box<dyn Backend>>;
+
+/// Builds [`ImageBackends`] for `config`'s installation.
+pub fn image_backends(
+    config: &Config,
+    registry: &crate::registry::Registry,
+) -> anyhow::Result<ImageBackends> {
+    config
+        .image_configs()
+        .into_iter()
+        .map(|image| {
+            Ok((
+                image.image.clone(),
+                crate::stages::build_backend(&image, registry)?,
+            ))
+        })
+        .collect()
+}
+
+/// The fingerprints of every image of `config`'s installation.
+pub fn fingerprints(
+    config: &Config,
+    registry: &crate::registry::Registry,
+) -> anyhow::Result<Fingerprints> {
+    let mut all = Fingerprints::new();
+    for image in config.image_configs() {
+        let backend = crate::stages::build_backend(&image, registry)?;
+        all.insert(image.image.clone(), fingerprint(&image, backend.as_ref())?);
+    }
+    Ok(all)
 }
 
 /// What pooled VMs are built from, as one short text: the selected plugins and their config
@@ -398,6 +446,20 @@ mod tests {
             "the pool's own size is not what a VM is made of"
         );
         assert_eq!(fingerprint(&base, &Images(None)).expect("ok"), None);
+    }
+
+    #[test]
+    fn a_pooled_vm_is_fresh_only_for_its_own_image_at_its_fingerprint() {
+        let mut entry = PoolEntry::booting("vm".into(), (1, 2), "fp-a".into());
+        entry.image = Some("alma-9".into());
+        let mut current = Fingerprints::new();
+        current.insert(Some("debian-12".into()), Some("fp-a".into()));
+
+        assert!(!entry.fresh(&current), "an image no longer in the config");
+        current.insert(Some("alma-9".into()), Some("fp-b".into()));
+        assert!(!entry.fresh(&current), "its image changed");
+        current.insert(Some("alma-9".into()), Some("fp-a".into()));
+        assert!(entry.fresh(&current));
     }
 
     #[test]

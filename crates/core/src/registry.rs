@@ -2,12 +2,15 @@
 //!
 //! Built-in plugins register a factory with [`inventory::submit!`]; the binary must name each
 //! built-in plugin crate (`use hyperjob_backend_libvirt as _;`) so the linker keeps its
-//! registration. Other plugin tiers add entries with their own [`Origin`].
+//! registration. Other plugin tiers add entries with their own [`Origin`]. A stage's registry
+//! ([`Registry::load`]) holds the built-in plugins and the plugin files that provide what the
+//! config selects, nothing else ([`crate::discovery`]).
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::discovery::{PluginFile, Refused};
 use crate::plugin::{Backend, PluginError, Transport};
 
 /// Everything a plugin factory gets besides its own config table.
@@ -74,12 +77,17 @@ impl fmt::Display for Origin {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("unknown {kind} {name:?}; registered {kind}s: {known}")]
+    #[error("unknown {kind} {name:?}; registered {kind}s: {known}{refused}")]
     Unknown {
         kind: Kind,
         name: String,
         known: String,
+        /// Empty, or "; plugin files that could not be looked at …" (one might be meant).
+        refused: String,
     },
+    /// The selected plugin's file could not be used; the reason names the file.
+    #[error("{reason}")]
+    Unusable { reason: String },
     #[error("{kind} {name:?} is registered twice ({first} and {second})")]
     Duplicate {
         kind: Kind,
@@ -101,19 +109,6 @@ pub fn files_in(
         .collect();
     found.sort();
     Ok(found)
-}
-
-/// Why the configured plugins could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    #[error(transparent)]
-    Library(#[from] crate::abi::LibraryError),
-    #[error(transparent)]
-    Executable(#[from] crate::exec_plugin::ExecPluginError),
-    #[error("cannot list plugin directory {path}: {message}")]
-    Dir { path: PathBuf, message: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +150,16 @@ impl<B> fmt::Debug for Entry<B> {
 pub struct Registry {
     backends: Vec<Entry<BuildBackend>>,
     transports: Vec<Entry<BuildTransport>>,
+    /// Plugins that plugin files provide but that were not loaded (not selected).
+    others: Vec<(Kind, String)>,
+    /// Plugin files that cannot be used.
+    refused: Vec<Refused>,
+    /// Selected plugins whose file passed the gate but could not be loaded, or clashes with
+    /// another provider of the name: (kind, name, reason). Never used.
+    failed: Vec<(Kind, String, String)>,
+    /// Selected plugins provided by a library the gate refused: the reason is the error when
+    /// no other file provides the name, and a warning when one does.
+    refused_selected: Vec<(Kind, String, String)>,
 }
 
 impl Registry {
@@ -180,39 +185,85 @@ impl Registry {
         Ok(registry)
     }
 
-    /// The compiled-in plugins plus every plugin library the config names, directly
-    /// (`plugins`) or through a directory (`plugin_dirs`).
-    pub fn load(config: &crate::config::Config) -> Result<Self, LoadError> {
+    /// The compiled-in plugins plus the plugin files that provide the selected backend or
+    /// transport (`plugins`, `plugin_dirs`). Other plugin files are looked at (a library's
+    /// header is read from the file, an executable's name from its file name) but never
+    /// loaded or started, and nothing wrong with them fails this: a selected plugin that
+    /// cannot be used fails when it is looked up ([`Registry::backend`]).
+    pub fn load(config: &crate::config::Config) -> Result<Self, RegistryError> {
         let mut registry = Self::builtin()?;
-        let mut libraries = Vec::new();
-        let mut executables = Vec::new();
-        // `plugins` entries: shared objects (`*.so`, `*.so.N`) are libraries, anything else
-        // an executable plugin.
-        for path in &config.plugins {
-            if crate::abi::is_shared_object_name(path) {
-                libraries.push(path.clone());
-            } else {
-                executables.push(path.clone());
+        let selected = |kind: Kind, name: &str| match kind {
+            Kind::Backend => name == config.backend,
+            Kind::Transport => name == config.transport,
+        };
+        let found = crate::discovery::find(config);
+        registry.refused = found.refused;
+        for file in found.files {
+            match file {
+                PluginFile::Library(path) => registry.consider_library(path, &selected),
+                PluginFile::Executable(path) => registry.consider_executable(path, &selected),
             }
         }
-        for dir in &config.plugin_dirs {
-            let listing = crate::abi::libraries_in(dir)
-                .and_then(|libs| Ok((libs, crate::exec_plugin::executables_in(dir)?)));
-            let (libs, exes) = listing.map_err(|err| LoadError::Dir {
-                path: dir.clone(),
-                message: err.to_string(),
-            })?;
-            libraries.extend(libs);
-            executables.extend(exes);
-        }
-        for library in libraries {
-            let took = crate::abi::load_library(&library, &mut registry)?;
-            tracing::debug!(library = %library.display(), micros = took.as_micros() as u64, "plugin library loaded");
-        }
-        for executable in executables {
-            crate::exec_plugin::load_executable(&executable, &mut registry)?;
-        }
         Ok(registry)
+    }
+
+    fn consider_library(&mut self, path: PathBuf, selected: &dyn Fn(Kind, &str) -> bool) {
+        let header = match crate::abi::read_header(&path) {
+            Ok(header) => header,
+            Err(err) => {
+                self.refused.push(Refused {
+                    reason: err.to_string(),
+                    path,
+                });
+                return;
+            }
+        };
+        let provided: Vec<(Kind, String)> = [Kind::Backend, Kind::Transport]
+            .into_iter()
+            .flat_map(|kind| header.names(kind).into_iter().map(move |name| (kind, name)))
+            .collect();
+        let wanted: Vec<(Kind, String)> = provided
+            .iter()
+            .filter(|(kind, name)| selected(*kind, name))
+            .cloned()
+            .collect();
+        if let Err(err) = crate::abi::check_header(&path, &header) {
+            let reason = err.to_string();
+            for (kind, name) in wanted {
+                self.refused_selected.push((kind, name, reason.clone()));
+            }
+            self.refused.push(Refused { path, reason });
+            return;
+        }
+        if wanted.is_empty() {
+            self.others.extend(provided);
+            return;
+        }
+        match crate::abi::load_library(&path, self) {
+            Ok(took) => tracing::debug!(
+                library = %path.display(),
+                micros = took.as_micros() as u64,
+                "plugin library loaded"
+            ),
+            Err(err) => {
+                let reason = err.to_string();
+                for (kind, name) in wanted {
+                    self.failed.push((kind, name, reason.clone()));
+                }
+            }
+        }
+    }
+
+    fn consider_executable(&mut self, path: PathBuf, selected: &dyn Fn(Kind, &str) -> bool) {
+        match crate::exec_plugin::identify(&path) {
+            Ok((kind, name)) if selected(kind, &name) => {
+                if let Err(err) = crate::exec_plugin::register(&path, kind, &name, "", self) {
+                    self.failed.push((kind, name, err.to_string()));
+                }
+            }
+            Ok(provided) => self.others.push(provided),
+            Err(reason) => self.refused.push(Refused { path, reason }),
+        }
     }
 
     pub fn add_backend(&mut self, entry: Entry<BuildBackend>) -> Result<(), RegistryError> {
@@ -224,11 +275,90 @@ impl Registry {
     }
 
     pub fn backend(&self, name: &str) -> Result<&Entry<BuildBackend>, RegistryError> {
-        find(&self.backends, Kind::Backend, name)
+        self.check(Kind::Backend, name)?;
+        let entry = find(&self.backends, Kind::Backend, name).map_err(|err| self.explain(err))?;
+        self.note_shadowed(Kind::Backend, name, &entry.origin);
+        Ok(entry)
     }
 
     pub fn transport(&self, name: &str) -> Result<&Entry<BuildTransport>, RegistryError> {
-        find(&self.transports, Kind::Transport, name)
+        self.check(Kind::Transport, name)?;
+        let entry =
+            find(&self.transports, Kind::Transport, name).map_err(|err| self.explain(err))?;
+        self.note_shadowed(Kind::Transport, name, &entry.origin);
+        Ok(entry)
+    }
+
+    /// A selected plugin whose file failed to load, or that clashes, is not used at all.
+    fn check(&self, kind: Kind, name: &str) -> Result<(), RegistryError> {
+        match self.failed.iter().find(|(k, n, _)| *k == kind && n == name) {
+            Some((_, _, reason)) => Err(RegistryError::Unusable {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A refused library that also provides the plugin in use should go: say so.
+    fn note_shadowed(&self, kind: Kind, name: &str, used: &Origin) {
+        for (_, _, reason) in self
+            .refused_selected
+            .iter()
+            .filter(|(k, n, _)| *k == kind && n == name)
+        {
+            tracing::warn!("{kind} {name:?} comes from {used}; ignored: {reason}");
+        }
+    }
+
+    /// An unknown name: the gate's refusal if a refused library provides it, else the names
+    /// of every plugin found (loaded or not) and the files that could not be looked at.
+    fn explain(&self, err: RegistryError) -> RegistryError {
+        let RegistryError::Unknown {
+            kind, name, known, ..
+        } = err
+        else {
+            return err;
+        };
+        if let Some((_, _, reason)) = self
+            .refused_selected
+            .iter()
+            .find(|(k, n, _)| *k == kind && *n == name)
+        {
+            return RegistryError::Unusable {
+                reason: reason.clone(),
+            };
+        }
+        let mut names: Vec<&str> = known.split(", ").filter(|n| *n != "none").collect();
+        names.extend(
+            self.others
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, n)| n.as_str()),
+        );
+        names.sort_unstable();
+        names.dedup();
+        let refused = if self.refused.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; plugin files that could not be looked at (`hyperjob plugins` says why): {}",
+                self.refused
+                    .iter()
+                    .map(|r| r.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        RegistryError::Unknown {
+            kind,
+            name,
+            known: if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            },
+            refused,
+        }
     }
 
     pub fn backends(&self) -> &[Entry<BuildBackend>] {
@@ -265,6 +395,7 @@ fn find<'a, B>(
         .ok_or_else(|| RegistryError::Unknown {
             kind,
             name: name.to_string(),
+            refused: String::new(),
             known: if entries.is_empty() {
                 "none".to_string()
             } else {

@@ -75,9 +75,11 @@ fn plugin_failure(
 
 /// `config_exec`: the JSON document GitLab Runner reads from stdout.
 pub fn config(ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-    // Validate the plugin selection now, so a broken config fails before a VM is asked for.
-    ctx.registry.backend(&ctx.config.backend)?;
-    ctx.registry.transport(&ctx.config.transport)?;
+    // Build the selected plugins from their tables now, so a broken selection or table fails
+    // before a VM is asked for. Building only parses and checks: it creates nothing and
+    // touches no VM (the libvirt backend does not even connect).
+    drop(ctx.backend()?);
+    drop(ctx.transport()?);
     Ok(json!({
         "driver": { "name": "hyperjob", "version": crate::VERSION },
         "builds_dir": ctx.config.builds_dir,
@@ -138,6 +140,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     // The record comes first, so whatever happens next can be found and removed again.
     let record = JobState {
         runner: crate::runner::current_runner(),
+        image: ctx.config.image.clone(),
         ..JobState::creating(
             ctx.job.job_id,
             vm_name.clone(),
@@ -152,6 +155,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             "Guest ready at {endpoint} in the pooled VM {pooled} after {:.2} s",
             started.elapsed().as_secs_f64()
         ));
+        prepared_metric(ctx, "warm", started);
         return Ok(StageOutcome::Success);
     }
     store.save(&record)?;
@@ -178,6 +182,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
                 "Guest ready at {endpoint} after {:.1} s",
                 started.elapsed().as_secs_f64()
             ));
+            prepared_metric(ctx, "cold", started);
             Ok(StageOutcome::Success)
         }
         Err(err) => {
@@ -268,14 +273,20 @@ pub fn run(
 /// another installation owns is left alone (this job's state still goes). A backend that can
 /// halt its VMs gets the slow part of the destroy done in the background ([`crate::teardown`]).
 pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
+    let started = Instant::now();
     let backend = ctx.backend()?;
     let store = ctx.store();
     let state = store.load(ctx.job.job_id).ok().flatten();
+    let (had_state, failure) = (
+        state.is_some(),
+        state.as_ref().and_then(|s| s.failure.clone()),
+    );
     let vm_name = match &state {
         Some(state) => state.vm_name.clone(),
         None => ctx.config.vm_name(ctx.job.job_id),
     };
     let me = crate::ownership::owner_of(&ctx.config.state_dir);
+    let mut handed_off = false;
     match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
         .with_context(|| format!("cannot destroy VM {vm_name}"))?
     {
@@ -285,17 +296,44 @@ pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             // With a record to anchor it, the VM is halted now and removed in the background
             // (crate::teardown); else, or if that cannot be done, right here.
             if let Some(state) = state {
-                if crate::teardown::hand_off(&ctx.config.path, backend.as_ref(), &store, state)? {
-                    return Ok(StageOutcome::Success);
-                }
+                handed_off =
+                    crate::teardown::hand_off(&ctx.config.path, backend.as_ref(), &store, state)?;
             }
-            backend
-                .destroy(&vm_name)
-                .with_context(|| format!("cannot destroy VM {vm_name}"))?
+            if !handed_off {
+                backend
+                    .destroy(&vm_name)
+                    .with_context(|| format!("cannot destroy VM {vm_name}"))?;
+            }
         }
     }
-    store.remove(ctx.job.job_id)?;
+    // A VM handed off: its finisher removes the record last.
+    if !handed_off {
+        store.remove(ctx.job.job_id)?;
+    }
+    if let Some(metrics_file) = &ctx.config.metrics_file {
+        crate::metrics::record(
+            metrics_file,
+            &crate::metrics::Update {
+                job: Some(crate::metrics::job_outcome(failure.as_deref(), had_state)),
+                cleanup_seconds: Some(started.elapsed().as_secs_f64()),
+                ..Default::default()
+            },
+        );
+    }
     Ok(StageOutcome::Success)
+}
+
+/// Counts a successful prepare, `cold` (booted) or `warm` (claimed from the pool).
+fn prepared_metric(ctx: &StageContext<'_>, kind: &'static str, started: Instant) {
+    if let Some(metrics_file) = &ctx.config.metrics_file {
+        crate::metrics::record(
+            metrics_file,
+            &crate::metrics::Update {
+                prepare: Some((kind, started.elapsed().as_secs_f64())),
+                ..Default::default()
+            },
+        );
+    }
 }
 
 /// The interpreter named by the script's `#!` line: `bash` (also without a `#!` line) or `sh`.

@@ -188,6 +188,13 @@ pub struct JobState {
     /// The runner that started prepare ([`crate::runner`]); a job whose runner is gone is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<ProcessIdentity>,
+    /// The job's first failure so far (`build_failure`, or `system_failure/<cause>`), for the
+    /// metrics counted at cleanup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// The image the job picked (`[images.NAME]`); `None` without `[images]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl JobState {
@@ -209,6 +216,8 @@ impl JobState {
             created_unix: times.0,
             deadline_unix: times.1,
             runner: None,
+            failure: None,
+            image: None,
         }
     }
 
@@ -262,6 +271,11 @@ impl StateStore {
 
     fn lock_path(&self, job_id: u64) -> PathBuf {
         self.dir.join(format!("job-{job_id}.lock"))
+    }
+
+    /// Creates the state directory (0700) or checks the one that is there.
+    pub fn ensure_exists(&self) -> Result<(), StateError> {
+        self.ensure_dir()
     }
 
     fn ensure_dir(&self) -> Result<(), StateError> {

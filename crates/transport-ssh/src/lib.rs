@@ -4,6 +4,7 @@
 
 pub mod config;
 mod connect;
+mod doctor;
 pub mod known_hosts;
 mod relay;
 mod remote;
@@ -363,6 +364,10 @@ impl Transport for SshTransport {
 
     fn login_user(&self) -> Option<String> {
         Some(self.config.user.clone())
+    }
+
+    fn doctor(&self) -> Vec<hyperjob_core::Check> {
+        doctor::checks(&self.config)
     }
 
     fn wait_ready(

@@ -39,6 +39,7 @@ pub fn claim(
     let fit = entries.into_iter().filter(|entry| {
         entry.phase == PoolPhase::Ready
             && entry.fingerprint == current
+            && entry.image == config.image
             && entry.deadline_unix > now + CLAIM_MARGIN_SECS
             && entry.endpoint.is_some()
     });

@@ -32,6 +32,30 @@ impl Progress for Prefixed<'_, '_> {
     }
 }
 
+/// [`fill`] for every image whose pool is on (each image has its own pool).
+pub fn fill_all(
+    config: &Config,
+    registry: &Registry,
+    cancel: &AtomicBool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<StageOutcome> {
+    let pooled: Vec<Config> = config
+        .image_configs()
+        .into_iter()
+        .filter(|image| image.pool.size > 0)
+        .collect();
+    if pooled.is_empty() {
+        return fill(config, registry, cancel, out);
+    }
+    for image in &pooled {
+        if let Some(name) = &image.image {
+            writeln!(out, "image {name}:")?;
+        }
+        fill(image, registry, cancel, out)?;
+    }
+    Ok(StageOutcome::Success)
+}
+
 /// Boots pooled VMs until `pool.size` are ready (removing stale and expired ones first), then
 /// returns. Waits while another fill works on the pool.
 pub fn fill(
@@ -59,14 +83,18 @@ pub fn fill(
     };
     let pool = PoolDir::new(&config.state_dir);
     let _lock = pool.lock()?;
-    reap::reap_locked(config, backend.as_ref(), &pool, Some(&current), false, out)?;
+    let fingerprints = super::fingerprints(config, registry)?;
+    let backends = super::image_backends(config, registry)?;
+    reap::reap_locked(config, &backends, &pool, &fingerprints, false, out)?;
     let out = Mutex::new(out);
     loop {
         crate::boot::interrupted(cancel)?;
         let (entries, _) = pool.entries()?;
         let ready = entries
             .iter()
-            .filter(|e| e.phase == PoolPhase::Ready && e.fingerprint == current)
+            .filter(|e| {
+                e.phase == PoolPhase::Ready && e.fingerprint == current && e.image == config.image
+            })
             .count();
         let missing = (config.pool.size as usize).saturating_sub(ready);
         if missing == 0 {
@@ -122,6 +150,7 @@ fn boot_one(
         (created_unix, deadline_unix),
         current.to_string(),
     );
+    entry.image = config.image.clone();
     let request = VmRequest {
         vm_name: vm_name.clone(),
         job_id: POOL_JOB_ID,
@@ -170,16 +199,25 @@ pub fn drain(
     registry: &Registry,
     out: &mut dyn Write,
 ) -> anyhow::Result<StageOutcome> {
-    let backend = build_backend(config, registry)?;
+    let backends = super::image_backends(config, registry)?;
+    let default = build_backend(config, registry)?;
     let pool = PoolDir::new(&config.state_dir);
     let lock = pool.lock()?;
     let (entries, unreadable) = pool.entries()?;
     let mut failures = 0;
-    for vm_name in entries.iter().map(|e| &e.vm_name).chain(&unreadable) {
+    let images: Vec<(&String, Option<&String>)> = entries
+        .iter()
+        .map(|e| (&e.vm_name, e.image.as_ref()))
+        .chain(unreadable.iter().map(|vm| (vm, None)))
+        .collect();
+    for (vm_name, image) in images {
         if pool.claimed_by(vm_name).is_some() {
             // A prepare is taking it: it is the job's, not the pool's.
             continue;
         }
+        let backend = backends
+            .get(&image.cloned())
+            .map_or(default.as_ref(), |backend| backend.as_ref());
         match backend
             .destroy(vm_name)
             .map_err(anyhow::Error::new)
@@ -205,22 +243,28 @@ pub fn status(
     registry: &Registry,
     out: &mut dyn Write,
 ) -> anyhow::Result<StageOutcome> {
-    let backend = build_backend(config, registry)?;
-    let current = fingerprint(config, backend.as_ref())?;
+    let current = super::fingerprints(config, registry)?;
     let pool = PoolDir::new(&config.state_dir);
     let (entries, unreadable) = pool.entries()?;
     let now = unix_now();
-    let ready = entries
-        .iter()
-        .filter(|e| e.phase == PoolPhase::Ready && Some(&e.fingerprint) == current.as_ref())
-        .count();
-    writeln!(
-        out,
-        "pool: {ready} ready of size {} (max idle {} s)",
-        config.pool.size, config.pool.max_idle_secs
-    )?;
+    for image in config.image_configs() {
+        let ready = entries
+            .iter()
+            .filter(|e| e.phase == PoolPhase::Ready && e.image == image.image && e.fresh(&current))
+            .count();
+        let name = image
+            .image
+            .as_deref()
+            .map(|name| format!(" (image {name})"))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "pool{name}: {ready} ready of size {} (max idle {} s)",
+            image.pool.size, image.pool.max_idle_secs
+        )?;
+    }
     for entry in &entries {
-        let state = match (entry.phase, Some(&entry.fingerprint) == current.as_ref()) {
+        let state = match (entry.phase, entry.fresh(&current)) {
             (_, _) if pool.claimed_by(&entry.vm_name).is_some() => "claimed",
             (PoolPhase::Booting, _) => "booting",
             (PoolPhase::Ready, true) => "ready",
@@ -228,9 +272,14 @@ pub fn status(
         };
         writeln!(
             out,
-            "{:<32} {:<8} age {} s, idle until {} s from now",
+            "{:<32} {:<8} {}age {} s, idle until {} s from now",
             entry.vm_name,
             state,
+            entry
+                .image
+                .as_deref()
+                .map(|image| format!("image {image}, "))
+                .unwrap_or_default(),
             now.saturating_sub(entry.created_unix),
             entry.deadline_unix.saturating_sub(now)
         )?;

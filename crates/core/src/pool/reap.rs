@@ -1,13 +1,13 @@
 //! Removing pooled VMs that must not serve a job: idle too long, built from something else,
 //! half-booted by a filler that died, half-claimed by a prepare that died, or without a record.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use super::{PoolDir, PoolPhase, POOL_JOB_ID};
 use crate::config::Config;
 use crate::ownership::{owner_of, ownership, refusal, Ownership};
-use crate::plugin::{Backend, PluginError};
+use crate::plugin::PluginError;
 use crate::stages::unix_now;
 use crate::state::StateStore;
 
@@ -15,7 +15,8 @@ use crate::state::StateStore;
 /// Returns how many VMs could not be removed.
 pub fn reap(
     config: &Config,
-    backend: &dyn Backend,
+    backends: &super::ImageBackends,
+    registry: &crate::registry::Registry,
     dry_run: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
@@ -31,21 +32,21 @@ pub fn reap(
         )?;
         return Ok(0);
     };
-    let current = super::fingerprint(config, backend)?;
-    let failures = reap_locked(config, backend, &pool, current.as_deref(), dry_run, out)?;
+    let current = super::fingerprints(config, registry)?;
+    let failures = reap_locked(config, backends, &pool, &current, dry_run, out)?;
     if !dry_run {
         pool.remove_if_empty(&lock)?;
     }
     Ok(failures)
 }
 
-/// [`reap`] with the pool's lock held and `current` the fingerprint of what VMs are built
-/// from now (`None`: the backend cannot tell; nothing counts as stale then).
+/// [`reap`] with the pool's lock held and `current` the fingerprint of what each image's VMs
+/// are built from now.
 pub(super) fn reap_locked(
     config: &Config,
-    backend: &dyn Backend,
+    backends: &super::ImageBackends,
     pool: &PoolDir,
-    current: Option<&str>,
+    current: &super::Fingerprints,
     dry_run: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
@@ -53,6 +54,16 @@ pub(super) fn reap_locked(
     let store = StateStore::new(&config.state_dir);
     let me = owner_of(&config.state_dir);
     let (entries, unreadable) = pool.entries()?;
+    let default = backends
+        .get(&config.images.default)
+        .or_else(|| backends.values().next())
+        .map(|backend| backend.as_ref())
+        .ok_or_else(|| anyhow::anyhow!("no backend"))?;
+    // Whose storage a pooled VM's files are in: its image's.
+    let mut image_of: BTreeMap<String, Option<String>> = entries
+        .iter()
+        .map(|e| (e.vm_name.clone(), e.image.clone()))
+        .collect();
     let mut doomed: Vec<(String, String)> = Vec::new();
     for entry in &entries {
         let vm = &entry.vm_name;
@@ -84,7 +95,7 @@ pub(super) fn reap_locked(
                 "idle in the pool for more than {} s",
                 entry.deadline_unix.saturating_sub(entry.created_unix)
             )
-        } else if current.is_some_and(|current| current != entry.fingerprint) {
+        } else if !entry.fresh(current) {
             "it was built from another base image or config".to_string()
         } else {
             continue;
@@ -103,7 +114,7 @@ pub(super) fn reap_locked(
         .collect();
     let prefix = config.pool_prefix();
     let mut unrecorded = BTreeSet::new();
-    match backend.list_owned() {
+    match default.list_owned() {
         Ok(vms) => unrecorded.extend(
             vms.into_iter()
                 .filter(|vm| vm.job_id == POOL_JOB_ID && vm.vm_name.starts_with(&prefix))
@@ -113,11 +124,20 @@ pub(super) fn reap_locked(
         Err(PluginError::Unsupported(_)) => {}
         Err(err) => return Err(anyhow::Error::new(err).context("cannot list the backend's VMs")),
     }
-    match backend.names_with_files() {
-        Ok(names) => unrecorded.extend(names.into_iter().filter(|n| n.starts_with(&prefix))),
-        Err(PluginError::Unsupported(_)) => {}
-        Err(err) => {
-            return Err(anyhow::Error::new(err).context("cannot list the backend's VM files"))
+    for (image, backend) in backends {
+        match backend.names_with_files() {
+            Ok(names) => {
+                for name in names.into_iter().filter(|n| n.starts_with(&prefix)) {
+                    image_of
+                        .entry(name.clone())
+                        .or_insert_with(|| image.clone());
+                    unrecorded.insert(name);
+                }
+            }
+            Err(PluginError::Unsupported(_)) => {}
+            Err(err) => {
+                return Err(anyhow::Error::new(err).context("cannot list the backend's VM files"))
+            }
         }
     }
     unrecorded.retain(|name| !recorded.contains(name));
@@ -134,6 +154,10 @@ pub(super) fn reap_locked(
             writeln!(out, "would remove {vm}: {reason}")?;
             continue;
         }
+        let backend = image_of
+            .get(&vm)
+            .and_then(|image| backends.get(image))
+            .map_or(default, |backend| backend.as_ref());
         let removed = refusal(backend, &vm, &me)
             .map_err(anyhow::Error::new)
             .and_then(|refused| match refused {
