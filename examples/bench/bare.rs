@@ -22,10 +22,12 @@ use crate::support::TestEnv;
 const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-/// When the guest's lease appeared and when the first login succeeded, after the start.
+/// When the guest's lease appeared, the first TCP connection got through and the first login
+/// succeeded, after the start.
 #[derive(Debug, Clone, Copy)]
 pub struct BareBoot {
     pub address: Duration,
+    pub connected: Duration,
     pub ready: Duration,
 }
 
@@ -91,26 +93,31 @@ pub fn boot(env: &TestEnv, config_path: &Path, name: &str) -> BareBoot {
         std::thread::sleep(PROBE_INTERVAL);
     };
     let address = started.elapsed();
-    let ready = first_login(env, &ip, started);
+    let (connected, ready) = first_login(env, &ip, started);
 
     let _ = domain.destroy();
     for file in [&overlay_path, &console_log, &nvram] {
         let _ = std::fs::remove_file(file);
     }
-    BareBoot { address, ready }
+    BareBoot {
+        address,
+        connected,
+        ready,
+    }
 }
 
 /// Starts a TCP connection attempt every 50 ms, each in its own thread; the first connection
 /// that gets through is used for the login (libssh2, the guest's host key compared with
 /// `known_hosts`, `true` run), later ones are closed at once (a dozen SSH handshakes at once
 /// would swamp the emulated guest). If that login fails, probing goes on. The time after
-/// `started` of the first login that succeeded.
-fn first_login(env: &TestEnv, ip: &str, started: Instant) -> Duration {
+/// `started` of the first connection and of the first login that succeeded.
+fn first_login(env: &TestEnv, ip: &str, started: Instant) -> (Duration, Duration) {
     let addr: SocketAddr = format!("{ip}:22").parse().expect("guest address");
     let host_key = pinned_host_key(&env.known_hosts);
     let (tx, rx) = mpsc::channel::<TcpStream>();
     let taken = Arc::new(AtomicBool::new(false));
     let mut next = Instant::now();
+    let mut connected = None;
     loop {
         if Instant::now() >= next {
             let (tx, taken) = (tx.clone(), Arc::clone(&taken));
@@ -125,8 +132,9 @@ fn first_login(env: &TestEnv, ip: &str, started: Instant) -> Duration {
         }
         let wait = next.saturating_duration_since(Instant::now());
         if let Ok(tcp) = rx.recv_timeout(wait) {
+            let at = *connected.get_or_insert_with(|| started.elapsed());
             if login(env, tcp, &host_key).is_ok() {
-                return started.elapsed();
+                return (at, started.elapsed());
             }
             taken.store(false, Ordering::SeqCst);
         }
@@ -136,6 +144,8 @@ fn first_login(env: &TestEnv, ip: &str, started: Instant) -> Duration {
 
 /// The login over a connection: handshake, check the host key, log in, run `true`.
 fn login(env: &TestEnv, tcp: TcpStream, host_key: &[u8]) -> Result<(), String> {
+    // As any SSH client does: no Nagle delay on the handshake's small packets.
+    let _ = tcp.set_nodelay(true);
     let mut session = ssh2::Session::new().map_err(|e| e.to_string())?;
     session.set_tcp_stream(tcp);
     session.set_timeout(10_000);
