@@ -116,11 +116,15 @@ impl Side {
         let prepared = session.prepare();
         let prepare = last_of(&session, &InvocationKind::Prepare);
         if let Err(err) = prepared {
-            panic!(
-                "{:?} prepare failed: {err:?}\n{}",
-                self.kind,
-                crate::support::session_log(&session)
-            );
+            // As the runner does after a failed attempt: cleanup; the job counts as failed.
+            let log = crate::support::session_log(&session);
+            let detail = log.lines().rfind(|line| line.contains("Waited"));
+            let why = format!("prepare: {} {}", err.message(), detail.unwrap_or_default());
+            eprintln!("{:?}: job {id} failed: {why}", self.kind);
+            self.failures.push(why);
+            session.cleanup();
+            self.after_cleanup(id);
+            return;
         }
         out.add(&format!("{prefix} prepare"), secs(prepare.duration));
         for (needle, name) in self.milestones(prefix) {
