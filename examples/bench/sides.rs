@@ -261,8 +261,8 @@ impl Side {
                 .args(["-q", "-c", &self.uri, "undefine", name])
                 .output();
         }
-        // A failed baseline prepare's cleanup stops at `virsh shutdown` of a domain that is not
-        // running (set -e) and never removes the disk.
+        // After failed prepares the baseline's cleanup leaves the disk (its `set -e` ends it
+        // when a virsh step fails, before the `rm`).
         for file in crate::support::list_dir(&self.images_dir) {
             if file.ends_with(&format!("{suffix}.qcow2")) {
                 self.left_disks += 1;
