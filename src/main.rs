@@ -116,8 +116,8 @@ impl Command {
             Command::Cleanup => "cleanup",
             Command::Gc { .. } => "gc",
             Command::Pool { .. } => "pool",
-            Command::FinishCleanup { .. } => "finish-cleanup",
             Command::Doctor { .. } => "doctor",
+            Command::FinishCleanup { .. } => "finish-cleanup",
             Command::Plugins => "plugins",
         }
     }
@@ -172,13 +172,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         return hyperjob_core::gc::gc(&config, &registry, dry_run, &mut std::io::stdout());
     }
     if let Command::FinishCleanup { job_id } = cli.command {
-        // Started by cleanup, which has the job id from JOB_RESPONSE_FILE (gone by now); the
-        // job's image settings as cleanup had them.
-        let job = JobIdentity {
-            job_id,
-            timeout_secs: 0,
-        };
-        let config = job_config(&config, &Command::Cleanup, &job)?;
+        // Started by cleanup, which has the job id from JOB_RESPONSE_FILE (gone by now).
         return hyperjob_core::teardown::finish(&config, &registry, job_id);
     }
     if let Command::Pool { action } = &cli.command {

@@ -8,12 +8,11 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::{Driver, ExecutorSession, ExitInfo, Job};
 use support::{
-    configured_session, configured_session_of, domain_exists, hyperjob_metadata,
+    configured_session, configured_session_of, domain_exists, hyperjob_metadata, hyperjob_ok,
     job_without_sources, list_dir, run_sources_and_script, session_log, unique_job_id, vm_name,
     wait_for_log, Lookalike, TestEnv, Workspace,
 };
@@ -26,24 +25,8 @@ fn job(id: i64) -> Job {
     job_without_sources(id, "group/gc-jobs", &["echo stage-ran"])
 }
 
-/// `hyperjob gc` of the workspace; its report (stdout) and whether it succeeded.
-fn gc(env: &TestEnv, ws: &Workspace) -> (String, bool) {
-    let output = Command::new(&env.hyperjob)
-        .arg("--config")
-        .arg(&ws.config_path)
-        .arg("gc")
-        .output()
-        .expect("run hyperjob gc");
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        output.status.success(),
-    )
-}
-
 fn gc_ok(env: &TestEnv, ws: &Workspace) -> String {
-    let (report, ok) = gc(env, ws);
-    assert!(ok, "gc failed: {report}");
-    report
+    hyperjob_ok(env, ws, &["gc"])
 }
 
 /// An executable file `name` in the workspace with `text`.

@@ -6,13 +6,12 @@
 
 mod support;
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::{ExitInfo, Job};
 use support::{
-    configured_session, domain_exists, job_without_sources, recorded_state, run_sources_and_script,
-    session_log, unique_job_id, virsh, wait_until, TestEnv, Workspace,
+    configured_session, domain_exists, hyperjob_ok, job_without_sources, recorded_state,
+    run_sources_and_script, session_log, unique_job_id, virsh, wait_until, TestEnv, Workspace,
 };
 
 /// Generous bounds: four TCG guests may share the two cores of a test machine.
@@ -29,26 +28,6 @@ fn with_pool(ws: &Workspace, tag: &str, base: &str, pool: &str) {
     ws.write_config(&format!(
         "name_prefix = \"{tag}-\"\n{base}\n[pool]\n{pool}\n"
     ));
-}
-
-fn hyperjob(env: &TestEnv, ws: &Workspace, args: &[&str]) -> Output {
-    Command::new(&env.hyperjob)
-        .arg("--config")
-        .arg(&ws.config_path)
-        .args(args)
-        .output()
-        .expect("run hyperjob")
-}
-
-fn hyperjob_ok(env: &TestEnv, ws: &Workspace, args: &[&str]) -> String {
-    let output = hyperjob(env, ws, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "hyperjob {args:?} failed:\n{text}");
-    text
 }
 
 /// Pooled VMs of the workspace and their state, from `pool status`.

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use hyperjob_test_harness::Job;
 use support::{
-    configured_session, domain_exists, job_without_sources, prepared_session, recorded_phase,
-    run_sources_and_script, session_log, unique_job_id, vm_name, wait_until, TestEnv, Workspace,
+    configured_session, domain_exists, hyperjob_ok, job_without_sources, prepared_session,
+    recorded_phase, run_sources_and_script, session_log, unique_job_id, vm_name, wait_until,
+    TestEnv, Workspace,
 };
 
 /// Generous: four TCG guests may share the two cores of a test machine.
@@ -69,15 +70,7 @@ fn hold_job_lock(ws: &Workspace, job_id: i64) -> File {
 }
 
 fn gc(env: &TestEnv, ws: &Workspace) -> String {
-    let output = Command::new(&env.hyperjob)
-        .arg("--config")
-        .arg(&ws.config_path)
-        .arg("gc")
-        .output()
-        .expect("run hyperjob gc");
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "gc failed: {report}");
-    report
+    hyperjob_ok(env, ws, &["gc"])
 }
 
 #[test]

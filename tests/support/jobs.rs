@@ -120,3 +120,25 @@ pub fn driver_errors(report: &hyperjob_test_harness::JobReport) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Runs the hyperjob under test with the workspace's config and `args` (`gc`, `pool fill`, …).
+pub fn hyperjob_output(env: &TestEnv, ws: &Workspace, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(&env.hyperjob)
+        .arg("--config")
+        .arg(&ws.config_path)
+        .args(args)
+        .output()
+        .expect("run hyperjob")
+}
+
+/// [`hyperjob_output`], which must succeed; its stdout and stderr.
+pub fn hyperjob_ok(env: &TestEnv, ws: &Workspace, args: &[&str]) -> String {
+    let output = hyperjob_output(env, ws, args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "hyperjob {args:?} failed:\n{text}");
+    text
+}

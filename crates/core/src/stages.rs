@@ -286,27 +286,31 @@ pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         None => ctx.config.vm_name(ctx.job.job_id),
     };
     let me = crate::ownership::owner_of(&ctx.config.state_dir);
-    let mut handed_off = false;
-    match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
+    let handed_off = match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
         .with_context(|| format!("cannot destroy VM {vm_name}"))?
     {
         // Not this job's VM: nothing of the job is left to destroy.
-        Some(why) => tracing::warn!("left {vm_name} alone: {why}"),
+        Some(why) => {
+            tracing::warn!("left {vm_name} alone: {why}");
+            false
+        }
         None => {
             // With a record to anchor it, the VM is halted now and removed in the background
             // (crate::teardown); else, or if that cannot be done, right here.
-            if let Some(state) = state {
-                handed_off =
-                    crate::teardown::hand_off(&ctx.config.path, backend.as_ref(), &store, state)?;
-            }
+            let handed_off = match state {
+                Some(state) => {
+                    crate::teardown::hand_off(&ctx.config.path, backend.as_ref(), &store, state)?
+                }
+                None => false,
+            };
             if !handed_off {
                 backend
                     .destroy(&vm_name)
                     .with_context(|| format!("cannot destroy VM {vm_name}"))?;
             }
+            handed_off
         }
-    }
-    // A VM handed off: its finisher removes the record last.
+    };
     if !handed_off {
         store.remove(ctx.job.job_id)?;
     }

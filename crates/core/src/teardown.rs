@@ -75,7 +75,11 @@ pub fn finish(config: &Config, registry: &Registry, job_id: u64) -> anyhow::Resu
         // Nothing of ours to finish.
         _ => return Ok(StageOutcome::Success),
     };
-    let backend = build_backend(config, registry)?;
+    // The job's image decides where its VM's files are (its own images_dir, say).
+    let config = config
+        .for_image(state.image.as_deref())
+        .unwrap_or_else(|_| config.clone());
+    let backend = build_backend(&config, registry)?;
     let me = crate::ownership::owner_of(&config.state_dir);
     let vm_name = &state.vm_name;
     match crate::ownership::refusal(backend.as_ref(), vm_name, &me)

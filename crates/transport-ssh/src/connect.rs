@@ -196,8 +196,8 @@ mod tests {
         assert_eq!(stream.peer_addr().expect("peer"), addr);
     }
 
-    #[test]
-    fn a_refused_port_times_out_naming_the_refusal() {
+    /// A loopback port the test holds without listening: connections to it are refused.
+    fn bound_not_listening() -> (Socket, SocketAddr) {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
         socket
             .bind(&SockAddr::from(SocketAddr::from(([127, 0, 0, 1], 0))))
@@ -207,6 +207,12 @@ mod tests {
             .expect("addr")
             .as_socket()
             .expect("inet");
+        (socket, addr)
+    }
+
+    #[test]
+    fn a_refused_port_times_out_naming_the_refusal() {
+        let (_socket, addr) = bound_not_listening();
         let cancel = AtomicBool::new(false);
 
         let err = first_connection(addr, Duration::from_millis(300), &cancel).expect_err("closed");
@@ -217,15 +223,7 @@ mod tests {
 
     #[test]
     fn a_cancel_ends_the_attempts() {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-        socket
-            .bind(&SockAddr::from(SocketAddr::from(([127, 0, 0, 1], 0))))
-            .expect("bind");
-        let addr = socket
-            .local_addr()
-            .expect("addr")
-            .as_socket()
-            .expect("inet");
+        let (_socket, addr) = bound_not_listening();
         let cancel = AtomicBool::new(true);
 
         let err = first_connection(addr, Duration::from_secs(600), &cancel).expect_err("cancel");
