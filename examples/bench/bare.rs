@@ -1,14 +1,16 @@
 //! The bare boot: the lower bound a cold `prepare` is measured against. The very domain hyperjob
 //! would create (its domain XML builder, the workspace's `[backends.libvirt]` table, a slot MAC
 //! of its own so the DHCP lease is reused as hyperjob's is), created directly through libvirt,
-//! the network's leases read every 50 ms, then an SSH probe started every 50 ms (its own thread:
-//! TCP connect, libssh2 handshake, host key compared, login, `true`) until one succeeds. No
-//! hyperjob process is involved, and the probes cost next to no CPU (an OpenSSH client started
-//! every 50 ms took enough CPU on two cores to slow the guest it waited for).
+//! the network's leases read every 50 ms, then a TCP connection attempt started every 50 ms and
+//! an SSH login (libssh2, host key compared, `true`) over the first that gets through, until a
+//! login succeeds. No hyperjob process is involved, and the probes cost next to no CPU (an
+//! OpenSSH client started every 50 ms took enough CPU on two cores to slow the guest it waited
+//! for, and a handshake per connection swamped the guest once a dozen got through at once).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use hyperjob_backend_libvirt::network::{self, current_lease, FilterRef, MacPool, Nic};
@@ -20,10 +22,12 @@ use crate::support::TestEnv;
 const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-/// When the guest's lease appeared and when the first login succeeded, after the start.
+/// When the guest's lease appeared, the first TCP connection got through and the first login
+/// succeeded, after the start.
 #[derive(Debug, Clone, Copy)]
 pub struct BareBoot {
     pub address: Duration,
+    pub connected: Duration,
     pub ready: Duration,
 }
 
@@ -89,40 +93,59 @@ pub fn boot(env: &TestEnv, config_path: &Path, name: &str) -> BareBoot {
         std::thread::sleep(PROBE_INTERVAL);
     };
     let address = started.elapsed();
-    let ready = first_login(env, &ip, started);
+    let (connected, ready) = first_login(env, &ip, started);
 
     let _ = domain.destroy();
     for file in [&overlay_path, &console_log, &nvram] {
         let _ = std::fs::remove_file(file);
     }
-    BareBoot { address, ready }
+    BareBoot {
+        address,
+        connected,
+        ready,
+    }
 }
 
-/// Starts a TCP connection attempt every 50 ms, each in its own thread; an attempt that
-/// connects logs in over that connection (libssh2, the guest's host key compared with
-/// `known_hosts`) and runs `true`. The time after `started` of the first login that succeeded.
-fn first_login(env: &TestEnv, ip: &str, started: Instant) -> Duration {
+/// Starts a TCP connection attempt every 50 ms, each in its own thread; the first connection
+/// that gets through is used for the login (libssh2, the guest's host key compared with
+/// `known_hosts`, `true` run), later ones are closed at once (a dozen SSH handshakes at once
+/// would swamp the emulated guest). If that login fails, probing goes on. The time after
+/// `started` of the first connection and of the first login that succeeded.
+fn first_login(env: &TestEnv, ip: &str, started: Instant) -> (Duration, Duration) {
     let addr: SocketAddr = format!("{ip}:22").parse().expect("guest address");
     let host_key = pinned_host_key(&env.known_hosts);
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::channel::<TcpStream>();
+    let taken = Arc::new(AtomicBool::new(false));
+    let mut next = Instant::now();
+    let mut connected = None;
     loop {
-        let (tx, env, host_key) = (tx.clone(), env.clone(), host_key.clone());
-        std::thread::spawn(move || {
-            if login(&env, addr, &host_key).is_ok() {
-                let _ = tx.send(started.elapsed());
+        if Instant::now() >= next {
+            let (tx, taken) = (tx.clone(), Arc::clone(&taken));
+            std::thread::spawn(move || {
+                if let Ok(tcp) = TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+                    if !taken.swap(true, Ordering::SeqCst) {
+                        let _ = tx.send(tcp);
+                    }
+                }
+            });
+            next += PROBE_INTERVAL;
+        }
+        let wait = next.saturating_duration_since(Instant::now());
+        if let Ok(tcp) = rx.recv_timeout(wait) {
+            let at = *connected.get_or_insert_with(|| started.elapsed());
+            if login(env, tcp, &host_key).is_ok() {
+                return (at, started.elapsed());
             }
-        });
-        if let Ok(ready) = rx.recv_timeout(PROBE_INTERVAL) {
-            return ready;
+            taken.store(false, Ordering::SeqCst);
         }
         assert!(started.elapsed() < TIMEOUT, "bare boot: no SSH login");
     }
 }
 
-/// One probe: connect, handshake, check the host key, log in, run `true`.
-fn login(env: &TestEnv, addr: SocketAddr, host_key: &[u8]) -> Result<(), String> {
-    let tcp =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+/// The login over a connection: handshake, check the host key, log in, run `true`.
+fn login(env: &TestEnv, tcp: TcpStream, host_key: &[u8]) -> Result<(), String> {
+    // As any SSH client does: no Nagle delay on the handshake's small packets.
+    let _ = tcp.set_nodelay(true);
     let mut session = ssh2::Session::new().map_err(|e| e.to_string())?;
     session.set_tcp_stream(tcp);
     session.set_timeout(10_000);

@@ -31,6 +31,8 @@ struct Options {
     rounds: usize,
     concurrent: usize,
     stages: usize,
+    /// Only the bare boot, `rounds` times (calibration).
+    bare_only: bool,
 }
 
 impl Options {
@@ -39,9 +41,14 @@ impl Options {
             rounds: 5,
             concurrent: 4,
             stages: 5,
+            bare_only: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
+            if arg == "--bare-only" {
+                options.bare_only = true;
+                continue;
+            }
             let value = args
                 .next()
                 .and_then(|v| v.parse().ok())
@@ -66,6 +73,14 @@ fn usage(arg: &str) -> ! {
 fn main() -> ExitCode {
     let options = Options::from_args();
     let env = TestEnv::load();
+    if options.bare_only {
+        let ws = env.workspace("bench-bare");
+        for round in 0..=options.rounds {
+            let boot = bare::boot(&env, &ws.config_path, &bare_name(round));
+            println!("bare boot {round}: {boot:?}");
+        }
+        return ExitCode::SUCCESS;
+    }
     let started = Instant::now();
     let cold_ws = env.workspace("bench-hyperjob");
     let warm_ws = env.workspace("bench-pool");
@@ -87,6 +102,7 @@ fn main() -> ExitCode {
         options.concurrent,
         env.hyperjob.display()
     );
+    println!("load average at the start: {}", load_average());
     println!("warm-up (not counted): one job per side and one bare boot");
     hj.step_job(unique_job_id(), 1, "warm-up", &mut Samples::default());
     base.step_job(unique_job_id(), 1, "warm-up", &mut Samples::default());
@@ -97,6 +113,7 @@ fn main() -> ExitCode {
         base.step_job(unique_job_id(), options.stages, "cold", &mut bs);
         let boot = bare::boot(&env, &cold_ws.config_path, &bare_name(round));
         hs.add("bare: address", boot.address.as_secs_f64());
+        hs.add("bare: connected", boot.connected.as_secs_f64());
         hs.add("bare: ready", boot.ready.as_secs_f64());
         for (side, samples) in [(&mut hj, &mut hs), (&mut base, &mut bs)] {
             if let Some(duration) = side.demo_job(unique_job_id(), &git.repo_url, &git.sha) {
@@ -164,6 +181,13 @@ fn main() -> ExitCode {
             &bs,
         ),
         Row::of(
+            "bare boot (lower bound): TCP connect",
+            "s",
+            "bare: connected",
+            &hs,
+            &bs,
+        ),
+        Row::of(
             "bare boot (lower bound): SSH login",
             "s",
             "bare: ready",
@@ -223,12 +247,28 @@ fn main() -> ExitCode {
         "baseline cleanups that left their VM running: {}, their disk: {} (removed by the bench afterwards)",
         base.left_running, base.left_disks
     );
-    println!("bench took {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "bench took {:.0} s; load average at the end: {} (the machine is shared)",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
     let _ = std::fs::remove_file(baseline_ws.images_dir.join("known_hosts"));
     for ws in [&cold_ws, &warm_ws, &baseline_ws] {
         ws.assert_nothing_left("hyperjob-job-");
     }
     ExitCode::SUCCESS
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
 }
 
 fn bare_name(round: usize) -> String {

@@ -116,11 +116,15 @@ impl Side {
         let prepared = session.prepare();
         let prepare = last_of(&session, &InvocationKind::Prepare);
         if let Err(err) = prepared {
-            panic!(
-                "{:?} prepare failed: {err:?}\n{}",
-                self.kind,
-                crate::support::session_log(&session)
-            );
+            // As the runner does after a failed attempt: cleanup; the job counts as failed.
+            let log = crate::support::session_log(&session);
+            let detail = log.lines().rfind(|line| line.contains("Waited"));
+            let why = format!("prepare: {} {}", err.message(), detail.unwrap_or_default());
+            eprintln!("{:?}: job {id} failed: {why}", self.kind);
+            self.failures.push(why);
+            session.cleanup();
+            self.after_cleanup(id);
+            return;
         }
         out.add(&format!("{prefix} prepare"), secs(prepare.duration));
         for (needle, name) in self.milestones(prefix) {
@@ -257,8 +261,8 @@ impl Side {
                 .args(["-q", "-c", &self.uri, "undefine", name])
                 .output();
         }
-        // A failed baseline prepare's cleanup stops at `virsh shutdown` of a domain that is not
-        // running (set -e) and never removes the disk.
+        // After failed prepares the baseline's cleanup leaves the disk (its `set -e` ends it
+        // when a virsh step fails, before the `rm`).
         for file in crate::support::list_dir(&self.images_dir) {
             if file.ends_with(&format!("{suffix}.qcow2")) {
                 self.left_disks += 1;
