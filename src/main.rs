@@ -68,6 +68,12 @@ enum Command {
         #[command(subcommand)]
         action: PoolAction,
     },
+    /// A job's relay: one connection to its VM for all its stages (prepare starts it)
+    #[command(hide = true)]
+    Relay {
+        /// The job id prepare read from JOB_RESPONSE_FILE
+        job: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +100,7 @@ impl Command {
             Command::Gc { .. } => "gc",
             Command::Pool { .. } => "pool",
             Command::Plugins => "plugins",
+            Command::Relay { .. } => "relay",
         }
     }
 }
@@ -103,7 +110,7 @@ fn main() -> ExitCode {
     // instead of stopping the stage.
     let cancel = install_signal_handlers();
     let cli = Cli::parse();
-    init_logging();
+    init_logging(matches!(cli.command, Command::Relay { .. }));
     let result = match run(&cli, &cancel) {
         // A stopped script is the runner's doing, never a build failure.
         Ok(StageOutcome::ScriptFailed { exit_code }) if cancel.load(Ordering::Relaxed) => Err(
@@ -130,6 +137,11 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         // The pool serves the whole installation, not one job: no JOB_RESPONSE_FILE.
         return pool(action, &config, &registry, cancel);
     }
+    if let Command::Relay { job } = cli.command {
+        // Started by prepare, with the job id prepare trusted, and without the job's
+        // environment.
+        return hyperjob_core::relay::serve(&config, &registry, job, cancel);
+    }
     let job = JobIdentity::from_env()?;
     let ctx = StageContext {
         config: &config,
@@ -149,7 +161,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Prepare => stages::prepare(&ctx),
         Command::Run { script, stage } => stages::run(&ctx, script, stage),
         Command::Cleanup => stages::cleanup(&ctx),
-        Command::Gc { .. } | Command::Plugins | Command::Pool { .. } => {
+        Command::Gc { .. } | Command::Plugins | Command::Pool { .. } | Command::Relay { .. } => {
             anyhow::bail!("not a job stage")
         }
     }
@@ -212,16 +224,20 @@ fn print_plugins(registry: &Registry) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs go to stderr (the job log for prepare and run); `HYPERJOB_LOG` sets the filter.
-fn init_logging() {
+/// Logs go to stderr (the job log for prepare and run), a relay's to the job log of the stage
+/// it serves; `HYPERJOB_LOG` sets the filter.
+fn init_logging(relay: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERJOB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
         .with_target(false)
-        .without_time()
-        .init();
+        .without_time();
+    if relay {
+        logs.with_writer(hyperjob_core::relay::log_writer).init();
+    } else {
+        logs.with_writer(std::io::stderr).init();
+    }
 }
 
 /// How long a stage may take to stop after the first SIGTERM/SIGINT before the process ends

@@ -309,7 +309,10 @@ fn with_per_job_keys_every_pooled_vm_has_its_own_keys_and_the_claim_hands_them_t
         .map(|r| r["endpoint"]["host_key"].as_str().expect("a host key"))
         .collect();
     assert_eq!(host_keys.len(), 2);
-    assert_ne!(host_keys[0], host_keys[1], "two pooled VMs share a host key");
+    assert_ne!(
+        host_keys[0], host_keys[1],
+        "two pooled VMs share a host key"
+    );
 
     let id = unique_job_id();
     let session = configured_session(&env, &ws, &job(id));
@@ -317,7 +320,9 @@ fn with_per_job_keys_every_pooled_vm_has_its_own_keys_and_the_claim_hands_them_t
     assert!(session_log(&session).contains("Claimed the pooled VM"));
     let state = recorded_state(&ws, id).expect("state");
     let vm = job_vm(&ws, id);
-    let identity = state["endpoint"]["identity_file"].as_str().expect("identity file");
+    let identity = state["endpoint"]["identity_file"]
+        .as_str()
+        .expect("identity file");
     assert_eq!(
         identity,
         ws.state_dir

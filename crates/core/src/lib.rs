@@ -10,6 +10,7 @@
 pub mod abi;
 pub mod boot;
 pub mod config;
+pub mod detach;
 pub mod exec_plugin;
 pub mod exit;
 pub mod job;
@@ -20,14 +21,15 @@ pub mod plugin;
 pub mod pool;
 pub mod progress;
 pub mod registry;
+pub mod relay;
 pub mod runner;
 pub mod stages;
 pub mod state;
 pub mod wait;
 
 pub use plugin::{
-    Backend, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport, VmPresence,
-    VmRequest,
+    Backend, Connection, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport,
+    VmPresence, VmRequest,
 };
 pub mod gc;
 

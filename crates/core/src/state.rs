@@ -185,6 +185,9 @@ pub struct JobState {
     /// The runner that started prepare ([`crate::runner`]); a job whose runner is gone is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<ProcessIdentity>,
+    /// The job's relay ([`crate::relay`]), which `cleanup` and `gc` end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<ProcessIdentity>,
 }
 
 impl JobState {
@@ -206,6 +209,7 @@ impl JobState {
             created_unix: times.0,
             deadline_unix: times.1,
             runner: None,
+            relay: None,
         }
     }
 
@@ -232,6 +236,11 @@ impl StateStore {
 
     pub fn path_for(&self, job_id: u64) -> PathBuf {
         self.dir.join(format!("job-{job_id}.json"))
+    }
+
+    /// The socket of the job's relay ([`crate::relay`]).
+    pub fn relay_socket(&self, job_id: u64) -> PathBuf {
+        self.dir.join(format!("job-{job_id}.relay.sock"))
     }
 
     /// The directory holding a job's per-job client key.
@@ -297,14 +306,15 @@ impl StateStore {
             .collect())
     }
 
-    /// Job ids that have a file in the state directory: a state file, a lock file or keys.
+    /// Job ids that have a file in the state directory: a state file, a lock file, keys or a
+    /// relay socket.
     pub fn job_ids_with_files(&self) -> Result<Vec<u64>, StateError> {
         let mut ids: Vec<u64> = self
             .entries()?
             .iter()
             .filter_map(|(name, _)| {
                 let rest = name.strip_prefix("job-")?;
-                [".json", ".lock", ".keys"]
+                [".json", ".lock", ".keys", ".relay.sock"]
                     .iter()
                     .find_map(|suffix| rest.strip_suffix(suffix))?
                     .parse()
@@ -379,8 +389,8 @@ impl StateStore {
             .map_err(|source| StateError::Corrupt { path, source })
     }
 
-    /// Removes a job's keys, state and lock file (the state file last but for the lock);
-    /// absent files are fine.
+    /// Removes a job's keys, relay socket, state and lock file (the state file last but for the
+    /// lock); absent files are fine.
     pub fn remove(&self, job_id: u64) -> Result<(), StateError> {
         let keys = self.keys_dir(job_id);
         match fs::remove_dir_all(&keys) {
@@ -388,7 +398,12 @@ impl StateStore {
             Err(err) if err.kind() == ErrorKind::NotFound => {}
             Err(source) => return Err(StateError::Remove { path: keys, source }),
         }
-        for path in [self.path_for(job_id), self.lock_path(job_id)] {
+        let files = [
+            self.relay_socket(job_id),
+            self.path_for(job_id),
+            self.lock_path(job_id),
+        ];
+        for path in files {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == ErrorKind::NotFound => {}

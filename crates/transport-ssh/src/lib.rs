@@ -3,6 +3,7 @@
 //! the guest shell on stdin with stdout and stderr relayed live and separately.
 
 pub mod config;
+mod connection;
 pub mod known_hosts;
 mod relay;
 mod remote;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hyperjob_core::registry::{PluginContext, TransportFactory};
 use hyperjob_core::wait::Backoff;
-use hyperjob_core::{Endpoint, PluginError, RemoteExit, ScriptRequest, Transport};
+use hyperjob_core::{Connection, Endpoint, PluginError, RemoteExit, ScriptRequest, Transport};
 use ssh2::Session;
 
 pub use config::{HostKeyPolicy, SshConfig};
@@ -410,6 +411,30 @@ impl Transport for SshTransport {
                 }
             },
         )
+    }
+
+    fn can_connect(&self) -> bool {
+        true
+    }
+
+    fn connect(
+        &self,
+        endpoint: &Endpoint,
+        cancel: &AtomicBool,
+    ) -> Result<Box<dyn Connection>, PluginError> {
+        let _deferred = signals::DeferSignals::new();
+        let session = self
+            .open_session(endpoint, self.config.connect_timeout, cancel)
+            .map_err(|err| match err {
+                SshError::Interrupted(during) => PluginError::Interrupted(during.to_string()),
+                err => PluginError::msg(err.to_string()),
+            })?;
+        session.set_keepalive(false, relay::KEEPALIVE_SECS);
+        Ok(Box::new(connection::SshConnection::new(
+            session,
+            self.config.umask,
+            self.config.connect_timeout,
+        )))
     }
 }
 

@@ -1,7 +1,6 @@
 //! `prepare`'s side of the pool: claim a ready VM for the job.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -113,40 +112,15 @@ fn take(
         .wait_ready(&endpoint, Instant::now() + CHECK_TIMEOUT, ctx.cancel)
         .context("it does not accept a login")?;
     crate::boot::interrupted(ctx.cancel)?;
-    store.save(&record.ready(endpoint.clone()))?;
+    crate::relay::save_ready(ctx.config, transport, store, record.ready(endpoint.clone()))?;
     Ok(endpoint)
 }
 
-/// Starts `hyperjob pool fill --background` for the config at `config_path`, detached (its
-/// own session, no stdio, a clean environment: never the job's variables), without waiting.
+/// Starts `hyperjob pool fill --background` for the config at `config_path`, detached, without
+/// waiting.
 fn spawn_refill(config_path: &Path) {
-    use std::os::unix::process::CommandExt;
-    let Ok(exe) = std::env::current_exe() else {
-        tracing::warn!("cannot find hyperjob's own binary: the pool is refilled by the next fill");
-        return;
-    };
-    let mut command = Command::new(exe);
-    command
-        .arg("--config")
-        .arg(config_path)
-        .args(["pool", "fill", "--background"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(log) = std::env::var_os("HYPERJOB_LOG") {
-        command.env("HYPERJOB_LOG", log);
-    }
-    // SAFETY: setsid(2) is async-signal-safe and touches nothing of the parent.
-    #[allow(unsafe_code)]
-    unsafe {
-        command.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    if let Err(err) = command.spawn() {
+    if let Err(err) = crate::detach::spawn_hyperjob(config_path, &["pool", "fill", "--background"])
+    {
         tracing::warn!("cannot start refilling the pool: {err}");
     }
 }
