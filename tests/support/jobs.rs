@@ -118,7 +118,13 @@ pub fn recorded_phase(ws: &Workspace, job_id: i64) -> Option<String> {
 /// The relay prepare recorded for job `job_id` (pid, start time, boot), if any.
 pub fn recorded_relay(ws: &Workspace, job_id: i64) -> Option<ProcessIdentity> {
     let job_id = u64::try_from(job_id).expect("job id");
-    StateStore::new(&ws.state_dir).load(job_id).ok()??.relay
+    Some(
+        StateStore::new(&ws.state_dir)
+            .load(job_id)
+            .ok()??
+            .relay?
+            .process,
+    )
 }
 
 /// Whether that very process (not another one under its pid) still runs.

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod registry;
 pub mod relay;
 pub mod runner;
+pub mod signals;
 pub mod stages;
 pub mod state;
 pub mod wait;

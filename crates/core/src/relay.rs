@@ -29,10 +29,21 @@ pub use server::{log_writer, serve};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::Config;
 use crate::plugin::Transport;
 use crate::runner::{identity_of, is_alive, ProcessIdentity};
 use crate::state::{JobState, StateStore};
+
+/// The job's relay, as prepare records it in the job's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayRecord {
+    pub process: ProcessIdentity,
+    /// [`Config::transport_fingerprint`] of the config it was started with: a `run` whose
+    /// config differs (another `known_hosts`, say) connects and verifies on its own.
+    pub transport_config: String,
+}
 
 /// A relay that has run no script for this long ends (later stages connect directly).
 pub const IDLE_LIMIT: Duration = Duration::from_secs(600);
@@ -49,7 +60,10 @@ pub fn save_ready(
     record: JobState,
 ) -> anyhow::Result<()> {
     let relay = if transport.can_connect() {
-        start(config, record.job_id)
+        start(config, record.job_id).map(|process| RelayRecord {
+            process,
+            transport_config: config.transport_fingerprint(),
+        })
     } else {
         None
     };
@@ -83,9 +97,9 @@ fn start(config: &Config, job_id: u64) -> Option<ProcessIdentity> {
 
 /// Ends the job's relay `relay` if that very process still runs, waits until it is gone, and
 /// removes its socket.
-pub fn stop(store: &StateStore, job_id: u64, relay: Option<&ProcessIdentity>) {
+pub fn stop(store: &StateStore, job_id: u64, relay: Option<&RelayRecord>) {
     if let Some(relay) = relay {
-        end_process(relay);
+        end_process(&relay.process);
     }
     match std::fs::remove_file(store.relay_socket(job_id)) {
         Ok(()) => {}
@@ -151,6 +165,13 @@ fn end_process(process: &ProcessIdentity) {
 mod tests {
     use super::*;
 
+    fn record(process: ProcessIdentity) -> RelayRecord {
+        RelayRecord {
+            process,
+            transport_config: "test".into(),
+        }
+    }
+
     #[test]
     fn stop_ends_the_recorded_process_and_removes_the_socket() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -162,7 +183,7 @@ mod tests {
         let identity = identity_of(Path::new("/proc"), child.id()).expect("identity");
         std::fs::write(store.relay_socket(7), "").expect("socket stand-in");
 
-        stop(&store, 7, Some(&identity));
+        stop(&store, 7, Some(&record(identity)));
 
         let status = child.try_wait().expect("try_wait");
         assert_eq!(
@@ -186,7 +207,7 @@ mod tests {
             ..identity
         };
 
-        stop(&store, 7, Some(&earlier));
+        stop(&store, 7, Some(&record(earlier)));
 
         assert_eq!(child.try_wait().expect("try_wait"), None);
         child.kill().expect("kill");

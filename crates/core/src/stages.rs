@@ -243,7 +243,13 @@ pub fn run(
     let _active = store.lock_activity(ctx.job.job_id)?;
     let transport = ctx.transport()?;
     let vm_name = &state.vm_name;
-    let mut runner = crate::relay::StageRunner::new(&store, &state, transport.as_ref(), &endpoint);
+    let mut runner = crate::relay::StageRunner::new(
+        &store,
+        &state,
+        &ctx.config.transport_fingerprint(),
+        transport.as_ref(),
+        &endpoint,
+    );
     let interpreter = if interpreter == "sh" && uses_ansi_c_quoting(&script) {
         guest_interpreter_for_sh(&mut runner, ctx.cancel)
             .with_context(|| format!("stage {stage_name} cannot run in VM {vm_name}"))?

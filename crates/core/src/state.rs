@@ -187,7 +187,7 @@ pub struct JobState {
     pub runner: Option<ProcessIdentity>,
     /// The job's relay ([`crate::relay`]), which `cleanup` and `gc` end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relay: Option<ProcessIdentity>,
+    pub relay: Option<crate::relay::RelayRecord>,
 }
 
 impl JobState {

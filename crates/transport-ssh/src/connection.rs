@@ -23,8 +23,8 @@ use hyperjob_core::{Connection, PluginError, RemoteExit, ScriptRequest};
 use ssh2::Session;
 
 use crate::relay::{self, RelayError, Shell};
-use crate::signals::DeferSignals;
 use crate::{not_started, SshError};
+use hyperjob_core::signals::DeferSignals;
 
 /// How long dropping a channel may wait for the server (a stopped script's channel is closed
 /// from our side).
@@ -42,10 +42,17 @@ pub(crate) struct SshConnection {
     wanted: Vec<String>,
     /// Set once a script was stopped: the connection is not used again.
     stopped: bool,
+    /// A line for the stderr of every script (the host key is not checked).
+    warning: Option<&'static str>,
 }
 
 impl SshConnection {
-    pub(crate) fn new(session: Session, umask: u32, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        session: Session,
+        umask: u32,
+        timeout: Duration,
+        warning: Option<&'static str>,
+    ) -> Self {
         Self {
             session,
             umask,
@@ -53,6 +60,7 @@ impl SshConnection {
             ready: Vec::new(),
             wanted: vec!["bash".to_string()],
             stopped: false,
+            warning,
         }
     }
 
@@ -98,6 +106,10 @@ impl Connection for SshConnection {
             return Err(PluginError::NotStarted(
                 "its connection stopped a script and is not used again".into(),
             ));
+        }
+        if let Some(warning) = self.warning {
+            let _ = writeln!(stderr, "{warning}");
+            let _ = stderr.flush();
         }
         if !self.wanted.iter().any(|name| name == request.interpreter) {
             self.wanted.push(request.interpreter.to_string());

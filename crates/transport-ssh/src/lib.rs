@@ -7,7 +7,6 @@ mod connection;
 pub mod known_hosts;
 mod relay;
 mod remote;
-mod signals;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -332,14 +331,15 @@ pub fn attempt_timeout(attempt: u32, connect_timeout: Duration, remaining: Durat
         .max(Duration::from_millis(100))
 }
 
+/// What every stage's log says when host keys are not checked.
+const INSECURE_WARNING: &str =
+    "WARNING: hyperjob does not verify the guest's SSH host key (insecure_ignore_host_key = true)";
+
 fn warn_insecure_once() {
     static WARNED: Once = Once::new();
     WARNED.call_once(|| {
         let mut stderr = std::io::stderr().lock();
-        let _ = writeln!(
-            stderr,
-            "WARNING: hyperjob does not verify the guest's SSH host key (insecure_ignore_host_key = true)"
-        );
+        let _ = writeln!(stderr, "{INSECURE_WARNING}");
         let _ = stderr.flush();
     });
 }
@@ -359,7 +359,7 @@ impl Transport for SshTransport {
         deadline: Instant,
         cancel: &AtomicBool,
     ) -> Result<(), PluginError> {
-        let _deferred = signals::DeferSignals::new();
+        let _deferred = hyperjob_core::signals::DeferSignals::new();
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let mut attempts = 0u32;
@@ -398,7 +398,7 @@ impl Transport for SshTransport {
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<RemoteExit, PluginError> {
-        let _deferred = signals::DeferSignals::new();
+        let _deferred = hyperjob_core::signals::DeferSignals::new();
         let session = self
             .open_session(endpoint, self.config.connect_timeout, request.cancel)
             .map_err(|err| interrupted_or(err, request.cancel))?;
@@ -414,7 +414,7 @@ impl Transport for SshTransport {
     }
 
     fn can_connect(&self) -> bool {
-        true
+        self.config.relay
     }
 
     fn connect(
@@ -422,7 +422,7 @@ impl Transport for SshTransport {
         endpoint: &Endpoint,
         cancel: &AtomicBool,
     ) -> Result<Box<dyn Connection>, PluginError> {
-        let _deferred = signals::DeferSignals::new();
+        let _deferred = hyperjob_core::signals::DeferSignals::new();
         let session = self
             .open_session(endpoint, self.config.connect_timeout, cancel)
             .map_err(|err| match err {
@@ -430,10 +430,16 @@ impl Transport for SshTransport {
                 err => PluginError::msg(err.to_string()),
             })?;
         session.set_keepalive(false, relay::KEEPALIVE_SECS);
+        // Said in every stage, as a connection of the stage's own would.
+        let warning = self
+            .expected_host_keys(endpoint)
+            .is_none()
+            .then_some(INSECURE_WARNING);
         Ok(Box::new(connection::SshConnection::new(
             session,
             self.config.umask,
             self.config.connect_timeout,
+            warning,
         )))
     }
 }

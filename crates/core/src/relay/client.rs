@@ -33,15 +33,21 @@ enum Relayed {
 }
 
 impl<'a> StageRunner<'a> {
-    /// Connects to the job's relay if its state records one; notes in the job log when that
-    /// relay cannot be reached.
+    /// Connects to the job's relay if its state records one that was started with the
+    /// transport config `transport_config` ([`crate::config::Config::transport_fingerprint`]);
+    /// notes in the job log when it does not use the relay.
     pub fn new(
         store: &StateStore,
         state: &JobState,
+        transport_config: &str,
         transport: &'a dyn Transport,
         endpoint: &'a Endpoint,
     ) -> Self {
-        let relay = state.relay.as_ref().and_then(|_| {
+        let relay = state.relay.as_ref().and_then(|relay| {
+            if relay.transport_config != transport_config {
+                note("was started with another transport config");
+                return None;
+            }
             let path = store.relay_socket(state.job_id);
             socket::connect(&path)
                 .map_err(|err| note(&format!("is not running ({err})")))
@@ -63,7 +69,11 @@ impl<'a> StageRunner<'a> {
     ) -> Result<RemoteExit, PluginError> {
         if let Some(relay) = &self.relay {
             tracing::debug!("sending the script to the job's relay");
-            match relayed(relay, request, stdout, stderr) {
+            // As while the transport works: the signal thread takes (and logs) every signal.
+            let deferred = crate::signals::DeferSignals::new();
+            let outcome = relayed(relay, request, stdout, stderr);
+            drop(deferred);
+            match outcome {
                 Relayed::Done(outcome) => return outcome,
                 Relayed::NotStarted(why) => {
                     note(&why);
@@ -93,6 +103,11 @@ fn relayed(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Relayed {
+    if request.cancel.load(Ordering::Relaxed) {
+        return Relayed::Done(Err(PluginError::Interrupted(
+            "before the script was sent to the job's relay; the script was not started".into(),
+        )));
+    }
     let mut stream = relay;
     let payload = frame::encode_run(request.interpreter, request.script);
     if let Err(err) = frame::write_frame(&mut stream, Kind::Run, &payload) {

@@ -82,6 +82,10 @@ pub fn serve(
     let me = identity_of(Path::new("/proc"), std::process::id())
         .context("cannot read this process's identity from /proc")?;
     let state = recorded(&store, job_id, &me, stop)?;
+    let started_with = state.relay.as_ref().map(|r| r.transport_config.as_str());
+    if started_with != Some(config.transport_fingerprint().as_str()) {
+        bail!("the config changed since prepare recorded this relay");
+    }
     let endpoint = state
         .endpoint
         .clone()
@@ -131,7 +135,10 @@ fn recorded(
     let started = Instant::now();
     loop {
         if let Ok(Some(state)) = store.load(job_id) {
-            let mine = state.relay.as_ref().is_some_and(|r| r.is_same_process(me));
+            let mine = state
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.process.is_same_process(me));
             if mine && state.phase == Phase::Ready {
                 return Ok(state);
             }
@@ -235,7 +242,7 @@ impl Relay {
                 if !state
                     .relay
                     .as_ref()
-                    .is_some_and(|r| r.is_same_process(&self.me)) =>
+                    .is_some_and(|r| r.process.is_same_process(&self.me)) =>
             {
                 return Some("the job's state names another relay".into())
             }
