@@ -208,11 +208,13 @@ fn stages_through_the_relay(env: &TestEnv, ws: &Workspace, name: &str) {
     let job = job(id, name);
     let session = prepared_session(env, ws, &job);
 
-    // prepare started the relay; it listens on a socket only its user can use.
+    // prepare started the relay; it listens on a socket only its user can use, which exists
+    // before prepare returns: the first stage (get_sources, right after prepare) used it.
     let relay = recorded_relay(ws, id).expect("prepare recorded a relay");
     assert!(is_running(&relay));
+    assert!(!session_log(&session).contains(FALLBACK_NOTE));
     let socket = relay_socket(ws, id);
-    wait_until("the relay's socket", LOG_WAIT, || socket.exists());
+    assert!(socket.exists());
     let mode = |path: &std::path::Path| {
         std::fs::symlink_metadata(path)
             .expect("metadata")
@@ -362,9 +364,7 @@ fn cleanup_and_gc_end_the_relay_and_leave_no_socket() {
     let second = prepared_session_of(&driver, &job(collected, "relay-end"));
     let relays = [cleaned, collected].map(|id| {
         let relay = recorded_relay(&ws, id).expect("a relay");
-        wait_until("the relay's socket", LOG_WAIT, || {
-            relay_socket(&ws, id).exists()
-        });
+        assert!(relay_socket(&ws, id).exists());
         assert!(is_running(&relay));
         relay
     });

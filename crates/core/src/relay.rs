@@ -26,6 +26,7 @@ mod socket;
 pub use client::StageRunner;
 pub use server::{log_writer, serve};
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -60,7 +61,7 @@ pub fn save_ready(
     record: JobState,
 ) -> anyhow::Result<()> {
     let relay = if transport.can_connect() {
-        start(config, record.job_id).map(|process| RelayRecord {
+        start(config, store, record.job_id).map(|process| RelayRecord {
             process,
             transport_config: config.transport_fingerprint(),
         })
@@ -78,19 +79,25 @@ pub fn save_ready(
     Ok(())
 }
 
-/// Starts `hyperjob relay <job_id>`; its identity, or `None` (with a warning) when it could
-/// not be started.
-fn start(config: &Config, job_id: u64) -> Option<ProcessIdentity> {
-    let child = match crate::detach::spawn_hyperjob(&config.path, &["relay", &job_id.to_string()]) {
-        Ok(child) => child,
+/// Binds the job's relay socket and starts `hyperjob relay <job_id>` with it (as descriptor
+/// [`crate::detach::PASSED_FD`]): the socket exists before the job is ready, so the first
+/// stage's `run` never misses a relay that is still starting (it waits in the socket's backlog
+/// instead). The relay's identity, or `None` (with a warning) when it could not be started.
+fn start(config: &Config, store: &StateStore, job_id: u64) -> Option<ProcessIdentity> {
+    let path = store.relay_socket(job_id);
+    let started = socket::bind_private(&path).and_then(|listener| {
+        let args = ["relay", &job_id.to_string()];
+        crate::detach::spawn_hyperjob(&config.path, &args, Some(listener.as_fd()))
+    });
+    let identity = match started {
+        Ok(child) => identity_of(Path::new("/proc"), child.id()),
         Err(err) => {
             tracing::warn!("cannot start the job's relay ({err}): every stage connects anew");
-            return None;
+            None
         }
     };
-    let identity = identity_of(Path::new("/proc"), child.id());
     if identity.is_none() {
-        tracing::warn!("the job's relay ended at once: every stage connects anew");
+        let _ = std::fs::remove_file(&path);
     }
     identity
 }

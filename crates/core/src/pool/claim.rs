@@ -119,7 +119,8 @@ fn take(
 /// Starts `hyperjob pool fill --background` for the config at `config_path`, detached, without
 /// waiting.
 fn spawn_refill(config_path: &Path) {
-    if let Err(err) = crate::detach::spawn_hyperjob(config_path, &["pool", "fill", "--background"])
+    if let Err(err) =
+        crate::detach::spawn_hyperjob(config_path, &["pool", "fill", "--background"], None)
     {
         tracing::warn!("cannot start refilling the pool: {err}");
     }

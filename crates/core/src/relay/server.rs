@@ -90,11 +90,10 @@ pub fn serve(
         .endpoint
         .clone()
         .context("the job's state has no endpoint")?;
+    let listener = socket::passed_listener()
+        .context("the relay's socket was not passed to it (prepare starts the relay)")?;
+    let _socket = OwnSocket::new(store.relay_socket(job_id))?;
     let transport = build_transport(config, registry)?;
-    let path = store.relay_socket(job_id);
-    let listener = socket::bind_private(&path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    let _socket = OwnSocket::new(path)?;
     let connection = connect(transport.as_ref(), &endpoint, stop)?;
     let mut relay = Relay {
         store,

@@ -77,6 +77,46 @@ pub(crate) fn bind_private(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// An integer socket option of descriptor `fd`.
+#[allow(unsafe_code)]
+fn socket_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a descriptor number (it fails cleanly when that is not open or
+    // not a socket), with a valid, exclusively borrowed int and its size.
+    let result = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut length,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// The listening socket prepare passed to the relay as descriptor
+/// [`crate::detach::PASSED_FD`]; an error when that descriptor is not a listening UNIX socket.
+#[allow(unsafe_code)]
+pub(crate) fn passed_listener() -> io::Result<UnixListener> {
+    let fd = crate::detach::PASSED_FD;
+    if socket_option(fd, libc::SO_DOMAIN)? != libc::AF_UNIX
+        || socket_option(fd, libc::SO_ACCEPTCONN)? == 0
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listening UNIX socket",
+        ));
+    }
+    // SAFETY: the descriptor is open and a listening socket (checked above); nothing else in
+    // this process owns it: the process was started with it and takes it once.
+    Ok(unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// Connects to the socket at `path`.
 pub(crate) fn connect(path: &Path) -> io::Result<UnixStream> {
     with_short_path(path, |path| UnixStream::connect(path))
