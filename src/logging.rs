@@ -10,26 +10,35 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-pub fn init() {
+/// Where log lines go: stderr, or for the job's relay (whose stderr is nowhere) the job log of
+/// the stage it serves at the moment.
+type Sink = fn() -> Box<dyn Write>;
+
+pub fn init(relay: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERJOB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let sink: Sink = if relay {
+        || Box::new(hyperjob_core::relay::log_writer())
+    } else {
+        || Box::new(std::io::stderr())
+    };
     if hyperjob_core::exit::json_logs() {
         tracing_subscriber::registry()
             .with(filter)
-            .with(JsonLines)
+            .with(JsonLines(sink))
             .init();
     } else {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+            .with_writer(sink)
             .with_target(false)
             .without_time()
             .init();
     }
 }
 
-/// Writes every event as one JSON object on stderr.
-struct JsonLines;
+/// Writes every event as one JSON object, in one write.
+struct JsonLines(Sink);
 
 impl<S: tracing::Subscriber> Layer<S> for JsonLines {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
@@ -41,9 +50,10 @@ impl<S: tracing::Subscriber> Layer<S> for JsonLines {
             event.metadata().level().as_str().to_string().into(),
         );
         object.extend(fields.0);
-        let mut stderr = std::io::stderr().lock();
-        let _ = writeln!(stderr, "{}", serde_json::Value::Object(object));
-        let _ = stderr.flush();
+        let line = format!("{}\n", serde_json::Value::Object(object));
+        let mut sink = (self.0)();
+        let _ = sink.write_all(line.as_bytes());
+        let _ = sink.flush();
     }
 }
 

@@ -91,6 +91,12 @@ enum Command {
         /// The job whose VM cleanup halted
         job_id: u64,
     },
+    /// A job's relay: one connection to its VM for all its stages (prepare starts it)
+    #[command(hide = true)]
+    Relay {
+        /// The job id prepare read from JOB_RESPONSE_FILE
+        job: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +125,7 @@ impl Command {
             Command::Doctor { .. } => "doctor",
             Command::FinishCleanup { .. } => "finish-cleanup",
             Command::Plugins => "plugins",
+            Command::Relay { .. } => "relay",
         }
     }
 }
@@ -128,7 +135,7 @@ fn main() -> ExitCode {
     // instead of stopping the stage.
     let cancel = install_signal_handlers();
     let cli = Cli::parse();
-    logging::init();
+    logging::init(matches!(cli.command, Command::Relay { .. }));
     let result = match run(&cli, &cancel) {
         // A stopped script is the runner's doing, never a build failure.
         Ok(StageOutcome::ScriptFailed { exit_code }) if cancel.load(Ordering::Relaxed) => Err(
@@ -179,8 +186,14 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         // The pool serves the whole installation, not one job: no JOB_RESPONSE_FILE.
         return pool(action, &config, &registry, cancel);
     }
+    if let Command::Relay { job } = cli.command {
+        // Started by prepare, with the job id prepare trusted, and without the job's
+        // environment; it serves the job with the image's settings the job's stages use.
+        let config = job_config(&config, &cli.command, job)?;
+        return hyperjob_core::relay::serve(&config, &registry, job, cancel);
+    }
     let job = JobIdentity::from_env()?;
-    let config = job_config(&config, &cli.command, &job)?;
+    let config = job_config(&config, &cli.command, job.job_id)?;
     let ctx = StageContext {
         config: &config,
         registry: &registry,
@@ -203,7 +216,8 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         | Command::Plugins
         | Command::Pool { .. }
         | Command::Doctor { .. }
-        | Command::FinishCleanup { .. } => {
+        | Command::FinishCleanup { .. }
+        | Command::Relay { .. } => {
             anyhow::bail!("not a job stage")
         }
     };
@@ -225,16 +239,16 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
 /// The config for this job: its image's tables merged in (`[images]`), and at prepare its
 /// resource requests. prepare reads the job's choice from the runner's variables; the later
 /// stages read what prepare recorded, so a job keeps its image to the end.
-fn job_config(config: &Config, command: &Command, job: &JobIdentity) -> anyhow::Result<Config> {
+fn job_config(config: &Config, command: &Command, job_id: u64) -> anyhow::Result<Config> {
     use hyperjob_core::images::{JOB_IMAGE_ENV, MEMORY_ENV, VCPUS_ENV};
     let var = |name: &str| std::env::var(name).ok();
     match command {
         Command::Prepare => Ok(config
             .for_image(var(JOB_IMAGE_ENV).as_deref())?
             .with_resources(var(VCPUS_ENV).as_deref(), var(MEMORY_ENV).as_deref())?),
-        Command::Run { .. } | Command::Cleanup => {
+        Command::Run { .. } | Command::Cleanup | Command::Relay { .. } => {
             let recorded = hyperjob_core::state::StateStore::new(&config.state_dir)
-                .load(job.job_id)
+                .load(job_id)
                 .ok()
                 .flatten()
                 .and_then(|state| state.image);

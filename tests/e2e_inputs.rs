@@ -364,7 +364,9 @@ fn ready_guest_host(ws: &Workspace, job_id: i64) -> Option<String> {
 }
 
 /// A driver wrapper that records every exec of the driver and its children with strace, and
-/// holds each `run` until the guest-side sampler is up (so it sees every stage).
+/// holds each `run` until the guest-side sampler is up (so it sees every stage). strace records
+/// each child's exec and then lets it go (`-b execve`): otherwise it would wait for the job's
+/// relay, which prepare starts and which lives until cleanup.
 fn traced_driver(env: &TestEnv, ws: &Workspace, trace_dir: &Path, ready: &Path) -> Driver {
     let strace = ["/usr/bin/strace", "/bin/strace"]
         .into_iter()
@@ -378,7 +380,7 @@ fn traced_driver(env: &TestEnv, ws: &Workspace, trace_dir: &Path, ready: &Path) 
              if [ \"$1\" = run ]; then\n\
              \x20 i=0; while [ ! -e '{ready}' ] && [ $i -lt 6000 ]; do sleep 0.05; i=$((i + 1)); done\n\
              fi\n\
-             exec {strace} -f -qq -e trace=execve,execveat -s 65536 -ff -o '{trace}/exec' '{hyperjob}' \"$@\"\n",
+             exec {strace} -f -b execve -qq -e trace=execve,execveat -s 65536 -ff -o '{trace}/exec' '{hyperjob}' \"$@\"\n",
             ready = ready.display(),
             trace = trace_dir.display(),
             hyperjob = env.hyperjob.display(),

@@ -81,11 +81,17 @@ fn config(ws: &Workspace, protected: bool) -> String {
     if protected {
         return config;
     }
-    config.replacen(
-        "[backends.libvirt]\n",
-        "[backends.libvirt]\nisolate = false\nnwfilter = \"\"\n",
-        1,
-    )
+    // The control shows the network attack as it is: every stage connects anew (with the
+    // job's relay, the victim's next stage would ride on a connection made before the attack,
+    // and fail when the takeover resets it, or run in the attacker's VM once the relay
+    // connects again).
+    config
+        .replacen(
+            "[backends.libvirt]\n",
+            "[backends.libvirt]\nisolate = false\nnwfilter = \"\"\n",
+            1,
+        )
+        .replacen("[transports.ssh]\n", "[transports.ssh]\nrelay = false\n", 1)
 }
 
 /// The attacker's config: its job runs as root in its VM, as a job does whenever the image runs

@@ -171,8 +171,13 @@ fn a_prepare_killed_in_the_middle_of_a_claim_leaves_nothing_after_gc() {
     let id = unique_job_id();
     let session = configured_session(&env, &ws, &job(id));
     let running = session.spawn_prepare().expect("start prepare");
+    // Recorded, and past starting the replacement (whose log exists once it runs in a session
+    // of its own): a SIGKILL to prepare's group any earlier would also hit the refill while it
+    // is still forking, or come before prepare started it.
+    let refill_log = ws.state_dir.join("pool").join("fill.log");
     wait_until("the claim to be recorded", BOOT_WAIT, || {
         recorded_state(&ws, id).is_some_and(|state| state["vm_name"] == vm.as_str())
+            && refill_log.exists()
     });
 
     let _ = running.signal_group(SIGKILL);

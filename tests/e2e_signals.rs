@@ -19,12 +19,12 @@ use hyperjob_core::state::{JobState, StateStore};
 use hyperjob_core::Endpoint;
 
 use hyperjob_test_harness::{
-    Driver, ExecutorSession, ExitInfo, Invocation, Job, RunningInvocation, Stage, Step,
+    Driver, ExecutorSession, ExitInfo, Invocation, RunningInvocation, Stage,
 };
 use support::{
-    configured_session_of, hyperjob_driver, job_without_sources, prepared_session_of,
-    recorded_phase, session_log, unique_job_id, unix_now, vm_name, wait_for_prepare_point,
-    wait_until, PreparePoint, TestEnv, Workspace,
+    configured_session_of, hyperjob_driver, nothing_of_the_script_left, prepared_session_of,
+    recorded_phase, session_log, stoppable_job, unique_job_id, unix_now, vm_name,
+    wait_for_prepare_point, wait_until, PreparePoint, TestEnv, Workspace,
 };
 
 const SIGTERM: i32 = 15;
@@ -38,34 +38,6 @@ const STOP_BOUND: Duration = Duration::from_secs(60);
 /// login, guest shell) and each signal it receives, in the order they happened.
 fn logging_driver(env: &TestEnv, ws: &Workspace) -> Driver {
     hyperjob_driver(env, ws).with_env("HYPERJOB_LOG", "debug")
-}
-
-/// The job: its `script` step is the one the tests stop; `check` waits (up to 30 s: the guest
-/// side kill sends SIGKILL one second after SIGTERM) until no `sleep` is left in the guest,
-/// says whether the script had started, and resets that mark for the next round.
-fn job(id: i64, ws: &str) -> Job {
-    let mut job = job_without_sources(
-        id,
-        &format!("group/{ws}"),
-        &[
-            "touch /tmp/script.started",
-            "setsid sleep 301 &",
-            "sleep 302 &",
-            "echo started",
-            "sleep 303",
-        ],
-    );
-    job.steps.push(Step::new(
-        "check",
-        &[
-            "for i in $(seq 300); do pgrep -x sleep >/dev/null || break; sleep 0.1; done",
-            "if pgrep -x sleep; then echo sleep-survived; exit 4; fi",
-            "if [ -e /tmp/script.started ]; then echo script-had-started; else echo script-never-started; fi",
-            "rm -f /tmp/script.started",
-            "echo no-job-process-left",
-        ],
-    ));
-    job
 }
 
 /// Whether process `pid` has a handler for `signal` (its `SigCgt` mask in /proc).
@@ -112,30 +84,15 @@ fn ended(running: RunningInvocation, session: &ExecutorSession) -> Invocation {
     })
 }
 
-/// Runs the `check` step; asserts nothing of the script is left; true if it had started.
-fn nothing_of_the_script_left(session: &ExecutorSession) -> bool {
-    let before = session.log().len();
-    let check = session
-        .run_stage(&Stage::UserStep("check".into()))
-        .expect("run step_check")
-        .expect("invoked");
-    let lines: Vec<String> = session.log()[before..]
-        .iter()
-        .map(|line| line.text.clone())
-        .collect();
-    // Whole lines: the job log also shows each command, which names these words.
-    let said = |word: &str| lines.iter().any(|line| line == word);
-    assert!(check.error.is_none(), "{}", lines.join("\n"));
-    assert!(said("no-job-process-left"), "{}", lines.join("\n"));
-    said("script-had-started")
-}
-
 #[test]
 fn two_sigterms_at_once_during_run_still_stop_the_remote_process_tree() {
     let env = TestEnv::load();
     let ws = env.workspace("two-sigterms-run");
     let id = unique_job_id();
-    let session = prepared_session_of(&logging_driver(&env, &ws), &job(id, "two-sigterms"));
+    let session = prepared_session_of(
+        &logging_driver(&env, &ws),
+        &stoppable_job(id, "two-sigterms"),
+    );
     let running = session
         .spawn_stage(&Stage::UserStep("script".into()))
         .expect("start build_script");
@@ -165,7 +122,7 @@ fn two_sigterms_during_prepare(name: &str, point: PreparePoint) {
     let env = TestEnv::load();
     let ws = env.workspace(name);
     let id = unique_job_id();
-    let session = configured_session_of(&logging_driver(&env, &ws), &job(id, name));
+    let session = configured_session_of(&logging_driver(&env, &ws), &stoppable_job(id, name));
     let running = session.spawn_prepare().expect("start prepare");
     wait_for_prepare_point(&session, &ws, id, point, LOG_WAIT);
     assert_eq!(recorded_phase(&ws, id).as_deref(), Some("creating"));
@@ -239,7 +196,7 @@ fn phase_hit(log: &str) -> &'static str {
 /// or not. Prints which phase each signal hit.
 fn stop_at_the_very_start(env: &TestEnv, ws: &Workspace, name: &str) {
     let id = unique_job_id();
-    let session = prepared_session_of(&logging_driver(env, ws), &job(id, name));
+    let session = prepared_session_of(&logging_driver(env, ws), &stoppable_job(id, name));
     for offset in OFFSETS_MS {
         let before = session.log().len();
         let running = session

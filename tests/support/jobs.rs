@@ -3,7 +3,11 @@
 
 use std::path::PathBuf;
 
-use hyperjob_test_harness::{Driver, ExecutorSession, Job, JobVariable, RunnerSettings, Stage};
+use hyperjob_core::runner::ProcessIdentity;
+use hyperjob_core::state::StateStore;
+use hyperjob_test_harness::{
+    Driver, ExecutorSession, Job, JobVariable, RunnerSettings, Stage, Step,
+};
 
 use super::{session_log, TestEnv, Workspace};
 
@@ -32,8 +36,16 @@ pub fn configured_session(env: &TestEnv, ws: &Workspace, job: &Job) -> ExecutorS
 
 /// [`configured_session`] with `driver` (e.g. one with extra environment, or a wrapper).
 pub fn configured_session_of(driver: &Driver, job: &Job) -> ExecutorSession {
-    let session =
-        ExecutorSession::new(driver, job, &RunnerSettings::default()).expect("executor session");
+    configured_session_with(driver, job, &RunnerSettings::default())
+}
+
+/// [`configured_session_of`] with the runner's `settings` (e.g. `shell = "sh"`).
+pub fn configured_session_with(
+    driver: &Driver,
+    job: &Job,
+    settings: &RunnerSettings,
+) -> ExecutorSession {
+    let session = ExecutorSession::new(driver, job, settings).expect("executor session");
     session.run_config().expect("config_exec");
     session.start_build().expect("builds dir");
     session
@@ -141,4 +153,76 @@ pub fn hyperjob_ok(env: &TestEnv, ws: &Workspace, args: &[&str]) -> String {
     );
     assert!(output.status.success(), "hyperjob {args:?} failed:\n{text}");
     text
+}
+
+/// The relay prepare recorded for job `job_id` (pid, start time, boot), if any.
+pub fn recorded_relay(ws: &Workspace, job_id: i64) -> Option<ProcessIdentity> {
+    let job_id = u64::try_from(job_id).expect("job id");
+    Some(
+        StateStore::new(&ws.state_dir)
+            .load(job_id)
+            .ok()??
+            .relay?
+            .process,
+    )
+}
+
+/// Whether that very process (not another one under its pid) still runs.
+pub fn is_running(process: &ProcessIdentity) -> bool {
+    hyperjob_core::runner::is_alive(std::path::Path::new("/proc"), process) == Some(true)
+}
+
+/// Where job `job_id`'s relay listens.
+pub fn relay_socket(ws: &Workspace, job_id: i64) -> PathBuf {
+    ws.state_dir.join(format!("job-{job_id}.relay.sock"))
+}
+
+/// A job whose `script` step the signal tests stop: it starts a `sleep` that leaves its process
+/// group with `setsid` and one that stays, says `started-on-stderr` on stderr and `started` on
+/// stdout, then sleeps. Its `check` step ([`nothing_of_the_script_left`]) waits (up to 30 s:
+/// the guest side kill sends SIGKILL one second after SIGTERM) until no `sleep` is left in the
+/// guest, says whether the script had started, and resets that mark for the next round.
+pub fn stoppable_job(id: i64, project: &str) -> Job {
+    let mut job = job_without_sources(
+        id,
+        &format!("group/{project}"),
+        &[
+            "touch /tmp/script.started",
+            "setsid sleep 301 &",
+            "sleep 302 &",
+            "echo started-on-stderr >&2",
+            "echo started",
+            "sleep 303",
+        ],
+    );
+    job.steps.push(Step::new(
+        "check",
+        &[
+            "for i in $(seq 300); do pgrep -x sleep >/dev/null || break; sleep 0.1; done",
+            "if pgrep -x sleep; then echo sleep-survived; exit 4; fi",
+            "if [ -e /tmp/script.started ]; then echo script-had-started; else echo script-never-started; fi",
+            "rm -f /tmp/script.started",
+            "echo no-job-process-left",
+        ],
+    ));
+    job
+}
+
+/// Runs the `check` step of a [`stoppable_job`]; asserts nothing of the script is left; true
+/// if it had started.
+pub fn nothing_of_the_script_left(session: &ExecutorSession) -> bool {
+    let before = session.log().len();
+    let check = session
+        .run_stage(&Stage::UserStep("check".into()))
+        .expect("run step_check")
+        .expect("invoked");
+    let lines: Vec<String> = session.log()[before..]
+        .iter()
+        .map(|line| line.text.clone())
+        .collect();
+    // Whole lines: the job log also shows each command, which names these words.
+    let said = |word: &str| lines.iter().any(|line| line == word);
+    assert!(check.error.is_none(), "{}", lines.join("\n"));
+    assert!(said("no-job-process-left"), "{}", lines.join("\n"));
+    said("script-had-started")
 }

@@ -26,23 +26,20 @@
 pub mod boundary;
 mod contain;
 pub mod elf;
+mod guarded;
 mod header;
 
 pub use header::*;
 
 use contain::guard;
+use guarded::{GuardedBackend, GuardedTransport};
 
 use std::ffi::OsStr;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::plugin::{
-    Backend, Check, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
-    VmPresence, VmRequest,
-};
+use crate::plugin::{Backend, PluginError, Transport};
 use crate::registry::{Entry, Kind, Origin, PluginContext, Registry, RegistryError};
 
 /// Symbol of the header.
@@ -293,107 +290,6 @@ pub fn libraries_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     crate::registry::files_in(dir, |path| {
         path.extension() == Some(OsStr::new("so")) && path.is_file()
     })
-}
-
-/// A library backend whose every call is guarded against panics.
-struct GuardedBackend(Box<dyn Backend>);
-
-impl Backend for GuardedBackend {
-    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
-        guard("creating the VM", || self.0.create(request, progress))?
-    }
-
-    fn wait_address(
-        &self,
-        vm_name: &str,
-        deadline: Instant,
-        cancel: &AtomicBool,
-    ) -> Result<Endpoint, PluginError> {
-        guard("waiting for the address", || {
-            self.0.wait_address(vm_name, deadline, cancel)
-        })?
-    }
-
-    fn destroy(&self, vm_name: &str) -> Result<(), PluginError> {
-        guard("destroying the VM", || self.0.destroy(vm_name))?
-    }
-
-    fn list_owned(&self) -> Result<Vec<OwnedVm>, PluginError> {
-        guard("listing its VMs", || self.0.list_owned())?
-    }
-
-    fn inspect(&self, vm_name: &str) -> Result<VmPresence, PluginError> {
-        guard("looking up the VM", || self.0.inspect(vm_name))?
-    }
-
-    fn names_with_files(&self) -> Result<Vec<String>, PluginError> {
-        guard("listing its files", || self.0.names_with_files())?
-    }
-
-    fn halt(&self, vm_name: &str) -> Result<(), PluginError> {
-        guard("halting the VM", || self.0.halt(vm_name))?
-    }
-
-    fn relabel(&self, record: &OwnedVm) -> Result<(), PluginError> {
-        guard("relabelling the VM", || self.0.relabel(record))?
-    }
-
-    fn fingerprint(&self) -> Result<String, PluginError> {
-        guard("describing its images", || self.0.fingerprint())?
-    }
-
-    fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
-        guard("reading the console", || self.0.console_tail(vm_name))?
-    }
-
-    fn doctor(&self) -> Vec<Check> {
-        guard("checking the host", || self.0.doctor())
-            .unwrap_or_else(|err| vec![Check::fail("the backend's own checks", err.to_string())])
-    }
-}
-
-/// A library transport whose every call is guarded against panics.
-struct GuardedTransport(Box<dyn Transport>);
-
-impl Transport for GuardedTransport {
-    fn ready_timeout(&self) -> Duration {
-        guard("reporting its timeout", || self.0.ready_timeout())
-            .unwrap_or(Duration::from_secs(300))
-    }
-
-    fn login_user(&self) -> Option<String> {
-        guard("reporting its user", || self.0.login_user())
-            .ok()
-            .flatten()
-    }
-
-    fn doctor(&self) -> Vec<Check> {
-        guard("checking its setup", || self.0.doctor())
-            .unwrap_or_else(|err| vec![Check::fail("the transport's own checks", err.to_string())])
-    }
-
-    fn wait_ready(
-        &self,
-        endpoint: &Endpoint,
-        deadline: Instant,
-        cancel: &AtomicBool,
-    ) -> Result<(), PluginError> {
-        guard("waiting for the guest", || {
-            self.0.wait_ready(endpoint, deadline, cancel)
-        })?
-    }
-
-    fn run_script(
-        &self,
-        endpoint: &Endpoint,
-        request: &ScriptRequest<'_>,
-        stdout: &mut dyn Write,
-        stderr: &mut dyn Write,
-    ) -> Result<RemoteExit, PluginError> {
-        guard("running the script", || {
-            self.0.run_script(endpoint, request, stdout, stderr)
-        })?
-    }
 }
 
 #[cfg(test)]

@@ -120,6 +120,30 @@ pub enum GuestKeyMode {
     PerJob,
 }
 
+impl GuestKeyMode {
+    /// As written in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestKeyMode::Pinned => "pinned",
+            GuestKeyMode::PerJob => "per-job",
+        }
+    }
+}
+
+/// A short hex digest (96 bits of SHA-256) of `parts`, each length-prefixed.
+pub fn digest(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part.len().to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -277,6 +301,16 @@ impl Config {
             backend_table,
             transport_table,
         })
+    }
+
+    /// A short digest of everything that shapes the transport (its name, its table, the key
+    /// mode): a job's relay serves only `run`s whose config gives the same.
+    pub fn transport_fingerprint(&self) -> String {
+        digest(&[
+            self.transport.as_str(),
+            &toml::to_string(&self.transport_table).unwrap_or_default(),
+            self.guest_keys.name(),
+        ])
     }
 
     /// The name of a job's VM and the key of all its state: `name_prefix` and the job id.

@@ -342,6 +342,10 @@ impl<'a> Collector<'a> {
             return Ok(());
         }
         let reason = verdict.reason(state.as_ref().and_then(|state| state.runner.as_ref()));
+        if !self.dry_run {
+            let relay = state.as_ref().and_then(|state| state.relay.as_ref());
+            crate::relay::stop(&self.store, job_id, relay);
+        }
         let mut removed_all = true;
         for name in names.iter().filter(|name| !refusals.contains_key(*name)) {
             if self.dry_run {

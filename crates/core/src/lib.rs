@@ -10,7 +10,7 @@
 pub mod abi;
 pub mod boot;
 pub mod config;
-pub mod detached;
+pub mod detach;
 pub mod discovery;
 pub mod doctor;
 pub mod exec_plugin;
@@ -24,15 +24,17 @@ pub mod plugin;
 pub mod pool;
 pub mod progress;
 pub mod registry;
+pub mod relay;
 pub mod runner;
+pub mod signals;
 pub mod stages;
 pub mod state;
 pub mod teardown;
 pub mod wait;
 
 pub use plugin::{
-    Backend, Check, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest, Transport,
-    VmPresence, VmRequest,
+    Backend, Check, Connection, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest,
+    Transport, VmPresence, VmRequest,
 };
 pub mod gc;
 pub mod images;

@@ -105,6 +105,7 @@ pub fn cause_of(err: &anyhow::Error, interrupted: bool) -> String {
                 PluginError::Unsupported(_) => "unsupported",
                 PluginError::Timeout { .. } => "timeout",
                 PluginError::Interrupted(_) => "interrupted",
+                PluginError::NotStarted(_) => "not_started",
                 PluginError::System { .. } => "system",
             }
             .into();

@@ -32,6 +32,10 @@ pub enum PluginError {
     /// The work was interrupted on request (SIGTERM/SIGINT).
     #[error("interrupted {0}")]
     Interrupted(String),
+    /// Nothing of the work happened (no script was started), for a reason that another way
+    /// may not have: a [`Connection`] that was lost, say. `run` then connects anew.
+    #[error("{0}")]
+    NotStarted(String),
     /// Any other infrastructure fault.
     #[error("{message}")]
     System {
@@ -302,4 +306,43 @@ pub trait Transport: Send + Sync {
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<RemoteExit, PluginError>;
+
+    /// Whether [`Transport::connect`] is implemented. prepare starts a job's relay (a process
+    /// that keeps one connection open for all of the job's stages) only for a transport that
+    /// says so.
+    fn can_connect(&self) -> bool {
+        false
+    }
+
+    /// Optional: opens one connection to the guest that runs script after script, verified
+    /// exactly like [`Transport::run_script`]'s own. Bounded like `run_script`'s connection;
+    /// a set `cancel` ends the attempt.
+    fn connect(
+        &self,
+        _endpoint: &Endpoint,
+        _cancel: &AtomicBool,
+    ) -> Result<Box<dyn Connection>, PluginError> {
+        Err(PluginError::Unsupported("connect"))
+    }
+}
+
+/// One open connection to a guest ([`Transport::connect`]), used by one process (the job's
+/// relay) for one script at a time.
+pub trait Connection: Send {
+    /// Runs a script over this connection, with every guarantee of [`Transport::run_script`]
+    /// (live separate output, the exact exit, a stop of the remote process tree on `cancel`).
+    /// A failure before anything of the script ran in the guest is
+    /// [`PluginError::NotStarted`]: the caller may then run it another way.
+    fn run_script(
+        &mut self,
+        request: &ScriptRequest<'_>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<RemoteExit, PluginError>;
+
+    /// Called while no script runs: right after connecting, after every script, and every few
+    /// seconds in between. Keeps the connection alive and gets ready for the next script (the
+    /// SSH transport starts the next script's shell ahead). An error means the connection is
+    /// lost: its user stops using it.
+    fn idle(&mut self) -> Result<(), PluginError>;
 }

@@ -34,9 +34,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::config::{Config, GuestKeyMode};
+use crate::config::Config;
 use crate::plugin::{Backend, Endpoint, PluginError};
 use anyhow::Context as _;
 
@@ -145,29 +144,15 @@ pub fn fingerprint(config: &Config, backend: &dyn Backend) -> anyhow::Result<Opt
         Err(PluginError::Unsupported(_)) => return Ok(None),
         Err(err) => return Err(anyhow::Error::new(err).context("cannot describe the base image")),
     };
-    let keys = match config.guest_keys {
-        GuestKeyMode::Pinned => "pinned",
-        GuestKeyMode::PerJob => "per-job",
-    };
-    let mut hash = Sha256::new();
-    for part in [
+    Ok(Some(crate::config::digest(&[
         config.backend.as_str(),
         &toml::to_string(&config.backend_table).unwrap_or_default(),
         config.transport.as_str(),
         &toml::to_string(&config.transport_table).unwrap_or_default(),
-        keys,
+        config.guest_keys.name(),
         config.name_prefix.as_str(),
         &images,
-    ] {
-        hash.update(part.len().to_le_bytes());
-        hash.update(part.as_bytes());
-    }
-    Ok(Some(
-        hash.finalize()[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    ))
+    ])))
 }
 
 /// A fresh pooled VM name: the installation's pool prefix and 8 random hex digits.

@@ -104,6 +104,28 @@ pub fn runner_of(proc_root: &Path, pid: u32) -> Option<ProcessIdentity> {
     None
 }
 
+/// Process `pid` as it runs now, reading `proc_root` (normally `/proc`); `None` when it does
+/// not run or `/proc` cannot tell.
+pub fn identity_of(proc_root: &Path, pid: u32) -> Option<ProcessIdentity> {
+    let boot_id = boot_id(proc_root)?;
+    let stat = stat_of(proc_root, pid)?;
+    Some(ProcessIdentity {
+        pid,
+        start_ticks: stat.start_ticks,
+        boot_id,
+        comm: stat.comm,
+    })
+}
+
+impl ProcessIdentity {
+    /// Whether both name the same process (its name may change when it execs).
+    pub fn is_same_process(&self, other: &ProcessIdentity) -> bool {
+        self.pid == other.pid
+            && self.start_ticks == other.start_ticks
+            && self.boot_id == other.boot_id
+    }
+}
+
 /// Whether the recorded process still runs: same boot, same pid, same start time, not a
 /// zombie. `None` when this cannot be told (no `/proc`).
 pub fn is_alive(proc_root: &Path, process: &ProcessIdentity) -> Option<bool> {
@@ -250,6 +272,26 @@ mod tests {
             ..runner
         };
         assert_eq!(is_alive(proc.path(), &zombie), Some(false));
+    }
+
+    #[test]
+    fn a_process_is_identified_by_pid_start_time_and_boot_not_by_name() {
+        let proc = fake_proc(&[(100, "hyperjob", 'S', 1, 5)]);
+
+        let identity = identity_of(proc.path(), 100).expect("identity");
+        let renamed = ProcessIdentity {
+            comm: "other".into(),
+            ..identity.clone()
+        };
+        let reused = ProcessIdentity {
+            start_ticks: 6,
+            ..identity.clone()
+        };
+
+        assert_eq!((identity.pid, identity.start_ticks), (100, 5));
+        assert!(identity.is_same_process(&renamed));
+        assert!(!identity.is_same_process(&reused));
+        assert_eq!(identity_of(proc.path(), 101), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::boot::Boot;
 use crate::config::Config;
 use crate::exit::StageOutcome;
 use crate::job::{build_exit_code_file, JobIdentity};
-use crate::plugin::{Backend, Endpoint, Progress, RemoteExit, ScriptRequest, Transport, VmRequest};
+use crate::plugin::{Backend, Progress, RemoteExit, ScriptRequest, Transport, VmRequest};
 use crate::progress::StdoutProgress;
 use crate::registry::{PluginContext, Registry};
 use crate::state::{JobState, Phase, StateStore};
@@ -104,9 +104,13 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     // A retried prepare (the runner tries up to three times) may find what an earlier, failed
     // or killed attempt of the same job left behind: start from nothing — but never destroy a
     // VM of that name that another installation owns.
-    // An earlier attempt may have recorded another VM (one it claimed from the pool).
+    // An earlier attempt may have recorded another VM (one it claimed from the pool), and a
+    // relay.
     let earlier = match store.load(ctx.job.job_id) {
-        Ok(Some(state)) if state.vm_name != vm_name => Some(state.vm_name),
+        Ok(Some(state)) => {
+            crate::relay::stop(&store, ctx.job.job_id, state.relay.as_ref());
+            Some(state.vm_name).filter(|name| *name != vm_name)
+        }
         _ => None,
     };
     let leftovers = std::iter::once(&vm_name)
@@ -173,7 +177,8 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let result = booted
         .boot(&request, &store.keys_dir(ctx.job.job_id), started)
         .and_then(|endpoint| {
-            store.save(&record.ready(endpoint.clone()))?;
+            let ready = record.ready(endpoint.clone());
+            crate::relay::save_ready(ctx.config, transport.as_ref(), &store, ready)?;
             Ok(endpoint)
         });
     match result {
@@ -227,13 +232,13 @@ pub fn run(
         .with_context(|| format!("cannot read script {}", script_path.display()))?;
     let interpreter = interpreter_for(&script)?;
     let store = ctx.store();
-    let Some(JobState {
-        phase: Phase::Ready,
-        endpoint: Some(endpoint),
-        vm_name,
-        ..
-    }) = store.load(ctx.job.job_id)?
-    else {
+    let Some((state, endpoint)) = store.load(ctx.job.job_id)?.and_then(|state| {
+        let endpoint = state
+            .endpoint
+            .clone()
+            .filter(|_| state.phase == Phase::Ready)?;
+        Some((state, endpoint))
+    }) else {
         bail!(
             "no VM is prepared for job {} (prepare did not run or did not succeed)",
             ctx.job.job_id
@@ -242,8 +247,16 @@ pub fn run(
     // Only now: a run for a job that was never prepared must not leave a lock file behind.
     let _active = store.lock_activity(ctx.job.job_id)?;
     let transport = ctx.transport()?;
+    let vm_name = &state.vm_name;
+    let mut runner = crate::relay::StageRunner::new(
+        &store,
+        &state,
+        &ctx.config.transport_fingerprint(),
+        transport.as_ref(),
+        &endpoint,
+    );
     let interpreter = if interpreter == "sh" && uses_ansi_c_quoting(&script) {
-        guest_interpreter_for_sh(transport.as_ref(), &endpoint, ctx.cancel)
+        guest_interpreter_for_sh(&mut runner, ctx.cancel)
             .with_context(|| format!("stage {stage_name} cannot run in VM {vm_name}"))?
     } else {
         interpreter
@@ -256,8 +269,8 @@ pub fn run(
     };
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
-    let exit = transport
-        .run_script(&endpoint, &request, &mut stdout, &mut stderr)
+    let exit = runner
+        .run_script(&request, &mut stdout, &mut stderr)
         .with_context(|| format!("stage {stage_name} could not run in VM {vm_name}"))?;
     Ok(match exit {
         RemoteExit::Code(0) => StageOutcome::Success,
@@ -282,7 +295,10 @@ pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         state.as_ref().and_then(|s| s.failure.clone()),
     );
     let vm_name = match &state {
-        Some(state) => state.vm_name.clone(),
+        Some(state) => {
+            crate::relay::stop(&store, ctx.job.job_id, state.relay.as_ref());
+            state.vm_name.clone()
+        }
         None => ctx.config.vm_name(ctx.job.job_id),
     };
     let me = crate::ownership::owner_of(&ctx.config.state_dir);
@@ -382,8 +398,7 @@ else echo \"none $(readlink -f \"$(command -v sh)\" 2>/dev/null || command -v sh
 
 /// Runs [`SH_PROBE`] in the guest and picks the interpreter from its answer.
 fn guest_interpreter_for_sh(
-    transport: &dyn Transport,
-    endpoint: &Endpoint,
+    runner: &mut crate::relay::StageRunner<'_>,
     cancel: &AtomicBool,
 ) -> anyhow::Result<&'static str> {
     let request = ScriptRequest {
@@ -392,8 +407,8 @@ fn guest_interpreter_for_sh(
         cancel,
     };
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let exit = transport
-        .run_script(endpoint, &request, &mut stdout, &mut stderr)
+    let exit = runner
+        .run_script(&request, &mut stdout, &mut stderr)
         .context("cannot ask the guest which shell understands $'...' quoting")?;
     if exit != RemoteExit::Code(0) {
         bail!(

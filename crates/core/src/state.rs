@@ -215,6 +215,9 @@ pub struct JobState {
     /// The image the job picked (`[images.NAME]`); `None` without `[images]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The job's relay ([`crate::relay`]), which `cleanup` and `gc` end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<crate::relay::RelayRecord>,
 }
 
 impl JobState {
@@ -238,6 +241,7 @@ impl JobState {
             runner: None,
             failure: None,
             image: None,
+            relay: None,
         }
     }
 
@@ -272,6 +276,11 @@ impl StateStore {
 
     pub fn path_for(&self, job_id: u64) -> PathBuf {
         self.dir.join(format!("job-{job_id}.json"))
+    }
+
+    /// The socket of the job's relay ([`crate::relay`]).
+    pub fn relay_socket(&self, job_id: u64) -> PathBuf {
+        self.dir.join(format!("job-{job_id}.relay.sock"))
     }
 
     /// The directory holding a job's per-job client key.
@@ -351,14 +360,15 @@ impl StateStore {
             .collect())
     }
 
-    /// Job ids that have a file in the state directory: a state file, a lock file or keys.
+    /// Job ids that have a file in the state directory: a state file, a lock file, keys or a
+    /// relay socket.
     pub fn job_ids_with_files(&self) -> Result<Vec<u64>, StateError> {
         let mut ids: Vec<u64> = self
             .entries()?
             .iter()
             .filter_map(|(name, _)| {
                 let rest = name.strip_prefix("job-")?;
-                [".json", ".lock", ".keys"]
+                [".json", ".lock", ".keys", ".relay.sock"]
                     .iter()
                     .find_map(|suffix| rest.strip_suffix(suffix))?
                     .parse()
@@ -423,8 +433,8 @@ impl StateStore {
             .map_err(|source| StateError::Corrupt { path, source })
     }
 
-    /// Removes a job's keys, state and lock file (the state file last but for the lock);
-    /// absent files are fine.
+    /// Removes a job's keys, relay socket, state and lock file (the state file last but for the
+    /// lock); absent files are fine.
     pub fn remove(&self, job_id: u64) -> Result<(), StateError> {
         let keys = self.keys_dir(job_id);
         match fs::remove_dir_all(&keys) {
@@ -432,7 +442,12 @@ impl StateStore {
             Err(err) if err.kind() == ErrorKind::NotFound => {}
             Err(source) => return Err(StateError::Remove { path: keys, source }),
         }
-        for path in [self.path_for(job_id), self.lock_path(job_id)] {
+        let files = [
+            self.relay_socket(job_id),
+            self.path_for(job_id),
+            self.lock_path(job_id),
+        ];
+        for path in files {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == ErrorKind::NotFound => {}

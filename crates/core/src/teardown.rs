@@ -53,8 +53,8 @@ pub fn hand_off(
     }
     let job_id = state.job_id;
     store.save(&state.destroying())?;
-    match crate::detached::spawn(config_path, &[FINISH_COMMAND, &job_id.to_string()]) {
-        Ok(()) => Ok(true),
+    match crate::detach::spawn_hyperjob(config_path, &[FINISH_COMMAND, &job_id.to_string()], None) {
+        Ok(_) => Ok(true),
         Err(err) => {
             tracing::warn!(
                 "cannot start the background teardown ({err}); destroying in the foreground"

@@ -19,6 +19,7 @@ struct SshConfigFile {
     #[serde(default)]
     insecure_ignore_host_key: bool,
     umask: Option<String>,
+    relay: Option<bool>,
 }
 
 /// How the guest's host key is checked.
@@ -45,6 +46,9 @@ pub struct SshConfig {
     /// The umask scripts run with in the guest (octal), so files the job writes, such as file
     /// variables, are not readable by other guest users.
     pub umask: u32,
+    /// Whether a job's stages share one connection, kept by the job's relay (the default), or
+    /// each stage logs in anew.
+    pub relay: bool,
 }
 
 impl SshConfig {
@@ -125,6 +129,7 @@ impl SshConfig {
             connect_timeout: Duration::from_secs(connect_timeout_secs),
             host_keys,
             umask,
+            relay: file.relay.unwrap_or(true),
         })
     }
 }
@@ -206,6 +211,15 @@ mod tests {
             HostKeyPolicy::KnownHosts(PathBuf::from("/kh"))
         );
         assert_eq!(config.identity_file, Some(PathBuf::from("/k")));
+        assert!(config.relay);
+    }
+
+    #[test]
+    fn the_relay_can_be_turned_off() {
+        let config =
+            parse("identity_file = \"/k\"\nknown_hosts = \"/kh\"\nrelay = false").expect("valid");
+
+        assert!(!config.relay);
     }
 
     #[test]

@@ -4,11 +4,11 @@
 
 pub mod config;
 mod connect;
+mod connection;
 mod doctor;
 pub mod known_hosts;
 mod relay;
 mod remote;
-mod signals;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use hyperjob_core::registry::{PluginContext, TransportFactory};
 use hyperjob_core::wait::Backoff;
-use hyperjob_core::{Endpoint, PluginError, RemoteExit, ScriptRequest, Transport};
+use hyperjob_core::{Connection, Endpoint, PluginError, RemoteExit, ScriptRequest, Transport};
 use ssh2::Session;
 
 pub use config::{HostKeyPolicy, SshConfig};
@@ -345,14 +345,15 @@ pub fn attempt_timeout(attempt: u32, connect_timeout: Duration, remaining: Durat
         .max(Duration::from_millis(100))
 }
 
+/// What every stage's log says when host keys are not checked.
+const INSECURE_WARNING: &str =
+    "WARNING: hyperjob does not verify the guest's SSH host key (insecure_ignore_host_key = true)";
+
 fn warn_insecure_once() {
     static WARNED: Once = Once::new();
     WARNED.call_once(|| {
         let mut stderr = std::io::stderr().lock();
-        let _ = writeln!(
-            stderr,
-            "WARNING: hyperjob does not verify the guest's SSH host key (insecure_ignore_host_key = true)"
-        );
+        let _ = writeln!(stderr, "{INSECURE_WARNING}");
         let _ = stderr.flush();
     });
 }
@@ -376,7 +377,7 @@ impl Transport for SshTransport {
         deadline: Instant,
         cancel: &AtomicBool,
     ) -> Result<(), PluginError> {
-        let _deferred = signals::DeferSignals::new();
+        let _deferred = hyperjob_core::signals::DeferSignals::new();
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let mut attempts = 0u32;
@@ -428,7 +429,7 @@ impl Transport for SshTransport {
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<RemoteExit, PluginError> {
-        let _deferred = signals::DeferSignals::new();
+        let _deferred = hyperjob_core::signals::DeferSignals::new();
         let session = self
             .open_session(endpoint, self.config.connect_timeout, request.cancel)
             .map_err(|err| interrupted_or(err, request.cancel))?;
@@ -441,6 +442,36 @@ impl Transport for SshTransport {
                 }
             },
         )
+    }
+
+    fn can_connect(&self) -> bool {
+        self.config.relay
+    }
+
+    fn connect(
+        &self,
+        endpoint: &Endpoint,
+        cancel: &AtomicBool,
+    ) -> Result<Box<dyn Connection>, PluginError> {
+        let _deferred = hyperjob_core::signals::DeferSignals::new();
+        let session = self
+            .open_session(endpoint, self.config.connect_timeout, cancel)
+            .map_err(|err| match err {
+                SshError::Interrupted(during) => PluginError::Interrupted(during.to_string()),
+                err => PluginError::msg(err.to_string()),
+            })?;
+        session.set_keepalive(false, relay::KEEPALIVE_SECS);
+        // Said in every stage, as a connection of the stage's own would.
+        let warning = self
+            .expected_host_keys(endpoint)
+            .is_none()
+            .then_some(INSECURE_WARNING);
+        Ok(Box::new(connection::SshConnection::new(
+            session,
+            self.config.umask,
+            self.config.connect_timeout,
+            warning,
+        )))
     }
 }
 

@@ -1,13 +1,14 @@
 //! One script run over an open session: start the guest shell, feed it the script, relay its
-//! output until it exits, and on cancellation stop its whole process tree in the guest.
+//! output until it exits, and on cancellation stop its whole process tree in the guest. (Not
+//! hyperjob's per-job relay process: that one uses this, through [`crate::connection`].)
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hyperjob_core::{RemoteExit, ScriptRequest};
-use ssh2::Session;
+use ssh2::{Channel, Session};
 
 use crate::remote::{kill_command, new_run_id, remote_command, PidCapture};
 use crate::{channel_error, SshError};
@@ -17,7 +18,7 @@ const READ_CHUNK: usize = 32 * 1024;
 const POLL_INTERVAL_MS: i32 = 200;
 /// Keepalive interval while a script runs: keeps NAT and firewalls from dropping a quiet
 /// connection, and gives the kernel data whose acknowledgement it can miss.
-const KEEPALIVE_SECS: u32 = 15;
+pub(crate) const KEEPALIVE_SECS: u32 = 15;
 /// How long a cancelled script gets to finish and flush its output before we give up on it.
 const CANCEL_GRACE: Duration = Duration::from_millis(1500);
 /// How long a cancelled run waits for the guest shell to report its process group, when the
@@ -37,6 +38,70 @@ impl From<SshError> for RelayError {
     }
 }
 
+/// A guest shell that was started (it reports its process group first thing) and waits for
+/// its script on stdin.
+pub(crate) struct Shell {
+    channel: Channel,
+    run_id: String,
+    pub(crate) interpreter: String,
+    /// Takes the process-group line off its stderr.
+    capture: PidCapture,
+    /// What it printed before its script was sent (a login shell's startup files may), passed
+    /// on when the script runs.
+    early_stdout: Vec<u8>,
+    early_stderr: Vec<u8>,
+}
+
+impl Shell {
+    pub(crate) fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Reads what the shell has sent so far, without waiting (the session must be in
+    /// non-blocking mode); false once it has ended (something in the guest killed it).
+    pub(crate) fn alive(&mut self) -> Result<bool, SshError> {
+        let mut buf = vec![0u8; READ_CHUNK];
+        while pump(&mut self.channel, &mut buf, &mut self.early_stdout, None)? {}
+        while pump(
+            &mut self.channel.stderr(),
+            &mut buf,
+            &mut self.early_stderr,
+            Some(&mut self.capture),
+        )? {}
+        Ok(!self.channel.eof())
+    }
+}
+
+/// Starts the guest shell for `interpreter` (session in blocking mode). A stop asked for
+/// before it starts starts nothing.
+pub(crate) fn start_shell(
+    session: &Session,
+    interpreter: &str,
+    umask: u32,
+    cancel: &AtomicBool,
+) -> Result<Shell, SshError> {
+    let mut channel = session
+        .channel_session()
+        .map_err(|e| channel_error("opening a channel", &e))?;
+    let run_id = new_run_id();
+    // The last look before anything runs in the guest.
+    if cancel.load(Ordering::Relaxed) {
+        return Err(SshError::Interrupted("before the guest shell was started"));
+    }
+    channel
+        .exec(&remote_command(interpreter, umask, &run_id))
+        .map_err(|e| channel_error("starting the guest shell", &e))?;
+    tracing::debug!("guest shell started (run {run_id})");
+    Ok(Shell {
+        channel,
+        run_id,
+        interpreter: interpreter.to_string(),
+        capture: PidCapture::default(),
+        early_stdout: Vec::new(),
+        early_stderr: Vec::new(),
+    })
+}
+
 /// Starts the interpreter, feeds it the script on stdin and relays its output until it exits.
 /// A stop asked for before the guest shell starts starts nothing; one asked for before the
 /// script is sent leaves the shell an empty script. Later, the script's process tree in the
@@ -48,18 +113,30 @@ pub(crate) fn relay(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<RemoteExit, RelayError> {
-    let mut channel = session
-        .channel_session()
-        .map_err(|e| channel_error("opening a channel", &e))?;
-    let run_id = new_run_id();
-    // The last look before anything runs in the guest.
-    if request.cancel.load(Ordering::Relaxed) {
-        return Err(SshError::Interrupted("before the guest shell was started").into());
-    }
-    channel
-        .exec(&remote_command(request.interpreter, umask, &run_id))
-        .map_err(|e| channel_error("starting the guest shell", &e))?;
-    tracing::debug!("guest shell started (run {run_id})");
+    let mut shell = start_shell(session, request.interpreter, umask, request.cancel)?;
+    run(session, &mut shell, request, stdout, stderr)
+}
+
+/// Feeds `shell` (started, waiting for its script) the script and relays its output until it
+/// exits, as [`relay`] does. Leaves the session in blocking mode only when the script exited.
+pub(crate) fn run(
+    session: &Session,
+    shell: &mut Shell,
+    request: &ScriptRequest<'_>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<RemoteExit, RelayError> {
+    let Shell {
+        channel,
+        run_id,
+        capture,
+        early_stdout,
+        early_stderr,
+        ..
+    } = shell;
+    let run_id = run_id.as_str();
+    pass_on_early(early_stdout, stdout);
+    pass_on_early(early_stderr, stderr);
     if request.cancel.load(Ordering::Relaxed) {
         // The shell waits for its script: end its input instead, it reads nothing and exits.
         let _ = channel.send_eof();
@@ -81,23 +158,22 @@ pub(crate) fn relay(
     session.set_keepalive(false, KEEPALIVE_SECS);
     session.set_blocking(false);
     let mut buf = vec![0u8; READ_CHUNK];
-    let mut capture = PidCapture::default();
     let mut stop: Option<Stop> = None;
     loop {
         if stop.is_none() && request.cancel.load(Ordering::Relaxed) {
-            stop = Some(Stop::now(session, capture.pid(), &run_id));
+            stop = Some(Stop::now(session, capture.pid(), run_id));
         }
         if let Some(stop) = &mut stop {
-            stop.with_group_once_known(session, capture.pid(), &run_id);
-            if stop.done(&capture) {
-                flush_held(&mut capture, stderr);
+            stop.with_group_once_known(session, capture.pid(), run_id);
+            if stop.done(capture) {
+                flush_held(capture, stderr);
                 return Err(RelayError::Interrupted);
             }
         }
-        let mut progressed = pump(&mut channel, &mut buf, stdout, None)?;
-        progressed |= pump(&mut channel.stderr(), &mut buf, stderr, Some(&mut capture))?;
+        let mut progressed = pump(channel, &mut buf, stdout, None)?;
+        progressed |= pump(&mut channel.stderr(), &mut buf, stderr, Some(capture))?;
         if channel.eof() && !progressed {
-            flush_held(&mut capture, stderr);
+            flush_held(capture, stderr);
             break;
         }
         if !progressed {
@@ -107,7 +183,7 @@ pub(crate) fn relay(
     }
     if let Some(mut stop) = stop {
         // The shell is gone, but what it started in the background may not be.
-        stop.with_group_once_known(session, capture.pid(), &run_id);
+        stop.with_group_once_known(session, capture.pid(), run_id);
         return Err(RelayError::Interrupted);
     }
     session.set_blocking(true);
@@ -168,6 +244,15 @@ impl Stop {
     fn done(&self, capture: &PidCapture) -> bool {
         self.last_sent.elapsed() > CANCEL_GRACE
             && (self.with_group || capture.settled() || self.asked.elapsed() > GROUP_WAIT)
+    }
+}
+
+/// Passes on (and forgets) what a shell printed before its script was sent.
+fn pass_on_early(early: &mut Vec<u8>, to: &mut dyn Write) {
+    if !early.is_empty() {
+        let _ = to.write_all(early);
+        let _ = to.flush();
+        early.clear();
     }
 }
 

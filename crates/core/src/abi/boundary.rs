@@ -33,6 +33,7 @@ pub const BOUNDARY: &[(&str, &[&str])] = &[
             "ScriptRequest",
             "RemoteExit",
             "Transport",
+            "Connection",
         ],
     ),
     ("registry.rs", &["PluginContext"]),

@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use super::{GuardedBackend, GuardedTransport};
+use super::guarded::{GuardedBackend, GuardedConnection, GuardedTransport};
 use crate::plugin::{
     Backend, Endpoint, PluginError, Progress, RemoteExit, ScriptRequest, Transport, VmRequest,
 };
@@ -47,6 +47,12 @@ impl<T> Contained for Result<T, PluginError> {
 
 impl Contained for () {
     fn contained(self) -> Self {}
+}
+
+impl Contained for bool {
+    fn contained(self) -> Self {
+        self
+    }
 }
 
 impl Contained for Duration {
@@ -172,6 +178,28 @@ impl Transport for Released {
         _: &mut dyn Write,
     ) -> Result<RemoteExit, PluginError> {
         Err(PluginError::msg("the plugin transport was released"))
+    }
+}
+
+impl crate::plugin::Connection for Released {
+    fn run_script(
+        &mut self,
+        _: &ScriptRequest<'_>,
+        _: &mut dyn Write,
+        _: &mut dyn Write,
+    ) -> Result<RemoteExit, PluginError> {
+        Err(PluginError::msg("the plugin connection was released"))
+    }
+
+    fn idle(&mut self) -> Result<(), PluginError> {
+        Err(PluginError::msg("the plugin connection was released"))
+    }
+}
+
+impl Drop for GuardedConnection {
+    fn drop(&mut self) {
+        let object = std::mem::replace(&mut self.0, Box::new(Released));
+        drop_guarded("dropping the connection", object);
     }
 }
 

@@ -24,8 +24,9 @@ pub const HEADER_VERSION: u32 = 2;
 /// plugin built against the old API would misbehave even though the boundary types are the
 /// same (a changed meaning). 2: `VmRequest::owner`, `OwnedVm::owner`. 3: `Backend::inspect`,
 /// `Backend::names_with_files`. 4: `Backend::relabel`, `Backend::fingerprint`. 5:
-/// `Backend::doctor`, `Transport::doctor`, `Check`. 6: `Backend::halt`.
-pub const CORE_API_VERSION: u32 = 6;
+/// `Backend::doctor`, `Transport::doctor`, `Check`. 6: `Backend::halt`. 7:
+/// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`.
+pub const CORE_API_VERSION: u32 = 7;
 /// The rustc that built this hyperjob-core (`rustc --version`).
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The commit of that rustc (`rustc -vV`, `commit-hash`), or `unknown`.

@@ -113,14 +113,16 @@ fn take(
         .wait_ready(&endpoint, Instant::now() + CHECK_TIMEOUT, ctx.cancel)
         .context("it does not accept a login")?;
     crate::boot::interrupted(ctx.cancel)?;
-    store.save(&record.ready(endpoint.clone()))?;
+    crate::relay::save_ready(ctx.config, transport, store, record.ready(endpoint.clone()))?;
     Ok(endpoint)
 }
 
 /// Starts `hyperjob pool fill --background` for the config at `config_path`, detached, without
 /// waiting.
 fn spawn_refill(config_path: &Path) {
-    if let Err(err) = crate::detached::spawn(config_path, &["pool", "fill", "--background"]) {
+    if let Err(err) =
+        crate::detach::spawn_hyperjob(config_path, &["pool", "fill", "--background"], None)
+    {
         tracing::warn!("cannot start refilling the pool: {err}");
     }
 }

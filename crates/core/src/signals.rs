@@ -1,24 +1,26 @@
-//! Keeps the stop signals away from the thread that talks SSH.
+//! Keeps the stop signals away from the thread that does a stage's work.
 //!
 //! libssh2 before 1.11 (Debian 12 ships 1.10) ends a blocking wait that a signal interrupts
 //! with an error ("Error waiting on socket"): a SIGQUIT, which must not disturb a stage, would
 //! fail it, and a second SIGTERM arriving while the first one's kill command is being sent
 //! would lose that command. While a [`DeferSignals`] lives, SIGTERM, SIGINT and SIGQUIT are
 //! blocked in the calling thread only: the kernel hands them to a thread that does not block
-//! them (hyperjob's signal-watching thread, whose handler sets the cancel flag this transport
-//! polls), or keeps them pending until the guard is dropped. No child process is started while
-//! it lives (libssh2 runs in-process), so none inherits the mask.
+//! them (hyperjob's signal-watching thread, whose handler sets the cancel flag the stage
+//! polls, and which logs each signal as it takes it), or keeps them pending until the guard
+//! is dropped. The SSH transport and `run`'s relay client hold one while they work. Start no
+//! child process while one lives: it would inherit the mask.
 
 /// Blocks SIGTERM, SIGINT and SIGQUIT in the calling thread until dropped.
-pub(crate) struct DeferSignals {
+#[allow(missing_debug_implementations)]
+pub struct DeferSignals {
     previous: libc::sigset_t,
     /// Not `Send`: the mask belongs to the thread that made the guard.
     _thread_bound: std::marker::PhantomData<*const ()>,
 }
 
 impl DeferSignals {
-    #[allow(unsafe_code)]
-    pub(crate) fn new() -> Self {
+    #[allow(unsafe_code, clippy::new_without_default)]
+    pub fn new() -> Self {
         // SAFETY: both sets are locals that outlive the calls; `set` is initialised by
         // sigemptyset before use and `previous` is written by pthread_sigmask, which only
         // changes the calling thread's mask.
