@@ -147,6 +147,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
+    let started = std::time::Instant::now();
     let config_path = config::resolve_path(cli.config.as_deref());
     if let Command::Doctor {
         boot,
@@ -199,6 +200,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         registry: &registry,
         job: &job,
         cancel,
+        script_seconds: std::cell::Cell::new(None),
     };
     let result = match &cli.command {
         Command::Config => {
@@ -225,12 +227,17 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         cli.command,
         Command::Prepare | Command::Run { .. } | Command::Cleanup
     ) {
+        let overhead = ctx
+            .script_seconds
+            .get()
+            .map(|script| (started.elapsed().as_secs_f64() - script).max(0.0));
         hyperjob_core::metrics::stage_finished(
             &config,
             job.job_id,
             cli.command.name(),
             &result,
             cancel.load(Ordering::Relaxed),
+            overhead,
         );
     }
     result

@@ -120,6 +120,13 @@ fn concurrent_stages_never_lose_a_count_and_every_outcome_is_counted() {
     )
     .expect("successful runs");
     assert!(runs_ok >= 3, "{text}");
+    // Every run went through its job's relay, which times the script in the guest: each one is
+    // an observation of hyperjob's own time in the stage.
+    assert_eq!(
+        sample(&text, "hyperjob_stage_overhead_seconds_count"),
+        Some(runs_ok + 1),
+        "{text}"
+    );
 
     // gc counts what it removes, by reason: here a lock file a killed prepare left.
     std::fs::write(

@@ -125,13 +125,15 @@ pub fn cause_of(err: &anyhow::Error, interrupted: bool) -> String {
 
 /// What a job stage (`prepare`, `run`, `cleanup`) ended with, counted when `metrics_file` is
 /// set; a failed `run` also marks the job's state with its first failure, for the job's count
-/// at cleanup.
+/// at cleanup. `stage_overhead`: hyperjob's own seconds in a `run` whose script's time in the
+/// guest is known.
 pub fn stage_finished(
     config: &crate::config::Config,
     job_id: u64,
     stage: &str,
     result: &anyhow::Result<crate::exit::StageOutcome>,
     interrupted: bool,
+    stage_overhead: Option<f64>,
 ) {
     use crate::exit::StageOutcome;
     let (outcome, failure) = match result {
@@ -163,6 +165,7 @@ pub fn stage_finished(
         &Update {
             stage: Some((stage.to_string(), outcome)),
             system_failure,
+            stage_overhead_seconds: stage_overhead,
             ..Update::default()
         },
     );

@@ -24,6 +24,9 @@ pub struct StageContext<'a> {
     pub job: &'a JobIdentity,
     /// Set by the binary's SIGTERM/SIGINT handler.
     pub cancel: &'a AtomicBool,
+    /// Set by `run`: how long its script ran in the guest, where that is known (through the
+    /// job's relay); the stage's wall time less this is the stage overhead in the metrics.
+    pub script_seconds: std::cell::Cell<Option<f64>>,
 }
 
 impl StageContext<'_> {
@@ -272,6 +275,7 @@ pub fn run(
     let exit = runner
         .run_script(&request, &mut stdout, &mut stderr)
         .with_context(|| format!("stage {stage_name} could not run in VM {vm_name}"))?;
+    ctx.script_seconds.set(runner.script_seconds());
     Ok(match exit {
         RemoteExit::Code(0) => StageOutcome::Success,
         RemoteExit::Code(exit_code) => StageOutcome::ScriptFailed { exit_code },

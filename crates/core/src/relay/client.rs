@@ -22,12 +22,16 @@ pub struct StageRunner<'a> {
     transport: &'a dyn Transport,
     endpoint: &'a Endpoint,
     relay: Option<UnixStream>,
+    /// How long the last script ran in the guest, as the relay saw it.
+    script_seconds: Option<f64>,
 }
 
 /// How a script sent to the relay ended.
 enum Relayed {
     /// The relay ran it (or tried to): this is the outcome.
     Done(Result<RemoteExit, PluginError>),
+    /// It exited, after running this many seconds in the guest (if the relay says).
+    Exited(RemoteExit, Option<f64>),
     /// Nothing of it ran: run it another way, for this reason.
     NotStarted(String),
 }
@@ -57,7 +61,14 @@ impl<'a> StageRunner<'a> {
             transport,
             endpoint,
             relay,
+            script_seconds: None,
         }
+    }
+
+    /// How long the last script ran in the guest, where the relay ran it: `run`'s wall time
+    /// less this is hyperjob's own time in the stage (the stage-overhead metric).
+    pub fn script_seconds(&self) -> Option<f64> {
+        self.script_seconds
     }
 
     /// Runs `request` with the guarantees of [`Transport::run_script`].
@@ -75,6 +86,10 @@ impl<'a> StageRunner<'a> {
             drop(deferred);
             match outcome {
                 Relayed::Done(outcome) => return outcome,
+                Relayed::Exited(exit, seconds) => {
+                    self.script_seconds = seconds;
+                    return Ok(exit);
+                }
                 Relayed::NotStarted(why) => {
                     note(&why);
                     self.relay = None;
@@ -131,9 +146,12 @@ fn relayed(
             Ok(Some((Kind::Stdout, data))) => pass_on(stdout, &data),
             Ok(Some((Kind::Stderr, data))) => pass_on(stderr, &data),
             Ok(Some((Kind::Exit, payload))) => {
-                return Relayed::Done(frame::decode_exit(&payload).ok_or_else(|| {
-                    PluginError::msg("the job's relay reported an exit it cannot have")
-                }))
+                return match frame::decode_exit(&payload) {
+                    Some(exit) => Relayed::Exited(exit, frame::decode_ran(&payload)),
+                    None => Relayed::Done(Err(PluginError::msg(
+                        "the job's relay reported an exit it cannot have",
+                    ))),
+                }
             }
             Ok(Some((Kind::Failed, payload))) => {
                 return Relayed::Done(Err(frame::decode_failure(&payload)))

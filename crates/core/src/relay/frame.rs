@@ -4,7 +4,8 @@
 //! `run` → relay: `R` (a script: its interpreter, a newline, the script) and `C` (stop it).
 //! relay → `run`: `A` (taken: from here on the script may run in the guest), `O` / `E`
 //! (stdout / stderr bytes, in the order the guest sent them), then one of `X` (how the script
-//! exited: `code N` or `signal NAME`), `F` (it failed: `interrupted …` or `system …`) or `N`
+//! exited: `code N` or `signal NAME`, then optionally a line `ran SECONDS`, how long the script
+//! ran in the guest as the relay saw it), `F` (it failed: `interrupted …` or `system …`) or `N`
 //! (it was not started: run it another way).
 
 use std::io::{self, Read, Write};
@@ -114,21 +115,34 @@ pub(crate) fn decode_run(mut payload: Vec<u8>) -> Option<(&'static str, Vec<u8>)
     Some((interpreter, payload.split_off(newline + 1)))
 }
 
-/// The payload of `X`.
-pub(crate) fn encode_exit(exit: &RemoteExit) -> Vec<u8> {
-    match exit {
-        RemoteExit::Code(code) => format!("code {code}").into_bytes(),
-        RemoteExit::Signal(name) => format!("signal {name}").into_bytes(),
-    }
+/// The payload of `X`: the exit, and how long the script ran (seconds).
+pub(crate) fn encode_exit(exit: &RemoteExit, ran: f64) -> Vec<u8> {
+    let exit = match exit {
+        RemoteExit::Code(code) => format!("code {code}"),
+        RemoteExit::Signal(name) => format!("signal {name}"),
+    };
+    format!("{exit}\nran {ran:.6}").into_bytes()
 }
 
+/// The exit in an `X` payload.
 pub(crate) fn decode_exit(payload: &[u8]) -> Option<RemoteExit> {
     let text = std::str::from_utf8(payload).ok()?;
+    let text = text.split('\n').next()?;
     match text.split_once(' ')? {
         ("code", code) => code.parse().ok().map(RemoteExit::Code),
         ("signal", name) if !name.is_empty() => Some(RemoteExit::Signal(name.to_string())),
         _ => None,
     }
+}
+
+/// How long the script ran, from an `X` payload (`None` from a relay that does not say).
+pub(crate) fn decode_ran(payload: &[u8]) -> Option<f64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("ran "))?
+        .parse()
+        .ok()
+        .filter(|seconds: &f64| seconds.is_finite() && *seconds >= 0.0)
 }
 
 /// The payload of `F`: the error's class and its whole cause chain on one line.
@@ -219,8 +233,14 @@ mod tests {
             RemoteExit::Code(42),
             RemoteExit::Signal("USR1".into()),
         ] {
-            assert_eq!(decode_exit(&encode_exit(&exit)), Some(exit));
+            let payload = encode_exit(&exit, 0.25);
+            assert_eq!(decode_exit(&payload), Some(exit));
+            assert_eq!(decode_ran(&payload), Some(0.25));
         }
+        // A relay that does not say how long the script ran.
+        assert_eq!(decode_exit(b"code 3"), Some(RemoteExit::Code(3)));
+        assert_eq!(decode_ran(b"code 3"), None);
+        assert_eq!(decode_ran(b"code 3\nran -1"), None);
         assert_eq!(decode_exit(b"code x"), None);
         assert_eq!(decode_exit(b"signal "), None);
     }

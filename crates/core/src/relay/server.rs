@@ -322,11 +322,15 @@ impl Relay {
             kind: Kind::Stderr,
             to: Some(Arc::clone(writer)),
         };
+        let started = std::time::Instant::now();
         match self
             .connection
             .run_script(&request, &mut stdout, &mut stderr)
         {
-            Ok(exit) => send(Kind::Exit, &frame::encode_exit(&exit)),
+            Ok(exit) => send(
+                Kind::Exit,
+                &frame::encode_exit(&exit, started.elapsed().as_secs_f64()),
+            ),
             Err(PluginError::NotStarted(why)) => send(Kind::NotStarted, why.as_bytes()),
             Err(err) => send(Kind::Failed, &frame::encode_failure(&err)),
         }
