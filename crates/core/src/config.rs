@@ -110,25 +110,7 @@ fn pool_config(pool: &PoolFile, base: PoolConfig) -> Result<PoolConfig, String> 
     })
 }
 
-/// Where the guest's SSH keys come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum GuestKeyMode {
-    /// The transport's configured client key and pinned host keys (baked into the image).
-    #[default]
-    Pinned,
-    /// A fresh host key and client key pair per job, injected by the backend before boot.
-    PerJob,
-}
-
-impl GuestKeyMode {
-    /// As written in the config file.
-    pub fn name(self) -> &'static str {
-        match self {
-            GuestKeyMode::Pinned => "pinned",
-            GuestKeyMode::PerJob => "per-job",
-        }
-    }
-}
+pub use hyperjob_plugin::GuestKeyMode;
 
 /// A short hex digest (96 bits of SHA-256) of `parts`, each length-prefixed.
 pub fn digest(parts: &[&str]) -> String {

@@ -66,6 +66,14 @@ impl PluginError {
     }
 }
 
+/// Two errors are equal when their messages are (moved here from hyperjob-core's executable
+/// protocol, whose decoded messages compare errors).
+impl PartialEq for PluginError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
 /// Where and how the transport reaches a guest: an address the backend discovered, optionally a
 /// port (a backend that forwards the guest's port to the host sets it), and with per-job keys
 /// the job's own client key and the guest's expected host key.
@@ -116,7 +124,7 @@ pub struct VmRequest {
     /// Unix time (seconds) after which the VM is certainly abandoned (job timeout plus margin).
     pub deadline_unix: u64,
     /// The installation that creates the VM: the absolute path of its config's `state_dir`
-    /// ([`crate::ownership::owner_of`]). Recorded with the VM and reported back as
+    /// (hyperjob-core's `ownership::owner_of`). Recorded with the VM and reported back as
     /// [`OwnedVm::owner`]: `hyperjob gc` only acts on VMs of its own installation.
     pub owner: String,
     /// With `guest_keys = "per-job"`: keys the backend must put into the guest before boot.
@@ -199,7 +207,7 @@ pub trait Backend: Send + Sync {
 
     /// Stops the VM from running anything at once (pauses or kills it) without waiting for its
     /// resources to be released: cleanup then hands the `destroy` to a background process and
-    /// returns ([`crate::teardown`]). A VM that is not running is no error. Backends whose
+    /// returns (hyperjob-core's `teardown`). A VM that is not running is no error. Backends whose
     /// destroy is quick need not implement it (cleanup then destroys in the foreground).
     fn halt(&self, _vm_name: &str) -> Result<(), PluginError> {
         Err(PluginError::Unsupported("halt"))
