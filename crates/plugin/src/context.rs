@@ -40,7 +40,9 @@ impl GuestKeyMode {
 /// (`[transports.<name>]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A [`crate::Backend`].
     Backend,
+    /// A [`crate::Transport`].
     Transport,
 }
 

@@ -15,8 +15,10 @@ use ssh_key::{Algorithm, LineEnding, PrivateKey};
 #[cfg(feature = "keygen")]
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// The random source or the key generation failed.
     #[error("cannot generate an ed25519 key")]
     Generate(#[source] ssh_key::Error),
+    /// The key could not be written in OpenSSH's encoding.
     #[error("cannot encode an ed25519 key")]
     Encode(#[source] ssh_key::Error),
 }

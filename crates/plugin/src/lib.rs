@@ -19,6 +19,8 @@
 //! and the loaders — depends on this crate and re-exports it at its old paths
 //! (`hyperjob_core::plugin`, `hyperjob_core::abi`, …). Nothing here links libvirt.
 
+#![warn(missing_docs)]
+
 pub mod abi;
 pub mod config;
 pub mod context;

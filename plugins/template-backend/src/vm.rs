@@ -123,7 +123,9 @@ impl VmDir {
         let port = self.record()?.port;
         let mut command = Command::new("qemu-system-x86_64");
         command
-            .args(["-name", &self.name, "-nodefaults", "-no-user-config"])
+            .arg("-name")
+            .arg(format!("guest={}", self.name))
+            .args(["-nodefaults", "-no-user-config"])
             .args(["-machine", &format!("accel={}", config.accel)])
             .args(["-m", &config.memory_mib.to_string()])
             .args(["-smp", &config.vcpus.to_string()])

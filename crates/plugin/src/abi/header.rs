@@ -41,9 +41,11 @@ pub const BOUNDARY_FINGERPRINT: &str = env!("HYPERJOB_ABI_BOUNDARY");
 /// plugin (a second `#[global_allocator]` anywhere in the plugin's crates fails its build), and
 /// the hyperjob binary installs it too.
 pub const ALLOCATOR: &str = "system";
-/// `panic_strategy` values.
+/// `panic_strategy`: the plugin's build could not tell.
 pub const PANIC_UNKNOWN: u32 = 0;
+/// `panic_strategy`: `panic = "unwind"` (the only one the gate accepts).
 pub const PANIC_UNWIND: u32 = 1;
+/// `panic_strategy`: `panic = "abort"`.
 pub const PANIC_ABORT: u32 = 2;
 /// The panic strategy this hyperjob-plugin was built with (the whole build shares one).
 pub const PANIC_STRATEGY: u32 = panic_strategy(cfg!(panic = "unwind"), cfg!(panic = "abort"));
@@ -62,18 +64,27 @@ const NAMES: usize = 256;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PluginHeader {
+    /// [`HEADER_MAGIC`].
     pub magic: [u8; 8],
+    /// [`HEADER_VERSION`] of the plugin's build.
     pub header_version: u32,
+    /// [`CORE_API_VERSION`] of the plugin's build.
     pub core_api_version: u32,
     /// [`PANIC_UNWIND`], [`PANIC_ABORT`] or [`PANIC_UNKNOWN`], of the plugin's build.
     pub panic_strategy: u32,
     /// Zero.
     pub reserved: u32,
+    /// [`RUSTC_VERSION`] of the plugin's build.
     pub rustc_version: [u8; TEXT],
+    /// [`RUSTC_COMMIT`] of the plugin's build.
     pub rustc_commit: [u8; MEDIUM],
+    /// The version of hyperjob-plugin the plugin was built against.
     pub core_version: [u8; TEXT],
+    /// [`TARGET`] of the plugin's build.
     pub target: [u8; TEXT],
+    /// [`BOUNDARY_FINGERPRINT`] of the plugin's build.
     pub boundary: [u8; TEXT],
+    /// [`ALLOCATOR`] of the plugin's build.
     pub allocator: [u8; SHORT],
     /// The plugin crate's own version (shown by `hyperjob plugins`; not compared).
     pub plugin_version: [u8; SHORT],
