@@ -370,11 +370,13 @@ fn plugin_table(tables: &toml::Table, section: &str, name: &str) -> Result<toml:
     }
 }
 
-/// Parses a plugin's table into its serde config type (which should `deny_unknown_fields`).
+/// Parses a plugin's table into its serde config type (which should `deny_unknown_fields`),
+/// with the errors library plugins get from `hyperjob_plugin::config::parse` (one line, naming
+/// the key): built-in and library plugins report a bad table alike.
 pub fn parse_plugin_table<T: DeserializeOwned>(table: &toml::Table) -> Result<T, PluginError> {
-    toml::Value::Table(table.clone())
-        .try_into()
-        .map_err(|err: toml::de::Error| PluginError::Config(one_line(err.message())))
+    let text =
+        toml::to_string(table).map_err(|err| PluginError::Config(one_line(&err.to_string())))?;
+    hyperjob_plugin::config::parse(&text)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -559,8 +561,15 @@ mod tests {
         let table: toml::Table = toml::from_str("port = 22\nprot = 23\n").expect("toml");
 
         let err = parse_plugin_table::<Demo>(&table).expect_err("unknown key");
+        let wrong_type: toml::Table = toml::from_str("port = \"ssh\"\n").expect("toml");
 
         assert!(err.to_string().contains("prot"), "{err}");
+        assert_eq!(
+            parse_plugin_table::<Demo>(&wrong_type)
+                .expect_err("wrong type")
+                .to_string(),
+            "`port`: invalid type: string \"ssh\", expected u16"
+        );
     }
 
     #[test]
