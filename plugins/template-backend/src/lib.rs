@@ -100,3 +100,106 @@ impl Backend for TemplateBackend {
         Ok(owned)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hyperjob_plugin::keys::{KeyPair, Secret};
+
+    use super::*;
+
+    /// A backend whose VMs live in a fresh directory (these tests start no QEMU).
+    fn backend(test: &str) -> TemplateBackend {
+        let state_dir =
+            std::env::temp_dir().join(format!("hyperjob-template-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        TemplateBackend {
+            config: TemplateConfig::from_toml_text("base_image = \"/img/base.qcow2\"\n")
+                .expect("config"),
+            vms_dir: state_dir.join("template"),
+        }
+    }
+
+    fn request(vm_name: &str) -> VmRequest {
+        VmRequest {
+            vm_name: vm_name.to_string(),
+            job_id: 7,
+            created_unix: 100,
+            deadline_unix: 200,
+            owner: "/var/lib/hyperjob".to_string(),
+            keys: None,
+        }
+    }
+
+    /// Progress that goes nowhere.
+    struct Quiet;
+
+    impl Progress for Quiet {
+        fn say(&self, _: &str) {}
+    }
+
+    #[test]
+    fn a_recorded_vm_is_listed_with_its_record_and_destroyed_twice() {
+        let backend = backend("record");
+        backend
+            .vm("vm-7")
+            .create_record(&request("vm-7"))
+            .expect("record");
+
+        let listed = backend.list_owned().expect("list");
+        let address = backend
+            .wait_address("vm-7", Instant::now(), &AtomicBool::new(false))
+            .expect("address");
+        backend.destroy("vm-7").expect("first destroy");
+        backend.destroy("vm-7").expect("second destroy");
+
+        assert_eq!(
+            listed,
+            [OwnedVm {
+                vm_name: "vm-7".to_string(),
+                job_id: 7,
+                created_unix: 100,
+                deadline_unix: 200,
+                owner: Some("/var/lib/hyperjob".to_string()),
+            }]
+        );
+        assert_eq!(address.host, "127.0.0.1");
+        assert!(address.port.is_some_and(|port| port > 0));
+        assert!(backend.list_owned().expect("list").is_empty());
+        let _ = std::fs::remove_dir_all(backend.vms_dir.parent().expect("state dir"));
+    }
+
+    #[test]
+    fn per_job_keys_are_refused_before_anything_is_created() {
+        let backend = backend("keys");
+        let mut with_keys = request("vm-8");
+        with_keys.keys = Some(GuestKeys {
+            user: "ci".to_string(),
+            authorized_key: "ssh-ed25519 AAAA client".to_string(),
+            host: KeyPair {
+                private_openssh: Secret::new("unused".to_string()),
+                public_openssh: "ssh-ed25519 AAAA host".to_string(),
+            },
+        });
+
+        let err = backend.create(&with_keys, &Quiet).expect_err("unsupported");
+
+        assert_eq!(
+            err.to_string(),
+            "per-job guest keys is not supported by this plugin"
+        );
+        assert!(!backend.vms_dir.exists());
+    }
+
+    #[test]
+    fn an_unknown_vm_has_no_address_and_destroying_it_succeeds() {
+        let backend = backend("unknown");
+
+        let err = backend
+            .wait_address("vm-9", Instant::now(), &AtomicBool::new(false))
+            .expect_err("no such VM");
+
+        assert!(matches!(err, PluginError::NotFound(_)), "{err}");
+        assert!(backend.destroy("vm-9").is_ok());
+        assert!(backend.list_owned().expect("list").is_empty());
+    }
+}
