@@ -13,8 +13,6 @@ mod config;
 mod vm;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
 use hyperjob_plugin::prelude::*;
 
