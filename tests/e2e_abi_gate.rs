@@ -1,8 +1,8 @@
 //! The ABI gate against real builds: a small backend plugin is built with cargo (offline) the
-//! way an outside author builds one — against a copy of this hyperjob-core — and the real
-//! binary is asked to use it:
+//! way an outside author builds one — against a copy of this hyperjob-plugin, the contract
+//! crate — and the real binary is asked to use it:
 //!
-//! - built against an unchanged copy: accepted (the control: copying core changes nothing);
+//! - built against an unchanged copy: accepted (the control: copying the crate changes nothing);
 //! - built against a copy in which one boundary type changed (`Backend` gained a method in
 //!   the middle, so the plugin's vtable has another slot where hyperjob expects `destroy`):
 //!   refused before it is loaded, naming the boundary-type fingerprints of both sides;
@@ -10,8 +10,8 @@
 //!   naming both panic strategies.
 //!
 //! The fixture workspaces and their target directory live below `CARGO_TARGET_TMPDIR` and are
-//! reused: the first run compiles hyperjob-core's dependencies once, later runs only the
-//! copies of core that changed. Each build's time is printed.
+//! reused: the first run compiles hyperjob-plugin's dependencies once, later runs only the
+//! copies of the crate that changed. Each build's time is printed.
 
 mod support;
 
@@ -41,10 +41,10 @@ fn write_if_changed(path: &Path, contents: &[u8]) {
     std::fs::write(path, contents).expect("write");
 }
 
-/// Copies crates/core (manifest, build script, sources) to `to`, then replaces `patch.0` by
+/// Copies crates/plugin (manifest, build script, sources) to `to`, then replaces `patch.0` by
 /// `patch.1` in `patch_file`.
-fn copy_core(to: &Path, patch: Option<(&str, &str, &str)>) {
-    let from = root().join("crates/core");
+fn copy_contract(to: &Path, patch: Option<(&str, &str, &str)>) {
+    let from = root().join("crates/plugin");
     let mut pending = vec![
         PathBuf::from("Cargo.toml"),
         PathBuf::from("build.rs"),
@@ -53,12 +53,12 @@ fn copy_core(to: &Path, patch: Option<(&str, &str, &str)>) {
     while let Some(relative) = pending.pop() {
         let source = from.join(&relative);
         if source.is_dir() {
-            for entry in std::fs::read_dir(&source).expect("read core") {
+            for entry in std::fs::read_dir(&source).expect("read crates/plugin") {
                 pending.push(relative.join(entry.expect("entry").file_name()));
             }
             continue;
         }
-        let mut contents = std::fs::read(&source).expect("read core file");
+        let mut contents = std::fs::read(&source).expect("read crates/plugin file");
         if let Some((file, old, new)) = patch {
             if relative == Path::new(file) {
                 let text = String::from_utf8(contents).expect("utf-8");
@@ -77,9 +77,7 @@ fn plugin_source(name: &str) -> String {
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use hyperjob_core::plugin::Progress;
-use hyperjob_core::registry::PluginContext;
-use hyperjob_core::{{Backend, Endpoint, PluginError, VmRequest}};
+use hyperjob_plugin::prelude::*;
 
 struct Gate;
 
@@ -101,7 +99,7 @@ fn build(_: &PluginContext, _: &str) -> Result<Box<dyn Backend>, PluginError> {{
     Ok(Box::new(Gate))
 }}
 
-hyperjob_core::export_plugin! {{
+export_plugin! {{
     backends: ["{name}" => build],
     transports: [],
 }}
@@ -109,7 +107,8 @@ hyperjob_core::export_plugin! {{
     )
 }
 
-/// A fixture workspace: a copy of core (patched or not) and the plugins built against it.
+/// A fixture workspace: a copy of hyperjob-plugin (patched or not) and the plugins built
+/// against it.
 struct Fixture {
     /// The workspace's directory name below [`fixtures_dir`].
     workspace: &'static str,
@@ -129,10 +128,10 @@ fn build_plugin(fixture: &Fixture, plugin: &str, panic_abort: bool) -> PathBuf {
     // The root's shared settings, without path dependencies (they point into the root).
     let mut dependencies = workspace["dependencies"].as_table().expect("deps").clone();
     dependencies.retain(|_, spec| spec.get("path").is_none());
-    // Each fixture's copy of core has its own directory name: cargo identifies a path package
-    // by its path within the workspace, and the fixtures share one target directory.
-    let core = format!("core-{}", fixture.workspace);
-    let mut members = vec![core.clone()];
+    // Each fixture's copy of the contract has its own directory name: cargo identifies a path
+    // package by its path within the workspace, and the fixtures share one target directory.
+    let contract = format!("contract-{}", fixture.workspace);
+    let mut members = vec![contract.clone()];
     members.extend(fixture.plugins.iter().map(|p| format!("plugin-{p}")));
     let mut fixture_workspace = toml::Table::new();
     fixture_workspace.insert("members".into(), members.into());
@@ -153,14 +152,14 @@ fn build_plugin(fixture: &Fixture, plugin: &str, panic_abort: bool) -> PathBuf {
         &dir.join("Cargo.lock"),
         &std::fs::read(root().join("Cargo.lock")).expect("lock file"),
     );
-    copy_core(&dir.join(&core), fixture.patch);
+    copy_contract(&dir.join(&contract), fixture.patch);
     for name in fixture.plugins {
         write_if_changed(
             &dir.join(format!("plugin-{name}/Cargo.toml")),
             format!(
                 "[package]\nname = \"hyperjob-gate-{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\
                  publish = false\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
-                 [dependencies]\nhyperjob-core = {{ path = \"../{core}\" }}\n"
+                 [dependencies]\nhyperjob-plugin = {{ path = \"../{contract}\" }}\n"
             )
             .as_bytes(),
         );
@@ -200,14 +199,15 @@ fn build_plugin(fixture: &Fixture, plugin: &str, panic_abort: bool) -> PathBuf {
     library
 }
 
-/// Built against an unchanged copy of core: the plugin `same`, and `abort` (built to abort).
+/// Built against an unchanged copy of the contract: the plugin `same`, and `abort` (built to
+/// abort).
 const UNCHANGED: Fixture = Fixture {
     workspace: "unchanged",
     patch: None,
     plugins: &["same", "abort"],
 };
 
-/// Built against a core whose `Backend` has a new method before `destroy`.
+/// Built against a contract whose `Backend` has a new method before `destroy`.
 const CHANGED: Fixture = Fixture {
     workspace: "changed",
     patch: Some((

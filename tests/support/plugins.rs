@@ -40,6 +40,21 @@ pub fn fixture_library(hyperjob: &Path, name: &str) -> PathBuf {
     path
 }
 
+/// The template backend plugin (plugins/template-backend), built next to the hyperjob binary
+/// `hyperjob` by `cargo build --workspace`.
+pub fn template_library(hyperjob: &Path) -> PathBuf {
+    let path = hyperjob
+        .parent()
+        .expect("binary dir")
+        .join("libhyperjob_backend_template.so");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build --workspace`",
+        path.display()
+    );
+    path
+}
+
 /// Writes an executable shell script `name` with `body` into `dir`.
 pub fn write_executable(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);

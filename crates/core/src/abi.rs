@@ -1,144 +1,21 @@
-//! Rust shared-library plugins (tier 2): a `cdylib` built against the same hyperjob-core,
-//! loaded with `libloading`.
+//! Rust shared-library plugins (tier 2), the host side: reading a `cdylib`'s header from the
+//! file ([`elf`]), the gate, loading it with `libloading` and registering what it provides.
 //!
-//! Rust has no stable ABI, so handing `Box<dyn Backend>` across a library boundary is sound
-//! only when both sides were built by the same rustc, for the same target, against the same
-//! boundary types, with the same panic strategy and allocator. Every plugin therefore exports a
-//! frozen `#[repr(C)]` [`PluginHeader`] under the symbol `HYPERJOB_PLUGIN_HEADER`, which says
-//! all of that and which plugins the library provides. hyperjob reads it from the library
-//! *file* ([`elf`]) — a library that is not selected, or that the gate refuses, is never
-//! loaded, and none of its code runs. Only a library that passed is loaded; only then does
-//! hyperjob call `hyperjob_plugin_register`. Libraries are never unloaded (code and vtables of
-//! their objects must outlive every use), and config reaches a plugin as TOML text.
-//!
-//! Panics: a `cdylib` carries its own copy of the standard library, and a panic thrown by one
-//! copy cannot be caught by another (the host would see a foreign exception and abort). So the
-//! guard that turns a panic into a system failure runs *inside the plugin*: `export_plugin!`
-//! wraps every factory and every object it returns in [`guarded_backend`] /
-//! [`guarded_transport`], whose code is compiled into the plugin with the plugin's own std.
-//! The guard covers every call, the objects' `Drop`, and the errors a plugin returns: an
-//! error's source chain (plugin types with plugin `Display` and `Drop` code) is rendered to
-//! text and dropped inside the plugin, so hyperjob only ever formats and frees plain strings.
-//! A plugin built with `panic = "abort"` could not contain anything: the gate refuses it.
-//!
-//! A plugin is its trait implementations plus one [`export_plugin!`](crate::export_plugin).
+//! The plugin side — the header, the registrar, `export_plugin!` and the panic guards it
+//! compiles into the plugin, and why all of it is needed — is in the contract crate
+//! (`hyperjob_plugin::abi`), re-exported here unchanged.
 
-pub mod boundary;
-mod contain;
 pub mod elf;
-mod guarded;
-mod header;
 
-pub use header::*;
-
-use contain::guard;
-use guarded::{GuardedBackend, GuardedTransport};
+pub use hyperjob_plugin::abi::*;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::plugin::{Backend, PluginError, Transport};
-use crate::registry::{Entry, Kind, Origin, PluginContext, Registry, RegistryError};
-
-/// Symbol of the header.
-pub const HEADER_SYMBOL: &str = "HYPERJOB_PLUGIN_HEADER";
-/// Symbol of the registration function.
-pub const REGISTER_SYMBOL: &[u8] = b"hyperjob_plugin_register\0";
-
-/// Builds a backend from the TOML text of its config table.
-pub type LibraryBackendFn = fn(&PluginContext, &str) -> Result<Box<dyn Backend>, PluginError>;
-/// Builds a transport from the TOML text of its config table.
-pub type LibraryTransportFn = fn(&PluginContext, &str) -> Result<Box<dyn Transport>, PluginError>;
-
-/// What a library's `hyperjob_plugin_register` fills in.
-#[derive(Debug, Default)]
-pub struct PluginRegistrar {
-    backends: Vec<(String, String, LibraryBackendFn)>,
-    transports: Vec<(String, String, LibraryTransportFn)>,
-}
-
-impl PluginRegistrar {
-    pub fn backend(&mut self, name: &str, version: &str, build: LibraryBackendFn) {
-        self.backends
-            .push((name.to_string(), version.to_string(), build));
-    }
-
-    pub fn transport(&mut self, name: &str, version: &str, build: LibraryTransportFn) {
-        self.transports
-            .push((name.to_string(), version.to_string(), build));
-    }
-}
-
-/// Exports a shared-library plugin: its header, its registration function and its allocator.
-///
-/// ```ignore
-/// hyperjob_core::export_plugin! {
-///     backends: ["qemu" => build_qemu_backend],
-///     transports: [],
-/// }
-/// ```
-/// where `build_qemu_backend: fn(&PluginContext, &str) -> Result<Box<dyn Backend>, PluginError>`
-/// receives the TOML text of `[backends.qemu]`. The names go into the header, so hyperjob
-/// knows what the library provides without loading it. The macro also makes
-/// `std::alloc::System` the library's global allocator (hyperjob frees what the plugin
-/// allocates): a crate that sets another `#[global_allocator]` cannot be linked into a plugin.
-#[macro_export]
-macro_rules! export_plugin {
-    (backends: [$($bname:literal => $bbuild:path),* $(,)?], transports: [$($tname:literal => $tbuild:path),* $(,)?] $(,)?) => {
-        /// Read by hyperjob from the library file before anything else.
-        #[allow(unsafe_code)]
-        #[no_mangle]
-        pub static HYPERJOB_PLUGIN_HEADER: $crate::abi::PluginHeader =
-            $crate::abi::PluginHeader::with(
-                &[$($bname),*],
-                &[$($tname),*],
-                env!("CARGO_PKG_VERSION"),
-                // Asked here, in the plugin's own crate: the strategy its build really uses.
-                $crate::abi::panic_strategy(cfg!(panic = "unwind"), cfg!(panic = "abort")),
-            );
-
-        /// Objects cross the boundary in both directions: both sides use the system allocator.
-        #[global_allocator]
-        static HYPERJOB_PLUGIN_ALLOCATOR: ::std::alloc::System = ::std::alloc::System;
-
-        /// Called by hyperjob once the header passed the gate. Every factory is wrapped so that
-        /// its panics are caught here, by this library's own standard library.
-        #[allow(unsafe_code)]
-        #[no_mangle]
-        pub fn hyperjob_plugin_register(registrar: &mut $crate::abi::PluginRegistrar) {
-            $(registrar.backend($bname, env!("CARGO_PKG_VERSION"), |ctx, text| {
-                $crate::abi::guarded_backend(ctx, text, $bbuild)
-            });)*
-            $(registrar.transport($tname, env!("CARGO_PKG_VERSION"), |ctx, text| {
-                $crate::abi::guarded_transport(ctx, text, $tbuild)
-            });)*
-        }
-    };
-}
-
-/// Runs a library backend factory and wraps what it builds so that no panic leaves the
-/// library. Called by the code `export_plugin!` generates inside the plugin.
-pub fn guarded_backend(
-    ctx: &PluginContext,
-    text: &str,
-    build: LibraryBackendFn,
-) -> Result<Box<dyn Backend>, PluginError> {
-    let backend = guard("building the backend", || build(ctx, text))??;
-    Ok(Box::new(GuardedBackend(backend)))
-}
-
-/// Runs a library transport factory and wraps what it builds so that no panic leaves the
-/// library. Called by the code `export_plugin!` generates inside the plugin.
-pub fn guarded_transport(
-    ctx: &PluginContext,
-    text: &str,
-    build: LibraryTransportFn,
-) -> Result<Box<dyn Transport>, PluginError> {
-    let transport = guard("building the transport", || build(ctx, text))??;
-    Ok(Box::new(GuardedTransport(transport)))
-}
+use crate::plugin::PluginError;
+use crate::registry::{Entry, Kind, Origin, Registry, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibraryError {
@@ -234,6 +111,7 @@ pub fn load_library(path: &Path, registry: &mut Registry) -> Result<Duration, Li
     let mut registrar = PluginRegistrar::default();
     // Generated by export_plugin!: it only records factories and cannot panic.
     register(&mut registrar);
+    let (backends, transports) = registrar.into_parts();
     // Never unloaded: objects the library creates point into its code.
     std::mem::forget(library);
     let registered = |list: Vec<&String>| list.into_iter().cloned().collect::<Vec<_>>();
@@ -241,12 +119,12 @@ pub fn load_library(path: &Path, registry: &mut Registry) -> Result<Duration, Li
         (
             Kind::Backend,
             header.names(Kind::Backend),
-            registered(registrar.backends.iter().map(|b| &b.0).collect()),
+            registered(backends.iter().map(|b| &b.0).collect()),
         ),
         (
             Kind::Transport,
             header.names(Kind::Transport),
-            registered(registrar.transports.iter().map(|t| &t.0).collect()),
+            registered(transports.iter().map(|t| &t.0).collect()),
         ),
     ] {
         if said != did {
@@ -256,7 +134,7 @@ pub fn load_library(path: &Path, registry: &mut Registry) -> Result<Duration, Li
             });
         }
     }
-    for (name, version, build) in registrar.backends {
+    for (name, version, build) in backends {
         registry.add_backend(Entry {
             name,
             version,
@@ -264,7 +142,7 @@ pub fn load_library(path: &Path, registry: &mut Registry) -> Result<Duration, Li
             build: Arc::new(move |ctx, table| build(ctx, &table_text(table)?)),
         })?;
     }
-    for (name, version, build) in registrar.transports {
+    for (name, version, build) in transports {
         registry.add_transport(Entry {
             name,
             version,
@@ -295,44 +173,6 @@ pub fn libraries_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A plugin as `export_plugin!` builds one: its header is a static evaluated at compile
-    /// time in the plugin, which the host reads as raw memory before anything else.
-    mod exported {
-        use crate::plugin::{Backend, PluginError};
-        use crate::registry::PluginContext;
-
-        fn build(_ctx: &PluginContext, _text: &str) -> Result<Box<dyn Backend>, PluginError> {
-            Err(PluginError::Unsupported("building in a unit test"))
-        }
-
-        crate::export_plugin! {
-            backends: ["unit-test" => build],
-            transports: [],
-        }
-    }
-
-    #[test]
-    fn the_header_a_plugin_exports_is_accepted_by_the_host_and_names_its_plugins() {
-        // SAFETY: read exactly as `load_library` reads the symbol of a loaded library.
-        #[allow(unsafe_code)]
-        let plugin: PluginHeader = unsafe {
-            std::ptr::read_unaligned(std::ptr::from_ref(&exported::HYPERJOB_PLUGIN_HEADER))
-        };
-
-        assert_eq!(
-            plugin.mismatches(&PluginHeader::host()),
-            Vec::<String>::new()
-        );
-        assert_eq!(plugin.names(Kind::Backend), ["unit-test"]);
-        assert!(plugin.names(Kind::Transport).is_empty());
-        assert_eq!(plugin.panic_strategy, PANIC_UNWIND);
-        let mut registrar = PluginRegistrar::default();
-        exported::hyperjob_plugin_register(&mut registrar);
-        assert_eq!(registrar.backends.len(), 1);
-        assert_eq!(registrar.backends[0].0, "unit-test");
-        assert!(registrar.transports.is_empty());
-    }
 
     #[test]
     fn a_file_that_is_no_library_is_refused_cleanly() {

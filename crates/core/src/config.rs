@@ -110,25 +110,7 @@ fn pool_config(pool: &PoolFile, base: PoolConfig) -> Result<PoolConfig, String> 
     })
 }
 
-/// Where the guest's SSH keys come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum GuestKeyMode {
-    /// The transport's configured client key and pinned host keys (baked into the image).
-    #[default]
-    Pinned,
-    /// A fresh host key and client key pair per job, injected by the backend before boot.
-    PerJob,
-}
-
-impl GuestKeyMode {
-    /// As written in the config file.
-    pub fn name(self) -> &'static str {
-        match self {
-            GuestKeyMode::Pinned => "pinned",
-            GuestKeyMode::PerJob => "per-job",
-        }
-    }
-}
+pub use hyperjob_plugin::GuestKeyMode;
 
 /// A short hex digest (96 bits of SHA-256) of `parts`, each length-prefixed.
 pub fn digest(parts: &[&str]) -> String {
@@ -388,11 +370,13 @@ fn plugin_table(tables: &toml::Table, section: &str, name: &str) -> Result<toml:
     }
 }
 
-/// Parses a plugin's table into its serde config type (which should `deny_unknown_fields`).
+/// Parses a plugin's table into its serde config type (which should `deny_unknown_fields`),
+/// with the errors library plugins get from `hyperjob_plugin::config::parse` (one line, naming
+/// the key): built-in and library plugins report a bad table alike.
 pub fn parse_plugin_table<T: DeserializeOwned>(table: &toml::Table) -> Result<T, PluginError> {
-    toml::Value::Table(table.clone())
-        .try_into()
-        .map_err(|err: toml::de::Error| PluginError::Config(one_line(err.message())))
+    let text =
+        toml::to_string(table).map_err(|err| PluginError::Config(one_line(&err.to_string())))?;
+    hyperjob_plugin::config::parse(&text)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -577,8 +561,15 @@ mod tests {
         let table: toml::Table = toml::from_str("port = 22\nprot = 23\n").expect("toml");
 
         let err = parse_plugin_table::<Demo>(&table).expect_err("unknown key");
+        let wrong_type: toml::Table = toml::from_str("port = \"ssh\"\n").expect("toml");
 
         assert!(err.to_string().contains("prot"), "{err}");
+        assert_eq!(
+            parse_plugin_table::<Demo>(&wrong_type)
+                .expect_err("wrong type")
+                .to_string(),
+            "`port`: invalid type: string \"ssh\", expected u16"
+        );
     }
 
     #[test]

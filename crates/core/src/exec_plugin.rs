@@ -113,12 +113,6 @@ pub enum OutputStream {
     Stderr,
 }
 
-impl PartialEq for PluginError {
-    fn eq(&self, other: &Self) -> bool {
-        self.to_string() == other.to_string()
-    }
-}
-
 /// Parses one line from the plugin.
 pub fn parse_incoming(line: &str) -> Result<Incoming, String> {
     let value: Value = serde_json::from_str(line)

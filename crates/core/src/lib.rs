@@ -4,8 +4,9 @@
 //! reads the [`config`] file and the [`job`] context that GitLab Runner provides, builds the
 //! selected plugins through the [`registry`], keeps per-job [`state`] on disk (every runner stage
 //! is a separate process) and finally turns the outcome into an exit code in [`exit`] — the only
-//! place where that happens. The plugin contract lives in [`plugin`]; the core never names a
-//! concrete backend or transport.
+//! place where that happens. The plugin contract lives in the hyperjob-plugin crate, re-exported
+//! here at its old paths ([`plugin`], [`keys`], the plugin side of [`abi`], [`export_plugin!`]);
+//! the core never names a concrete backend or transport.
 
 pub mod abi;
 pub mod boot;
@@ -16,11 +17,9 @@ pub mod doctor;
 pub mod exec_plugin;
 pub mod exit;
 pub mod job;
-pub mod keys;
 pub mod lock;
 pub mod metrics;
 pub mod ownership;
-pub mod plugin;
 pub mod pool;
 pub mod progress;
 pub mod registry;
@@ -32,6 +31,8 @@ pub mod state;
 pub mod teardown;
 pub mod wait;
 
+pub use hyperjob_plugin::export_plugin;
+pub use hyperjob_plugin::{keys, plugin};
 pub use plugin::{
     Backend, Check, Connection, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest,
     Transport, VmPresence, VmRequest,

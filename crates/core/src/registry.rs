@@ -13,15 +13,7 @@ use std::sync::Arc;
 use crate::discovery::{PluginFile, Refused};
 use crate::plugin::{Backend, PluginError, Transport};
 
-/// Everything a plugin factory gets besides its own config table.
-#[derive(Debug, Clone)]
-pub struct PluginContext {
-    /// hyperjob's state directory; a plugin may keep per-job files below it.
-    pub state_dir: PathBuf,
-    /// Where guest SSH keys come from: with per-job keys a transport needs no configured
-    /// client key or pinned host keys.
-    pub guest_keys: crate::config::GuestKeyMode,
-}
+pub use hyperjob_plugin::{Kind, PluginContext};
 
 /// A compiled-in backend factory.
 pub type BackendFn = fn(&PluginContext, &toml::Table) -> Result<Box<dyn Backend>, PluginError>;
@@ -109,21 +101,6 @@ pub fn files_in(
         .collect();
     found.sort();
     Ok(found)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Backend,
-    Transport,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Kind::Backend => f.write_str("backend"),
-            Kind::Transport => f.write_str("transport"),
-        }
-    }
 }
 
 /// One registered plugin.

@@ -2,7 +2,7 @@
 //!
 //! A plugin library and hyperjob exchange these types by value and by reference (trait objects,
 //! requests, errors, the registrar), so both sides must agree on every one of them, field by
-//! field and method by method. hyperjob-core's build script (`build.rs`, which includes this
+//! field and method by method. hyperjob-plugin's build script (`build.rs`, which includes this
 //! file) extracts their definitions from the source, normalises them to tokens (comments,
 //! doc comments, formatting and attributes other than `#[repr]` do not count) and hashes the
 //! result into [`super::BOUNDARY_FINGERPRINT`], which every plugin header carries. A plugin
@@ -17,7 +17,7 @@
 //! This file is compiled twice — into the build script and into the library — so it uses
 //! nothing but `std`.
 
-/// Every item whose definition crosses the boundary, by file below `crates/core/src`.
+/// Every item whose definition crosses the boundary, by file below `crates/plugin/src`.
 pub const BOUNDARY: &[(&str, &[&str])] = &[
     (
         "plugin.rs",
@@ -36,8 +36,7 @@ pub const BOUNDARY: &[(&str, &[&str])] = &[
             "Connection",
         ],
     ),
-    ("registry.rs", &["PluginContext"]),
-    ("config.rs", &["GuestKeyMode"]),
+    ("context.rs", &["PluginContext", "GuestKeyMode"]),
     ("keys.rs", &["GuestKeys", "KeyPair", "Secret"]),
     (
         "abi.rs",
@@ -49,7 +48,7 @@ pub const BOUNDARY: &[(&str, &[&str])] = &[
 const OWN_ROOTS: &[&str] = &["std", "core", "alloc", "crate", "self", "super", "Self"];
 
 /// The normalised text of every boundary item (and of the `use` declarations that name what
-/// they refer to), one line per item. `read` gets a path below `crates/core/src`.
+/// they refer to), one line per item. `read` gets a path below `crates/plugin/src`.
 pub fn boundary_text(read: &dyn Fn(&str) -> Result<String, String>) -> Result<String, String> {
     let mut out = String::new();
     for (file, names) in BOUNDARY {

@@ -15,20 +15,46 @@ use serde::{Deserialize, Serialize};
 
 /// The error every plugin operation returns. Its variant is its class; the stage logic turns all
 /// of them into a system failure, with the message as the reason.
+///
+/// Messages are one line, name what is wrong, and never contain secrets (the script, job
+/// variables, private keys). Build them with the variants below, or [`PluginError::msg`] /
+/// [`PluginError::system`] for everything else:
+///
+/// ```
+/// use hyperjob_plugin::PluginError;
+///
+/// let missing = PluginError::NotFound("base image /img/base.qcow2 does not exist".into());
+/// let io = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+/// let failed = PluginError::system("cannot write the VM record", io);
+/// assert_eq!(failed.to_string(), "cannot write the VM record");
+/// assert_eq!(
+///     PluginError::Unsupported("halt").to_string(),
+///     "halt is not supported by this plugin"
+/// );
+/// # let _ = missing;
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    /// The plugin's configuration table is invalid.
+    /// The plugin's configuration table is invalid: name the key (`` `vcpus` must be 1 to 64,
+    /// not 0``); hyperjob adds the file and the table. [`crate::config::parse`] gives these.
     #[error("{0}")]
     Config(String),
     /// Something the operation needs does not exist (a base image, a domain, a key file).
     #[error("{0}")]
     NotFound(String),
-    /// The plugin does not implement this optional operation.
+    /// The plugin does not implement this optional operation (or option, like per-job guest
+    /// keys), named by the text: `Unsupported("halt")` reads "halt is not supported by this
+    /// plugin". The default methods of [`Backend`] and [`Transport`] return it.
     #[error("{0} is not supported by this plugin")]
     Unsupported(&'static str),
     /// A bounded wait ran out.
     #[error("timed out after {secs} s {what}")]
-    Timeout { what: String, secs: u64 },
+    Timeout {
+        /// What was waited for, completing "timed out after N s …" ("waiting for an address").
+        what: String,
+        /// How long was waited, in seconds.
+        secs: u64,
+    },
     /// The work was interrupted on request (SIGTERM/SIGINT).
     #[error("interrupted {0}")]
     Interrupted(String),
@@ -36,10 +62,13 @@ pub enum PluginError {
     /// may not have: a [`Connection`] that was lost, say. `run` then connects anew.
     #[error("{0}")]
     NotStarted(String),
-    /// Any other infrastructure fault.
+    /// Any other infrastructure fault. Make one with [`PluginError::msg`] or, with the error
+    /// that caused it, [`PluginError::system`].
     #[error("{message}")]
     System {
+        /// What failed, one line ("cannot start QEMU for hyperjob-job-7").
         message: String,
+        /// The underlying error, shown after the message in the error chain.
         #[source]
         source: Option<Box<dyn StdError + Send + Sync>>,
     },
@@ -66,12 +95,22 @@ impl PluginError {
     }
 }
 
+/// Two errors are equal when their messages are (moved here from hyperjob-core's executable
+/// protocol, whose decoded messages compare errors).
+impl PartialEq for PluginError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
 /// Where and how the transport reaches a guest: an address the backend discovered, optionally a
 /// port (a backend that forwards the guest's port to the host sets it), and with per-job keys
 /// the job's own client key and the guest's expected host key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
+    /// The guest's address as the transport connects to it: an IP address or a host name.
     pub host: String,
+    /// The port, if not the transport's default (SSH: `port` of its table, 22).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// The job's private key file (0600), overriding the transport's configured key.
@@ -83,7 +122,9 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// An address without credentials attached.
+    /// An address without credentials attached: `Endpoint::new("192.168.122.5", None)`, or a
+    /// forwarded port, `Endpoint::new("127.0.0.1", Some(40022))`. hyperjob attaches the job's
+    /// keys itself with `guest_keys = "per-job"`.
     pub fn new(host: impl Into<String>, port: Option<u16>) -> Self {
         Self {
             host: host.into(),
@@ -104,7 +145,9 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// What a backend needs to create one job's VM.
+/// What a backend needs to create one job's VM ([`Backend::create`]). Record `job_id`, the
+/// times and `owner` with the VM (a file next to it, its metadata): [`Backend::list_owned`]
+/// reports them back as an [`OwnedVm`].
 #[derive(Debug, Clone)]
 pub struct VmRequest {
     /// Stable name derived from the trusted job id; also the key of everything the VM owns.
@@ -116,7 +159,7 @@ pub struct VmRequest {
     /// Unix time (seconds) after which the VM is certainly abandoned (job timeout plus margin).
     pub deadline_unix: u64,
     /// The installation that creates the VM: the absolute path of its config's `state_dir`
-    /// ([`crate::ownership::owner_of`]). Recorded with the VM and reported back as
+    /// (hyperjob-core's `ownership::owner_of`). Recorded with the VM and reported back as
     /// [`OwnedVm::owner`]: `hyperjob gc` only acts on VMs of its own installation.
     pub owner: String,
     /// With `guest_keys = "per-job"`: keys the backend must put into the guest before boot.
@@ -127,9 +170,13 @@ pub struct VmRequest {
 /// A VM a backend created, as recorded on the VM itself (libvirt: domain metadata).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedVm {
+    /// [`VmRequest::vm_name`]: the name the VM was created under.
     pub vm_name: String,
+    /// [`VmRequest::job_id`] as recorded (0: a warm-pool VM no job has claimed).
     pub job_id: u64,
+    /// [`VmRequest::created_unix`] as recorded.
     pub created_unix: u64,
+    /// [`VmRequest::deadline_unix`] as recorded: `hyperjob gc` destroys the VM after it.
     pub deadline_unix: u64,
     /// [`VmRequest::owner`] as recorded; `None` for a VM of a hyperjob that recorded no owner.
     pub owner: Option<String>,
@@ -150,6 +197,7 @@ pub enum VmPresence {
 /// One line of `hyperjob doctor`: what was checked, and how it went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
+    /// Whether the check passed.
     pub ok: bool,
     /// What was checked, and on success what was found ("network default: active, DHCP").
     pub what: String,
@@ -158,6 +206,7 @@ pub struct Check {
 }
 
 impl Check {
+    /// A passed check: `Check::pass("base image /img/base.qcow2: readable")`.
     pub fn pass(what: impl Into<String>) -> Self {
         Self {
             ok: true,
@@ -166,6 +215,8 @@ impl Check {
         }
     }
 
+    /// A failed check, with how to fix it:
+    /// `Check::fail("qemu-system-x86_64", "not found: install qemu-system-x86")`.
     pub fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
         Self {
             ok: false,
@@ -177,6 +228,8 @@ impl Check {
 
 /// Reports progress to the job log. Implemented by the core; plugins only call it.
 pub trait Progress {
+    /// Shows `message` (one line, no secrets) in the job log at once: "Starting QEMU for
+    /// hyperjob-job-7". For steps that take a while, so the job log is not silent.
     fn say(&self, message: &str);
 }
 
@@ -199,7 +252,7 @@ pub trait Backend: Send + Sync {
 
     /// Stops the VM from running anything at once (pauses or kills it) without waiting for its
     /// resources to be released: cleanup then hands the `destroy` to a background process and
-    /// returns ([`crate::teardown`]). A VM that is not running is no error. Backends whose
+    /// returns (hyperjob-core's `teardown`). A VM that is not running is no error. Backends whose
     /// destroy is quick need not implement it (cleanup then destroys in the foreground).
     fn halt(&self, _vm_name: &str) -> Result<(), PluginError> {
         Err(PluginError::Unsupported("halt"))
@@ -269,6 +322,7 @@ pub struct ScriptRequest<'a> {
 /// How the remote script ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoteExit {
+    /// Exited with this status (0 is success; anything else fails the job's step).
     Code(i32),
     /// Killed by a signal, by name as the remote side reports it (`TERM`, `KILL`, ...).
     Signal(String),

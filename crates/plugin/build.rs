@@ -66,6 +66,6 @@ fn boundary_fingerprint() -> String {
                 .collect();
             format!("sha256:{hex}")
         }
-        Err(err) => panic!("hyperjob-core's plugin boundary: {err}"),
+        Err(err) => panic!("hyperjob-plugin's boundary: {err}"),
     }
 }

@@ -1,11 +1,11 @@
 //! The frozen `#[repr(C)]` header every shared-library plugin exports, and the gate that
 //! compares it with the host's.
 //!
-//! The header is plain data that hyperjob reads from the library *file* (see
-//! [`super::elf`]) before it loads the library or runs any code in it. It says which
+//! The header is plain data that hyperjob reads from the library *file* (hyperjob-core's
+//! `abi::elf`) before it loads the library or runs any code in it. It says which
 //! plugins the library provides (so a stage loads only the one it selected) and everything
 //! that must be identical on both sides of the boundary: the rustc (its commit, not only its
-//! version text), the target, hyperjob-core's version and API number, a fingerprint of the
+//! version text), the target, hyperjob-plugin's version and the API number, a fingerprint of the
 //! boundary types ([`super::boundary`]), the panic strategy and the global allocator.
 //!
 //! Layout versions: the first 16 bytes (magic, header version, core API version) are the same
@@ -14,7 +14,7 @@
 //! rustc commit, boundary fingerprint, panic strategy or allocator; such a library is refused
 //! naming both versions.
 
-use crate::registry::Kind;
+use crate::context::Kind;
 
 /// First bytes of every header.
 pub const HEADER_MAGIC: [u8; 8] = *b"HYPERJOB";
@@ -25,13 +25,14 @@ pub const HEADER_VERSION: u32 = 2;
 /// same (a changed meaning). 2: `VmRequest::owner`, `OwnedVm::owner`. 3: `Backend::inspect`,
 /// `Backend::names_with_files`. 4: `Backend::relabel`, `Backend::fingerprint`. 5:
 /// `Backend::doctor`, `Transport::doctor`, `Check`. 6: `Backend::halt`. 7:
-/// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`.
-pub const CORE_API_VERSION: u32 = 7;
-/// The rustc that built this hyperjob-core (`rustc --version`).
+/// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`. 8:
+/// the contract moved from hyperjob-core to hyperjob-plugin (`PluginRegistrar::into_parts`).
+pub const CORE_API_VERSION: u32 = 8;
+/// The rustc that built this hyperjob-plugin (`rustc --version`).
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The commit of that rustc (`rustc -vV`, `commit-hash`), or `unknown`.
 pub const RUSTC_COMMIT: &str = env!("HYPERJOB_RUSTC_COMMIT");
-/// The target this hyperjob-core was built for.
+/// The target this hyperjob-plugin was built for.
 pub const TARGET: &str = env!("HYPERJOB_TARGET");
 /// Fingerprint of the types that cross the library boundary, computed by the build script
 /// from their source text ([`super::boundary::BOUNDARY`]).
@@ -40,11 +41,13 @@ pub const BOUNDARY_FINGERPRINT: &str = env!("HYPERJOB_ABI_BOUNDARY");
 /// plugin (a second `#[global_allocator]` anywhere in the plugin's crates fails its build), and
 /// the hyperjob binary installs it too.
 pub const ALLOCATOR: &str = "system";
-/// `panic_strategy` values.
+/// `panic_strategy`: the plugin's build could not tell.
 pub const PANIC_UNKNOWN: u32 = 0;
+/// `panic_strategy`: `panic = "unwind"` (the only one the gate accepts).
 pub const PANIC_UNWIND: u32 = 1;
+/// `panic_strategy`: `panic = "abort"`.
 pub const PANIC_ABORT: u32 = 2;
-/// The panic strategy this hyperjob-core was built with (the whole build shares one).
+/// The panic strategy this hyperjob-plugin was built with (the whole build shares one).
 pub const PANIC_STRATEGY: u32 = panic_strategy(cfg!(panic = "unwind"), cfg!(panic = "abort"));
 /// What a header says when a value could not be found out; it never matches anything.
 pub const UNKNOWN: &str = "unknown";
@@ -61,18 +64,27 @@ const NAMES: usize = 256;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PluginHeader {
+    /// [`HEADER_MAGIC`].
     pub magic: [u8; 8],
+    /// [`HEADER_VERSION`] of the plugin's build.
     pub header_version: u32,
+    /// [`CORE_API_VERSION`] of the plugin's build.
     pub core_api_version: u32,
     /// [`PANIC_UNWIND`], [`PANIC_ABORT`] or [`PANIC_UNKNOWN`], of the plugin's build.
     pub panic_strategy: u32,
     /// Zero.
     pub reserved: u32,
+    /// [`RUSTC_VERSION`] of the plugin's build.
     pub rustc_version: [u8; TEXT],
+    /// [`RUSTC_COMMIT`] of the plugin's build.
     pub rustc_commit: [u8; MEDIUM],
+    /// The version of hyperjob-plugin the plugin was built against.
     pub core_version: [u8; TEXT],
+    /// [`TARGET`] of the plugin's build.
     pub target: [u8; TEXT],
+    /// [`BOUNDARY_FINGERPRINT`] of the plugin's build.
     pub boundary: [u8; TEXT],
+    /// [`ALLOCATOR`] of the plugin's build.
     pub allocator: [u8; SHORT],
     /// The plugin crate's own version (shown by `hyperjob plugins`; not compared).
     pub plugin_version: [u8; SHORT],
@@ -163,7 +175,7 @@ impl PluginHeader {
     }
 
     /// The header of a plugin library providing `backends` and `transports`, built right now
-    /// against this hyperjob-core with `panic_strategy` ([`panic_strategy`]).
+    /// against this hyperjob-plugin with `panic_strategy` ([`panic_strategy`]).
     pub const fn with(
         backends: &[&str],
         transports: &[&str],
@@ -331,7 +343,7 @@ impl PluginHeader {
         let texts: [(&str, &[u8], &[u8]); 6] = [
             ("rustc", &self.rustc_version, &host.rustc_version),
             ("rustc commit", &self.rustc_commit, &host.rustc_commit),
-            ("hyperjob-core", &self.core_version, &host.core_version),
+            ("hyperjob-plugin", &self.core_version, &host.core_version),
             ("target", &self.target, &host.target),
             ("boundary types", &self.boundary, &host.boundary),
             ("allocator", &self.allocator, &host.allocator),
@@ -390,7 +402,7 @@ mod tests {
     }
 
     /// The layout is frozen: built here byte by byte from its documented layout, it must equal
-    /// what this hyperjob-core writes. A reordered, resized or retyped field fails this.
+    /// what this hyperjob-plugin writes. A reordered, resized or retyped field fails this.
     #[test]
     fn the_header_layout_is_frozen() {
         let header = PluginHeader::with(&["qemu", "other"], &["sshcli"], "1.2.3", PANIC_UNWIND);
@@ -515,7 +527,7 @@ mod tests {
             ("core API version", |h| h.core_api_version -= 1),
             ("rustc", |h| h.rustc_version[6] ^= 1),
             ("rustc commit", |h| h.rustc_commit[0] ^= 1),
-            ("hyperjob-core", |h| h.core_version[0] ^= 1),
+            ("hyperjob-plugin", |h| h.core_version[0] ^= 1),
             ("target", |h| h.target[0] ^= 1),
             // Past the text's terminating NUL: invisible when printed, still a difference.
             ("target", |h| h.target[TEXT - 1] = b'x'),

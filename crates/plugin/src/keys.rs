@@ -8,12 +8,17 @@
 
 use std::fmt;
 
+#[cfg(feature = "keygen")]
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
+/// Why a key pair could not be made (feature `keygen`).
+#[cfg(feature = "keygen")]
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// The random source or the key generation failed.
     #[error("cannot generate an ed25519 key")]
     Generate(#[source] ssh_key::Error),
+    /// The key could not be written in OpenSSH's encoding.
     #[error("cannot encode an ed25519 key")]
     Encode(#[source] ssh_key::Error),
 }
@@ -23,10 +28,12 @@ pub enum KeyError {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps `text`.
     pub fn new(text: String) -> Self {
         Self(text)
     }
 
+    /// The text itself: write it where it belongs (a file 0600, the guest), never to a log.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -47,6 +54,7 @@ pub struct KeyPair {
     pub public_openssh: String,
 }
 
+#[cfg(feature = "keygen")]
 impl KeyPair {
     /// A fresh ed25519 key pair from the operating system's random source.
     pub fn generate(comment: &str) -> Result<Self, KeyError> {
@@ -73,7 +81,7 @@ pub struct GuestKeys {
     pub host: KeyPair,
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "keygen"))]
 mod tests {
     use super::*;
 

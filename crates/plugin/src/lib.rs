@@ -1,0 +1,45 @@
+//! hyperjob-plugin: the contract between hyperjob and its plugins — the one crate a plugin
+//! author depends on.
+//!
+//! A **backend** ([`Backend`]) owns the VM lifecycle: create and boot a job's VM, find its
+//! address, destroy it. A **transport** ([`Transport`]) reaches the guest at that address and
+//! runs the job's scripts. hyperjob selects one of each by name in its config file and hands
+//! each its own table (`[backends.<name>]`, `[transports.<name>]`).
+//!
+//! A Rust plugin is a `cdylib` with its trait implementations, a factory that parses its table
+//! ([`config::parse`]) and one [`export_plugin!`] call; `use hyperjob_plugin::prelude::*;`
+//! brings in everything that takes. docs/plugins.md walks through the template
+//! (`plugins/template-backend`), which is such a crate.
+//!
+//! What is here: the traits and the types they exchange ([`plugin`]), what a factory gets
+//! besides its table ([`PluginContext`]), per-job keys ([`keys`]), the config helper
+//! ([`config`]), and the plugin side of the shared-library ABI ([`abi`]: the header
+//! `export_plugin!` exports, the panic guards it compiles into the plugin, the fingerprint of
+//! every type that crosses the library boundary). hyperjob-core — stages, state, the registry
+//! and the loaders — depends on this crate and re-exports it at its old paths
+//! (`hyperjob_core::plugin`, `hyperjob_core::abi`, …). Nothing here links libvirt.
+
+#![warn(missing_docs)]
+
+pub mod abi;
+pub mod config;
+pub mod context;
+pub mod keys;
+pub mod plugin;
+pub mod prelude;
+
+pub use context::{GuestKeyMode, Kind, PluginContext};
+pub use plugin::{
+    Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
+    ScriptRequest, Transport, VmPresence, VmRequest,
+};
+
+// Executable plugins (tier 3): `serve()` — runs a Rust type implementing the traits as an
+// executable plugin speaking protocol v2 over stdio — is written in hyperjob-core's
+// `exec_plugin/` by issue 10 §3. TO WIRE AT MERGE: move its plugin side (framing, the hello,
+// the request loop; std + serde_json only) into this crate as `pub mod serve;`, re-export it
+// here (`pub use serve::serve;`) and in the prelude, and have hyperjob-core's host side use it
+// from here (this crate cannot depend on hyperjob-core).
+
+/// Version of this crate, recorded in every plugin header (`core_version`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
