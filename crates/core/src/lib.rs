@@ -21,6 +21,7 @@ pub mod lock;
 pub mod metrics;
 pub mod ownership;
 pub mod plugin;
+pub mod plugin_check;
 pub mod pool;
 pub mod progress;
 pub mod registry;
