@@ -89,8 +89,9 @@ fn plugin_check_command(env: &TestEnv, ws: &Workspace) -> Command {
     command
 }
 
+/// The VM of the check run by process `pid`: a job id above `i64::MAX`, no GitLab job's.
 fn vm_name_of(pid: u32) -> String {
-    format!("hyperjob-job-plugin-check-{pid}")
+    format!("hyperjob-job-{}", (1u64 << 63) + u64::from(pid))
 }
 
 fn plugin_check(env: &TestEnv, ws: &Workspace) -> Checked {
@@ -291,6 +292,7 @@ fn an_interrupted_plugin_check_destroys_its_vm() {
         .expect("kill");
     stdout.read_to_string(&mut seen).expect("read stdout");
     let status = child.wait().expect("wait");
+    println!("{seen}");
 
     assert!(sent.success());
     assert!(!status.success(), "{seen}");

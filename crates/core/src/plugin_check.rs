@@ -6,9 +6,10 @@
 //!
 //! The VM is destroyed on every path: after a failed clause, on SIGTERM/SIGINT (the binary's
 //! cancel flag ends the waits), and if a built-in plugin panics (a guard destroys it while the
-//! panic unwinds). It is named `<name_prefix>plugin-check-<pid>` and recorded with job id 0
-//! and a deadline, like `doctor --boot`'s VM, so `hyperjob gc` removes it should this process
-//! be killed outright.
+//! panic unwinds). It is a job's VM as `hyperjob gc` knows them, of a job id no GitLab job can
+//! have ([`job_id`]: above `i64::MAX`), and the check holds that job's activity lock like a
+//! prepare: gc leaves it alone while the check runs, and removes what a killed check left (its
+//! files and keys at once, its VM once the recorded deadline has passed).
 
 mod scripts;
 
@@ -29,6 +30,12 @@ use crate::stages::{build_backend, build_transport, unix_now};
 
 /// The key added to a plugin's table to see it refused.
 pub const UNKNOWN_KEY: &str = "hyperjob_plugin_check_unknown_key";
+
+/// The job id of the check run by process `pid`: GitLab's job ids are positive `i64`s, these
+/// are above `i64::MAX`, so no job ever has one.
+pub fn job_id(pid: u32) -> u64 {
+    (1 << 63) + u64::from(pid)
+}
 
 /// How long after the check's boot deadline its VM counts as abandoned (for `hyperjob gc`),
 /// in seconds: the scripts and the teardown take well under that.
@@ -184,27 +191,27 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn run(&mut self) -> anyhow::Result<()> {
-        let vm_name = format!(
-            "{}plugin-check-{}",
-            self.config.name_prefix,
-            std::process::id()
-        );
+        let job_id = job_id(std::process::id());
+        let vm_name = self.config.vm_name(job_id);
         let verdict = judge(self.backend.destroy(&format!("{vm_name}-never")), |()| {
             Ok("success".into())
         });
         self.say("destroy of a name that never existed", verdict)?;
-        crate::state::StateStore::new(&self.config.state_dir).ensure_exists()?;
-        let key_dir = self.config.state_dir.join(format!("{vm_name}.keys"));
+        let store = crate::state::StateStore::new(&self.config.state_dir);
+        // As a prepare does: gc never judges the job while this runs.
+        let active = store.lock_activity(job_id)?;
         let mut guard = DestroyOnDrop {
             backend: self.backend,
             vm_name: &vm_name,
             armed: true,
         };
         let mut seen = Seen::default();
-        let lifecycle = self.lifecycle(&vm_name, &key_dir, &mut seen);
-        let _ = std::fs::remove_dir_all(&key_dir);
+        let key_dir = store.keys_dir(job_id);
+        let lifecycle = self.lifecycle(job_id, &key_dir, &mut seen);
         self.teardown(&vm_name, &seen)?;
         guard.armed = false;
+        let _ = std::fs::remove_dir_all(&key_dir);
+        active.release_and_remove();
         lifecycle?;
         if self.cancel.load(Ordering::Relaxed) {
             self.report.line(&Check::fail(
@@ -217,13 +224,13 @@ impl Checker<'_> {
 
     /// Create, the listings while the VM exists, address, login, scripts and the optional
     /// operations. Returns early (`Ok`) after a clause the rest depends on failed.
-    fn lifecycle(&mut self, vm_name: &str, key_dir: &Path, seen: &mut Seen) -> anyhow::Result<()> {
-        let Some(vm) = self.create(vm_name, key_dir)? else {
+    fn lifecycle(&mut self, job_id: u64, key_dir: &Path, seen: &mut Seen) -> anyhow::Result<()> {
+        let Some(vm) = self.create(job_id, key_dir)? else {
             return Ok(());
         };
         seen.listed = self.listed_while_it_exists(&vm)?;
         self.inspected_while_it_exists(&vm, &record_of(&vm.request))?;
-        seen.files_listed = self.files_while_it_exists(vm_name)?;
+        seen.files_listed = self.files_while_it_exists(&vm.request.vm_name)?;
         let Some(endpoint) = self.reach(&vm)? else {
             return Ok(());
         };
@@ -268,11 +275,12 @@ impl Checker<'_> {
         }
     }
 
-    fn create(&mut self, vm_name: &str, key_dir: &Path) -> anyhow::Result<Option<Vm>> {
+    fn create(&mut self, job_id: u64, key_dir: &Path) -> anyhow::Result<Option<Vm>> {
         let now = unix_now();
+        let vm_name = self.config.vm_name(job_id);
         let request = VmRequest {
-            vm_name: vm_name.to_string(),
-            job_id: crate::pool::POOL_JOB_ID,
+            vm_name: vm_name.clone(),
+            job_id,
             created_unix: now,
             deadline_unix: now + self.transport.ready_timeout().as_secs() + DEADLINE_MARGIN_SECS,
             owner: crate::ownership::owner_of(&self.config.state_dir),
@@ -288,7 +296,8 @@ impl Checker<'_> {
         let (request, identity_file) = match boot.with_keys(&request, key_dir) {
             Ok(keyed) => keyed,
             Err(err) => {
-                self.say("create", Verdict::Fail(one_line(&err)))?;
+                let why = format!("VM {vm_name}: {}", one_line(&err));
+                self.say("create", Verdict::Fail(why))?;
                 return Ok(None);
             }
         };
@@ -299,12 +308,15 @@ impl Checker<'_> {
         } else {
             ""
         };
-        let verdict = judge(result, |()| {
+        let verdict = match judge(result, |()| {
             Ok(format!(
                 "VM {vm_name} created{keys} in {:.1} s",
                 created.elapsed().as_secs_f64()
             ))
-        });
+        }) {
+            Verdict::Fail(why) => Verdict::Fail(format!("VM {vm_name}: {why}")),
+            other => other,
+        };
         if !self.say("create", verdict)? {
             return Ok(None);
         }
@@ -523,3 +535,7 @@ fn record_of(request: &VmRequest) -> OwnedVm {
         owner: Some(request.owner.clone()),
     }
 }
+
+#[cfg(test)]
+#[path = "plugin_check/tests.rs"]
+mod tests;

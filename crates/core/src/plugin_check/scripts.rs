@@ -28,6 +28,10 @@ const CANCEL_SCRIPT: &str = "sleep 120 &\n\
                              echo hyperjob-plugin-check-not-stopped\n";
 /// How long the guest's processes may take to go after a cancel, in seconds.
 const GONE_WITHIN_SECS: u32 = 30;
+/// A shell function: `gone PID` succeeds once the process has ended (it is gone, or a zombie
+/// nobody reaped yet: a guest whose init is a script may never reap orphans).
+const GONE_FN: &str = "gone() { s=$(cat /proc/$1/stat 2>/dev/null) || return 0; \
+                       case \"$s\" in *\") Z \"*) return 0;; esac; return 1; }\n";
 
 /// A script in each interpreter: its exact exit code and exactly its stdout and its stderr.
 pub(super) fn script(check: &mut Checker<'_>, endpoint: &Endpoint) -> std::io::Result<()> {
@@ -168,7 +172,7 @@ pub(super) fn cancel(check: &mut Checker<'_>, endpoint: &Endpoint) -> std::io::R
 /// Asks the guest whether `pids` are gone (or zombies), for up to [`GONE_WITHIN_SECS`].
 fn processes_gone(check: &Checker<'_>, endpoint: &Endpoint, pids: &str) -> Result<(), String> {
     let probe = format!(
-        "gone() {{ s=$(cat /proc/$1/stat 2>/dev/null) || return 0; case \"$s\" in *\") Z \"*) return 0;; esac; return 1; }}\n\
+        "{GONE_FN}\
          n=0\n\
          while [ $n -lt {GONE_WITHIN_SECS} ]; do\n\
          all=1; for p in {pids}; do gone $p || all=0; done\n\
@@ -238,4 +242,95 @@ pub(super) fn connection(check: &mut Checker<'_>, endpoint: &Endpoint) -> std::i
         Ok("two scripts, each with its exit code and streams".into())
     });
     check.say(what, verdict).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pids_line_cancels_once_it_is_complete() {
+        let cancel = AtomicBool::new(false);
+        let mut stdout = CancelOnPids {
+            stdout: Vec::new(),
+            pids: None,
+            cancel: &cancel,
+            cancelled_at: None,
+        };
+
+        stdout
+            .write_all(b"hello\nhyperjob-plugin-check-pids 12")
+            .expect("write");
+        let early = cancel.load(Ordering::Relaxed);
+        stdout.write_all(b"3 456\n").expect("write");
+
+        assert!(!early);
+        assert!(cancel.load(Ordering::Relaxed));
+        assert_eq!(stdout.pids.as_deref(), Some("123 456"));
+    }
+
+    #[test]
+    fn a_pids_line_with_anything_but_digits_is_never_taken() {
+        let cancel = AtomicBool::new(false);
+        let mut stdout = CancelOnPids {
+            stdout: Vec::new(),
+            pids: None,
+            cancel: &cancel,
+            cancelled_at: None,
+        };
+
+        stdout
+            .write_all(b"hyperjob-plugin-check-pids 1; reboot\n")
+            .expect("write");
+
+        assert!(!cancel.load(Ordering::Relaxed));
+        assert_eq!(stdout.pids, None);
+    }
+
+    #[test]
+    fn the_script_clause_wants_the_exact_code_and_each_stream_on_its_own() {
+        let out = STDOUT_TEXT.as_bytes();
+        let err = STDERR_TEXT.as_bytes();
+        let mixed = format!("{STDOUT_TEXT}{STDERR_TEXT}");
+
+        assert!(expect_script(&RemoteExit::Code(7), out, err).is_ok());
+        assert!(expect_script(&RemoteExit::Code(0), out, err).is_err());
+        assert!(expect_script(&RemoteExit::Signal("TERM".into()), out, err).is_err());
+        assert!(expect_script(&RemoteExit::Code(7), mixed.as_bytes(), b"").is_err());
+    }
+
+    /// The probe's shell function, run by this machine's sh: a live process is not gone, an
+    /// ended one is.
+    #[test]
+    fn the_probe_tells_a_live_process_from_a_gone_one() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let probe = |pid: u32| {
+            let script = format!("{GONE_FN}gone {pid}");
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .status()
+                .expect("sh")
+                .success()
+        };
+
+        let stat = format!("/proc/{}/stat", child.id());
+        let live = probe(child.id());
+        child.kill().expect("kill");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z ")) {
+            assert!(std::time::Instant::now() < deadline, "no zombie");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let zombie = probe(child.id());
+        child.wait().expect("wait");
+        let reaped = probe(child.id());
+
+        assert!(!live);
+        assert!(zombie);
+        assert!(reaped);
+    }
 }
