@@ -167,6 +167,22 @@ fn the_libvirt_backend_with_the_sshcli_transport_passes_plugin_check() {
     ws.assert_nothing_left(&checked.vm_name);
 }
 
+/// The cloud-init guest with `guest_keys = "per-job"`: the check's VM gets its own keys (and
+/// its client key, in the check's keys dir, goes with it).
+#[test]
+fn plugin_check_passes_with_per_job_keys() {
+    let env = TestEnv::load();
+    let ws = env.workspace("check-per-job-keys");
+    ws.write_config(&ws.per_job_keys_config());
+
+    let checked = plugin_check(&env, &ws);
+
+    checked.assert_passed();
+    let create = checked.clause("✓ ", "create:").expect("create");
+    assert!(create.contains("with per-job keys"), "{}", checked.stdout);
+    ws.assert_nothing_left(&checked.vm_name);
+}
+
 /// tests/plugins/panicky: its backend accepts any table and panics in create.
 #[test]
 fn a_broken_backend_fails_plugin_check_naming_each_clause_and_nothing_is_left() {
