@@ -80,6 +80,10 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = hyperjob_core::doctor::RUNNER_CONFIG)]
         runner_config: PathBuf,
     },
+    /// Drive the selected backend and transport through the plugin contract on one real VM,
+    /// one line per clause (exit 1 on any ✗); the VM is destroyed on every path
+    #[command(name = "plugin-check")]
+    PluginCheck,
     /// The warm pool of VMs booted ahead ([pool] in the config)
     Pool {
         #[command(subcommand)]
@@ -125,6 +129,7 @@ impl Command {
             Command::Doctor { .. } => "doctor",
             Command::FinishCleanup { .. } => "finish-cleanup",
             Command::Plugins => "plugins",
+            Command::PluginCheck => "plugin-check",
             Command::Relay { .. } => "relay",
         }
     }
@@ -172,6 +177,17 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         print_plugins(&hyperjob_core::discovery::survey(&config)?)?;
         return Ok(StageOutcome::Success);
     }
+    if let Command::PluginCheck = cli.command {
+        // Serves no job (no JOB_RESPONSE_FILE): the default image's tables.
+        let config = config.for_image(None)?;
+        let registry = Registry::load(&config)?;
+        return hyperjob_core::plugin_check::plugin_check(
+            &config,
+            &registry,
+            cancel,
+            &mut std::io::stdout(),
+        );
+    }
     // Only the selected plugins are loaded: nothing wrong with another plugin file can fail
     // or slow a stage.
     let registry = Registry::load(&config)?;
@@ -216,6 +232,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         Command::Cleanup => stages::cleanup(&ctx),
         Command::Gc { .. }
         | Command::Plugins
+        | Command::PluginCheck
         | Command::Pool { .. }
         | Command::Doctor { .. }
         | Command::FinishCleanup { .. }

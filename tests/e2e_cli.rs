@@ -63,7 +63,15 @@ fn usage_errors_exit_2_and_help_and_version_exit_0() {
         format!("hyperjob {}", env!("CARGO_PKG_VERSION"))
     );
     assert_eq!(help.status.code(), Some(0));
-    for subcommand in ["config", "prepare", "run", "cleanup", "gc", "plugins"] {
+    for subcommand in [
+        "config",
+        "prepare",
+        "run",
+        "cleanup",
+        "gc",
+        "plugins",
+        "plugin-check",
+    ] {
         assert!(text(&help.stdout).contains(subcommand), "{help:?}");
     }
 }

@@ -4,30 +4,11 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
-use support::{unique_job_id, TestEnv, Workspace};
-
-fn python_plugin() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/transport-sshcli/hyperjob-transport-sshcli")
-}
-
-/// The default config with the transport served by the Python plugin.
-fn python_transport_config(ws: &Workspace) -> String {
-    ws.default_config()
-        .replace(
-            "transport = \"ssh\"",
-            &format!(
-                "transport = \"sshcli\"\nplugins = [{:?}]",
-                python_plugin().display().to_string()
-            ),
-        )
-        .replace("[transports.ssh]", "[transports.sshcli]")
-}
+use support::{python_plugin, python_transport_config, unique_job_id, TestEnv, Workspace};
 
 fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
     Driver::single_binary(&env.hyperjob)

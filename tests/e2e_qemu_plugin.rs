@@ -10,14 +10,13 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
 use support::{
-    list_dir, qemu_plugin_library, qemu_processes_of, unique_job_id, wait_until, GitServer,
-    TestEnv, Workspace,
+    assert_nothing_left_of_qemu_vm, qemu_plugin_library, qemu_processes_of, unique_job_id,
+    wait_until, GitServer, TestEnv, Workspace,
 };
 
 /// The guest reaches the host's loopback at this address (QEMU user networking).
@@ -68,40 +67,6 @@ fn settings() -> RunnerSettings {
 
 fn vm_name(job_id: i64) -> String {
     format!("hyperjob-job-{job_id}")
-}
-
-/// Live processes whose command line names `overlay` (however QEMU was started).
-fn processes_naming(overlay: &Path) -> Vec<u32> {
-    let needle = overlay.as_os_str().as_encoded_bytes();
-    fs::read_dir("/proc")
-        .expect("read /proc")
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            cmdline.windows(needle.len()).any(|window| window == needle)
-        })
-        .collect()
-}
-
-/// Nothing of `vm_name` remains: no QEMU process, no file in the images or state dir.
-fn assert_nothing_left(ws: &Workspace, vm_name: &str) {
-    let overlay = ws.images_dir.join(format!("{vm_name}.qcow2"));
-    // A QEMU killed a moment ago may still be a zombie waiting for PID 1: its command line
-    // is empty then, so it is not counted.
-    let processes = [qemu_processes_of(vm_name), processes_naming(&overlay)].concat();
-    assert!(
-        processes.is_empty(),
-        "QEMU of {vm_name} still runs: pids {processes:?}"
-    );
-    for dir in [&ws.images_dir, &ws.state_dir] {
-        let leftovers = list_dir(dir);
-        assert!(
-            leftovers.is_empty(),
-            "left behind in {}: {leftovers:?}",
-            dir.display()
-        );
-    }
 }
 
 /// One hyperjob command, run by hand with the runner's fixed environment.
@@ -215,7 +180,7 @@ fn job_runs_every_stage_in_a_plain_qemu_guest_and_cleanup_removes_it() {
     assert!(log.contains("release step sees it's me"), "{log}");
     assert!(log.contains("after_script sees success"), "{log}");
     assert_eq!(report.invocations_of("cleanup").len(), 1);
-    assert_nothing_left(&ws, &vm_name(id));
+    assert_nothing_left_of_qemu_vm(&ws, &vm_name(id));
 }
 
 #[test]
@@ -242,7 +207,7 @@ fn failing_script_is_a_build_failure_carrying_its_exit_code() {
     );
     assert!(log.contains("before the failure"), "{log}");
     assert!(!log.contains("never printed"), "{log}");
-    assert_nothing_left(&ws, &vm_name(id));
+    assert_nothing_left_of_qemu_vm(&ws, &vm_name(id));
 }
 
 #[test]
@@ -282,7 +247,7 @@ fn per_job_keys_reach_a_cloud_init_guest_through_the_seed_disk() {
     assert!(log.contains("host keys in the guest: 1"), "{log}");
     assert!(log.contains("authorized: 1"), "{log}");
     // The seed (it holds the guest's private host key) and the job's key directory are gone.
-    assert_nothing_left(&ws, &vm_name(id));
+    assert_nothing_left_of_qemu_vm(&ws, &vm_name(id));
 }
 
 #[test]
@@ -333,7 +298,7 @@ fn prepare_killed_mid_boot_leaves_a_qemu_that_cleanup_removes() {
         "{}",
         String::from_utf8_lossy(&cleanup.stderr)
     );
-    assert_nothing_left(&ws, &vm);
+    assert_nothing_left_of_qemu_vm(&ws, &vm);
 }
 
 #[test]
@@ -352,5 +317,5 @@ fn cleanup_without_a_prepare_succeeds_and_repeats() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    assert_nothing_left(&ws, &vm_name(id));
+    assert_nothing_left_of_qemu_vm(&ws, &vm_name(id));
 }

@@ -14,7 +14,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use hyperjob_backend_libvirt::network::{self, current_lease, FilterRef, MacPool, Nic};
-use hyperjob_backend_libvirt::{nic, overlay, xml, LibvirtConfig};
+use hyperjob_backend_libvirt::{nic, xml, LibvirtConfig};
+use hyperjob_image_tools::overlay;
 use virt::connect::Connect;
 
 use crate::support::TestEnv;

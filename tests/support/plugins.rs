@@ -2,9 +2,12 @@
 //! tests/plugins, executables that misbehave on purpose, and a config without a VM to load
 //! them with.
 
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use super::{list_dir, qemu_processes_of, Workspace};
 
 /// The built QEMU backend plugin library (`HYPERJOB_QEMU_PLUGIN`); fails loudly, with
 /// instructions, without it.
@@ -189,4 +192,58 @@ pub fn refused_lines(listing: &str) -> Vec<String> {
         .skip(1)
         .map(str::to_string)
         .collect()
+}
+
+/// The Python executable transport plugin (plugins/transport-sshcli).
+pub fn python_plugin() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins/transport-sshcli/hyperjob-transport-sshcli")
+}
+
+/// The default config with the transport served by the Python plugin.
+pub fn python_transport_config(ws: &Workspace) -> String {
+    ws.default_config()
+        .replace(
+            "transport = \"ssh\"",
+            &format!(
+                "transport = \"sshcli\"\nplugins = [{:?}]",
+                python_plugin().display().to_string()
+            ),
+        )
+        .replace("[transports.ssh]", "[transports.sshcli]")
+}
+
+/// Live processes whose command line names `overlay` (however QEMU was started).
+pub fn processes_naming(overlay: &Path) -> Vec<u32> {
+    let needle = overlay.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.windows(needle.len()).any(|window| window == needle)
+        })
+        .collect()
+}
+
+/// Nothing of the QEMU backend plugin's VM `vm_name` remains: no QEMU process, no file in the
+/// images or state dir.
+pub fn assert_nothing_left_of_qemu_vm(ws: &Workspace, vm_name: &str) {
+    let overlay = ws.images_dir.join(format!("{vm_name}.qcow2"));
+    // A QEMU killed a moment ago may still be a zombie waiting for PID 1: its command line
+    // is empty then, so it is not counted.
+    let processes = [qemu_processes_of(vm_name), processes_naming(&overlay)].concat();
+    assert!(
+        processes.is_empty(),
+        "QEMU of {vm_name} still runs: pids {processes:?}"
+    );
+    for dir in [&ws.images_dir, &ws.state_dir] {
+        let leftovers = list_dir(dir);
+        assert!(
+            leftovers.is_empty(),
+            "left behind in {}: {leftovers:?}",
+            dir.display()
+        );
+    }
 }

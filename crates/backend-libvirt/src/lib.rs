@@ -9,8 +9,6 @@ pub mod doctor;
 pub mod machine;
 pub mod network;
 pub mod nic;
-pub mod overlay;
-pub mod seed;
 pub mod xml;
 
 use std::path::PathBuf;
@@ -21,6 +19,7 @@ use hyperjob_core::plugin::Progress;
 use hyperjob_core::registry::{BackendFactory, PluginContext};
 use hyperjob_core::wait::Backoff;
 use hyperjob_core::{Backend, Endpoint, OwnedVm, PluginError, VmPresence, VmRequest};
+use hyperjob_image_tools::{console, overlay, seed};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::error::ErrorNumber;
@@ -29,9 +28,6 @@ pub use config::LibvirtConfig;
 
 /// How often `wait_address` looks for the guest's DHCP lease.
 const LEASE_POLL: Duration = Duration::from_millis(50);
-
-/// Lines of the guest console shown when a boot fails.
-const CONSOLE_TAIL_LINES: usize = 25;
 
 inventory::submit! {
     BackendFactory {
@@ -463,13 +459,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
-        let path = self.console_log_path(vm_name);
-        let bytes = std::fs::read(&path)
-            .map_err(|err| PluginError::system(format!("cannot read {}", path.display()), err))?;
-        Ok(tail_lines(
-            &String::from_utf8_lossy(&bytes),
-            CONSOLE_TAIL_LINES,
-        ))
+        console::tail_of_log(&self.console_log_path(vm_name))
     }
 }
 
@@ -510,102 +500,9 @@ fn libvirt_error(context: String, err: &virt::error::Error) -> PluginError {
     PluginError::msg(format!("{context}: {}", err.message()))
 }
 
-/// The last `count` non-blank lines of `text`, in order, without terminal control sequences
-/// (colours, cursor moves, titles) or any other control character.
-pub fn tail_lines(text: &str, count: usize) -> String {
-    let clean = strip_control(text);
-    let lines: Vec<&str> = clean.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(count)..].join("\n")
-}
-
-/// Removes ANSI escape sequences (CSI `ESC [ … final`, OSC `ESC ] … BEL|ESC \\`, and two-byte
-/// `ESC x`) and every control character except the newline.
-fn strip_control(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\x1b' => match chars.next() {
-                Some('[') => {
-                    // Parameter and intermediate bytes, then one final byte.
-                    while let Some(&c) = chars.peek() {
-                        if ('\x20'..='\x3f').contains(&c) {
-                            chars.next();
-                        } else {
-                            if ('@'..='~').contains(&c) {
-                                chars.next();
-                            }
-                            break;
-                        }
-                    }
-                }
-                Some(']') => {
-                    while let Some(c) = chars.next() {
-                        if c == '\x07' || c == '\n' {
-                            break;
-                        }
-                        if c == '\x1b' {
-                            chars.next_if_eq(&'\\');
-                            break;
-                        }
-                    }
-                }
-                _ => {}
-            },
-            '\n' => out.push('\n'),
-            c if c.is_control() => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// 40 coloured console lines with blank lines between them; line `n` is "line n".
-    fn coloured_console() -> String {
-        let mut text = String::from("\x1b]0;title\x07\x1b[2J\x1b[H");
-        for n in 1..=40 {
-            text.push_str(&format!("\x1b[0;32mline\x1b[0m {n}\x07\r\n"));
-            if n % 10 == 0 {
-                text.push_str("\n \t \n");
-            }
-        }
-        text
-    }
-
-    #[test]
-    fn tail_keeps_exactly_the_last_lines_in_order_without_control_sequences() {
-        let text = coloured_console();
-
-        let tail = tail_lines(&text, 25);
-
-        let expected: Vec<String> = (16..=40).map(|n| format!("line {n}")).collect();
-        assert_eq!(tail.lines().collect::<Vec<_>>(), expected);
-        for dropped in 1..=15 {
-            assert!(
-                !tail.lines().any(|l| l == format!("line {dropped}")),
-                "{tail}"
-            );
-        }
-        assert!(
-            !tail.contains(|c: char| c.is_control() && c != '\n'),
-            "{tail:?}"
-        );
-        assert!(!tail.contains(['[', ']']), "{tail:?}");
-    }
-
-    #[test]
-    fn tail_of_fewer_lines_keeps_them_all() {
-        let text = "one\r\ntwo\n\x1b[1;31mthree\x1b[m\n\nfour\n";
-
-        assert_eq!(tail_lines(text, 2), "three\nfour");
-        assert_eq!(tail_lines(text, 10), "one\ntwo\nthree\nfour");
-        assert_eq!(tail_lines(text, 0), "");
-        assert_eq!(tail_lines("", 5), "");
-    }
 
     #[test]
     fn console_tail_reads_the_vms_console_log() {
@@ -621,16 +518,13 @@ mod tests {
         let backend = LibvirtBackend::new(config);
         std::fs::write(
             dir.path().join("hyperjob-job-1.console.log"),
-            coloured_console(),
+            "booting\n\x1b[0;32mlogin:\x1b[0m\n",
         )
         .expect("log");
 
         let tail = backend.console_tail("hyperjob-job-1").expect("tail");
 
-        let expected: Vec<String> = (41 - CONSOLE_TAIL_LINES..=40)
-            .map(|n| format!("line {n}"))
-            .collect();
-        assert_eq!(tail.lines().collect::<Vec<_>>(), expected);
+        assert_eq!(tail, "booting\nlogin:");
         assert!(backend.console_tail("hyperjob-job-2").is_err());
     }
 

@@ -36,30 +36,17 @@ impl Boot<'_> {
         // A stop that came while the record was written: create nothing.
         interrupted(self.cancel)?;
         let deadline = started + self.transport.ready_timeout();
-        let (request, identity_file) = match self.config.guest_keys {
-            GuestKeyMode::Pinned => (request.clone(), None),
-            GuestKeyMode::PerJob => {
-                let (keys, identity_file) = self.per_job_keys(&request.vm_name, key_dir)?;
-                let request = VmRequest {
-                    keys: Some(keys),
-                    ..request.clone()
-                };
-                (request, Some(identity_file))
-            }
-        };
+        let (request, identity_file) = self.with_keys(request, key_dir)?;
         self.backend
             .create(&request, self.progress)
             .with_context(|| format!("cannot create VM {}", request.vm_name))?;
         interrupted(self.cancel)?;
         self.progress.say("Waiting for the guest address...");
-        let mut endpoint = self
+        let endpoint = self
             .backend
             .wait_address(&request.vm_name, deadline, self.cancel)
             .with_context(|| format!("VM {} got no address", request.vm_name))?;
-        if let Some(keys) = &request.keys {
-            endpoint.identity_file = identity_file;
-            endpoint.host_key = Some(keys.host.public_openssh.clone());
-        }
+        let endpoint = attach_keys(endpoint, &request, identity_file);
         self.progress.say(&format!(
             "Guest address {endpoint} after {:.1} s; waiting for the {} transport...",
             started.elapsed().as_secs_f64(),
@@ -70,6 +57,26 @@ impl Boot<'_> {
             .with_context(|| format!("guest of VM {} never became reachable", request.vm_name))?;
         interrupted(self.cancel)?;
         Ok(endpoint)
+    }
+
+    /// `request` with the job's own keys when the config says `guest_keys = "per-job"` (and
+    /// the path of the stored client key), else as it is.
+    pub(crate) fn with_keys(
+        &self,
+        request: &VmRequest,
+        key_dir: &Path,
+    ) -> anyhow::Result<(VmRequest, Option<PathBuf>)> {
+        match self.config.guest_keys {
+            GuestKeyMode::Pinned => Ok((request.clone(), None)),
+            GuestKeyMode::PerJob => {
+                let (keys, identity_file) = self.per_job_keys(&request.vm_name, key_dir)?;
+                let request = VmRequest {
+                    keys: Some(keys),
+                    ..request.clone()
+                };
+                Ok((request, Some(identity_file)))
+            }
+        }
     }
 
     /// Generates the VM's host and client keys; stores the client's private key in `key_dir`
@@ -94,6 +101,20 @@ impl Boot<'_> {
             identity_file,
         ))
     }
+}
+
+/// The guest's endpoint with the job's own client key and expected host key attached, when
+/// `request` carries per-job keys ([`Boot::with_keys`]).
+pub(crate) fn attach_keys(
+    mut endpoint: Endpoint,
+    request: &VmRequest,
+    identity_file: Option<PathBuf>,
+) -> Endpoint {
+    if let Some(keys) = &request.keys {
+        endpoint.identity_file = identity_file;
+        endpoint.host_key = Some(keys.host.public_openssh.clone());
+    }
+    endpoint
 }
 
 /// An error when the binary's signal handler asked the stage to stop.

@@ -130,13 +130,15 @@ pub fn doctor(
     report.finish()
 }
 
-struct Report<'a> {
-    out: &'a mut dyn Write,
-    failed: usize,
+/// Writes check lines (✓ / ✗) and counts the failures; `hyperjob plugin-check` reports the
+/// same way.
+pub(crate) struct Report<'a> {
+    pub(crate) out: &'a mut dyn Write,
+    pub(crate) failed: usize,
 }
 
 impl Report<'_> {
-    fn line(&mut self, check: &Check) -> std::io::Result<()> {
+    pub(crate) fn line(&mut self, check: &Check) -> std::io::Result<()> {
         match &check.fix {
             None if check.ok => writeln!(self.out, "✓ {}", check.what),
             fix => {
@@ -147,7 +149,12 @@ impl Report<'_> {
         }
     }
 
-    fn finish(self) -> anyhow::Result<StageOutcome> {
+    /// A check that does not apply (an optional operation the plugin does not have).
+    pub(crate) fn skip(&mut self, what: &str, why: &str) -> std::io::Result<()> {
+        writeln!(self.out, "- {what}: {why}")
+    }
+
+    pub(crate) fn finish(self) -> anyhow::Result<StageOutcome> {
         if self.failed > 0 {
             anyhow::bail!("{} check(s) failed", self.failed);
         }
@@ -156,7 +163,7 @@ impl Report<'_> {
 }
 
 /// An error and its causes on one line.
-fn one_line(err: &anyhow::Error) -> String {
+pub(crate) fn one_line(err: &anyhow::Error) -> String {
     format!("{err:#}").replace('\n', " ")
 }
 
@@ -353,7 +360,7 @@ fn runner_check(runner: &toml::Table, what: &str, config_path: &Path) -> Check {
 }
 
 /// Prints each boot step on its own line under the check.
-struct Indented;
+pub(crate) struct Indented;
 
 impl Progress for Indented {
     fn say(&self, message: &str) {

@@ -20,6 +20,7 @@ pub mod job;
 pub mod lock;
 pub mod metrics;
 pub mod ownership;
+pub mod plugin_check;
 pub mod pool;
 pub mod progress;
 pub mod registry;

@@ -29,18 +29,16 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hyperjob_backend_libvirt::{overlay, seed, tail_lines};
 use hyperjob_core::plugin::Progress;
 use hyperjob_core::registry::PluginContext;
 use hyperjob_core::{Backend, Endpoint, OwnedVm, PluginError, VmRequest};
+use hyperjob_image_tools::{console, overlay, seed};
 
 pub use argv::VmPaths;
 pub use config::QemuConfig;
 use process::OurQemu;
 use state::QemuState;
 
-/// Lines of the guest console shown when a boot fails.
-const CONSOLE_TAIL_LINES: usize = 25;
 /// How often a start is retried when the forwarded port was taken in the meantime.
 const PORT_ATTEMPTS: usize = 4;
 /// How long QEMU may take to set itself up before its daemonizing parent exits.
@@ -449,13 +447,7 @@ impl Backend for QemuBackend {
     }
 
     fn console_tail(&self, vm_name: &str) -> Result<String, PluginError> {
-        let path = self.paths(vm_name).console_log;
-        let bytes = fs::read(&path)
-            .map_err(|err| PluginError::system(format!("cannot read {}", path.display()), err))?;
-        Ok(tail_lines(
-            &String::from_utf8_lossy(&bytes),
-            CONSOLE_TAIL_LINES,
-        ))
+        console::tail_of_log(&self.paths(vm_name).console_log)
     }
 }
 
@@ -713,7 +705,7 @@ mod tests {
 
         let tail = backend.console_tail("hyperjob-job-5").expect("tail");
 
-        let expected: Vec<String> = (61 - CONSOLE_TAIL_LINES..=60)
+        let expected: Vec<String> = (61 - console::TAIL_LINES..=60)
             .map(|n| format!("boot line {n}"))
             .collect();
         assert_eq!(tail.lines().collect::<Vec<_>>(), expected);

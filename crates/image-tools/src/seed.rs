@@ -11,8 +11,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use hyperjob_core::keys::GuestKeys;
-use hyperjob_core::PluginError;
+use hyperjob_plugin::keys::GuestKeys;
+use hyperjob_plugin::PluginError;
 
 /// A YAML scalar that can hold any text: a JSON string is a valid YAML double-quoted scalar.
 fn yaml_string(text: &str) -> String {
@@ -159,7 +159,7 @@ fn build_iso(work: &Path, iso: &Path) -> Result<(), PluginError> {
 
 #[cfg(test)]
 mod tests {
-    use hyperjob_core::keys::KeyPair;
+    use hyperjob_plugin::keys::KeyPair;
 
     use super::*;
 

@@ -8,7 +8,7 @@ use std::io::{ErrorKind, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use hyperjob_core::PluginError;
+use hyperjob_plugin::PluginError;
 
 /// Disk image formats a base image can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
