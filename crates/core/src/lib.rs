@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod doctor;
 pub mod exec_plugin;
 pub mod exit;
+pub mod hold;
 pub mod job;
 pub mod keys;
 pub mod lock;
