@@ -89,15 +89,16 @@ pub struct Observed {
     /// Whether the recorded runner still runs; `None`: none recorded, or it cannot be told.
     pub runner_alive: Option<bool>,
     pub vm: VmSeen,
-    /// When the job's debug hold expires (under the config of now), if it was granted one and
-    /// its phase is `ready` or `held`.
+    /// When the job's debug hold expires (under the config of now), if its phase is `held`
+    /// (granted at a failure, the hold begins once cleanup kept the VM: until then the job is
+    /// judged as any other, its runner's death included).
     pub held_until: Option<u64>,
 }
 
 /// The rule, as a pure function of what gc observed.
 pub fn judge(seen: &Observed) -> Verdict {
-    // A hold is the job's deadline, and its runner has finished the job (or, still running
-    // it, holds the lock): neither the runner rule nor the job's deadline applies.
+    // A held job's hold is its deadline, and its runner has finished the job: neither the
+    // runner rule nor the job's deadline applies.
     if let (Some(until), false) = (seen.held_until, seen.active) {
         return if seen.now > until {
             Verdict::HoldExpired
@@ -321,7 +322,7 @@ impl<'a> Collector<'a> {
             vm: VmSeen::Absent,
             held_until: state
                 .as_ref()
-                .filter(|state| matches!(state.phase, Phase::Ready | Phase::Held))
+                .filter(|state| state.phase == Phase::Held)
                 .and_then(|state| state.hold.as_ref())
                 .map(|hold| hold.expires_unix(self.config.debug_hold.as_ref())),
         };

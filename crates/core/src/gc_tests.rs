@@ -131,15 +131,14 @@ fn a_held_vm_is_kept_until_its_hold_expires_whatever_its_runner_and_deadline() {
         ..expired
     };
     assert_eq!(judge(&not_ours), Verdict::HoldExpired);
-    // A stage of the job still runs (after_script): judged as any job; its cleanup decides.
-    let running = Observed {
+    // `hyperjob hold release` or a new prepare of the job id holds its lock.
+    let busy = Observed {
         active: true,
-        phase: Some(Phase::Ready),
         ..expired
     };
-    assert_eq!(judge(&running), Verdict::DeadlinePassed);
-    let running_in_time = Observed { now: 60, ..running };
-    assert_eq!(judge(&running_in_time), Verdict::Keep);
+    assert_eq!(judge(&busy), Verdict::DeadlinePassed);
+    let busy_in_time = Observed { now: 60, ..busy };
+    assert_eq!(judge(&busy_in_time), Verdict::Keep);
 }
 
 #[test]

@@ -18,7 +18,9 @@
 //! - `hyperjob hold list` shows holds, `hyperjob hold release JOB_ID` ends one now, and `gc`
 //!   removes a held VM once its hold has expired: at the recorded end, or earlier when
 //!   `max_secs` has been lowered since (or `[debug_hold]` removed). Until then gc keeps it
-//!   whatever its runner or deadline: the runner has finished the job.
+//!   whatever its runner or deadline: the runner has finished the job. Before cleanup (the
+//!   job still runs `after_script`, say) the job is judged as any other: if its runner dies
+//!   then, no cleanup comes and gc removes it as usual.
 
 use std::io::Write;
 
