@@ -121,6 +121,10 @@ fn a_held_vm_is_kept_until_its_hold_expires_whatever_its_runner_and_deadline() {
     assert_eq!(judge(&held), Verdict::Keep);
     let expired = Observed { now: 601, ..held };
     assert_eq!(judge(&expired), Verdict::HoldExpired);
+    assert_eq!(
+        crate::metrics::removal_reason(&Verdict::HoldExpired.reason(None)),
+        "hold_expired"
+    );
     let vm_removed_by_hand = Observed {
         vm: VmSeen::Absent,
         ..held
