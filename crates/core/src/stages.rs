@@ -302,6 +302,7 @@ pub fn run(
 /// runner may start it while a killed run of the same job is still dying. A VM of that name
 /// another installation owns is left alone (this job's state still goes). A backend that can
 /// halt its VMs gets the slow part of the destroy done in the background ([`crate::teardown`]).
+/// A failed job granted a debug hold keeps its VM running instead ([`crate::hold`]).
 pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let started = Instant::now();
     let backend = ctx.backend()?;
