@@ -89,6 +89,11 @@ enum Command {
         #[command(subcommand)]
         action: PoolAction,
     },
+    /// VMs of failed jobs kept for debugging ([debug_hold] in the config)
+    Hold {
+        #[command(subcommand)]
+        action: HoldAction,
+    },
     /// The rest of a cleanup: what `cleanup` starts in the background after halting the VM
     #[command(name = "finish-cleanup", hide = true)]
     FinishCleanup {
@@ -100,6 +105,17 @@ enum Command {
     Relay {
         /// The job id prepare read from JOB_RESPONSE_FILE
         job: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HoldAction {
+    /// Show every hold: job, VM, state, until when (UTC) and the command that reaches the VM
+    List,
+    /// End a hold now: destroy the held VM and the job's state
+    Release {
+        /// The job whose VM is held
+        job_id: u64,
     },
 }
 
@@ -126,6 +142,7 @@ impl Command {
             Command::Cleanup => "cleanup",
             Command::Gc { .. } => "gc",
             Command::Pool { .. } => "pool",
+            Command::Hold { .. } => "hold",
             Command::Doctor { .. } => "doctor",
             Command::FinishCleanup { .. } => "finish-cleanup",
             Command::Plugins => "plugins",
@@ -199,6 +216,16 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         // Started by cleanup, which has the job id from JOB_RESPONSE_FILE (gone by now).
         return hyperjob_core::teardown::finish(&config, &registry, job_id);
     }
+    if let Command::Hold { action } = &cli.command {
+        // Holds outlive their jobs: no JOB_RESPONSE_FILE.
+        let mut out = std::io::stdout();
+        return match action {
+            HoldAction::List => hyperjob_core::hold::list(&config, &mut out),
+            HoldAction::Release { job_id } => {
+                hyperjob_core::hold::release(&config, &registry, *job_id, &mut out)
+            }
+        };
+    }
     if let Command::Pool { action } = &cli.command {
         // The pool serves the whole installation, not one job: no JOB_RESPONSE_FILE.
         return pool(action, &config, &registry, cancel);
@@ -234,6 +261,7 @@ fn run(cli: &Cli, cancel: &AtomicBool) -> anyhow::Result<StageOutcome> {
         | Command::Plugins
         | Command::PluginCheck
         | Command::Pool { .. }
+        | Command::Hold { .. }
         | Command::Doctor { .. }
         | Command::FinishCleanup { .. }
         | Command::Relay { .. } => {

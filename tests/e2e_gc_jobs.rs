@@ -7,14 +7,13 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hyperjob_test_harness::{Driver, ExecutorSession, ExitInfo, Job};
+use hyperjob_test_harness::{ExecutorSession, ExitInfo, Job};
 use support::{
-    configured_session, configured_session_of, domain_exists, hyperjob_metadata, hyperjob_ok,
-    job_without_sources, list_dir, run_sources_and_script, session_log, unique_job_id, vm_name,
-    wait_for_log, Lookalike, TestEnv, Workspace,
+    configured_session, configured_session_of, domain_exists, executable, hyperjob_metadata,
+    hyperjob_ok, job_without_sources, list_dir, perl_runner, run_sources_and_script, session_log,
+    unique_job_id, vm_name, wait_for_log, wrapped_driver, Lookalike, TestEnv, Workspace,
 };
 
 /// Generous bounds: four TCG guests may share the two cores of a test machine.
@@ -27,20 +26,6 @@ fn job(id: i64) -> Job {
 
 fn gc_ok(env: &TestEnv, ws: &Workspace) -> String {
     hyperjob_ok(env, ws, &["gc"])
-}
-
-/// An executable file `name` in the workspace with `text`.
-fn executable(ws: &Workspace, name: &str, text: &str) -> PathBuf {
-    let path = ws.dir.join(name);
-    std::fs::write(&path, text).expect("write wrapper");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    path
-}
-
-/// The driver as the runner would start it through `wrapper`.
-fn wrapped_driver(ws: &Workspace, wrapper: &Path) -> Driver {
-    Driver::single_binary(wrapper)
-        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
 }
 
 /// Runs the job's sources and script stages: the job is unharmed.
@@ -72,14 +57,7 @@ fn gc_removes_a_killed_prepare_and_a_job_whose_runner_died_at_once_but_keeps_a_w
 
     // 2. A job started by a runner that is gone now: here a perl wrapper (not a shell, so it
     //    counts as the runner) that ends after prepare, as a crashed runner would.
-    let perl = executable(
-        &ws,
-        "runner.pl",
-        &format!(
-            "#!/usr/bin/perl\nexit(system('{}', @ARGV) >> 8);\n",
-            env.hyperjob.display()
-        ),
-    );
+    let perl = perl_runner(&env, &ws);
     let orphan_session = configured_session_of(&wrapped_driver(&ws, &perl), &job(orphaned));
     orphan_session
         .prepare()

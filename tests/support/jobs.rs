@@ -16,6 +16,34 @@ pub fn vm_name(job_id: i64) -> String {
     format!("hyperjob-job-{job_id}")
 }
 
+/// An executable file `name` in the workspace with `text`.
+pub fn executable(ws: &Workspace, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = ws.dir.join(name);
+    std::fs::write(&path, text).expect("write wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// The driver as the runner would start it through `wrapper`.
+pub fn wrapped_driver(ws: &Workspace, wrapper: &std::path::Path) -> Driver {
+    Driver::single_binary(wrapper)
+        .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
+}
+
+/// `runner.pl` in the workspace: a perl wrapper (not a shell, so hyperjob records it as the
+/// job's runner) that runs hyperjob and ends with it, as a runner that crashed after the stage.
+pub fn perl_runner(env: &TestEnv, ws: &Workspace) -> PathBuf {
+    executable(
+        ws,
+        "runner.pl",
+        &format!(
+            "#!/usr/bin/perl\nexit(system('{}', @ARGV) >> 8);\n",
+            env.hyperjob.display()
+        ),
+    )
+}
+
 /// hyperjob as the runner's `*_exec`, with the workspace's config.
 pub fn hyperjob_driver(env: &TestEnv, ws: &Workspace) -> Driver {
     Driver::single_binary(&env.hyperjob)

@@ -57,6 +57,7 @@ struct ConfigFile {
     images: toml::Table,
     resources: Option<toml::Table>,
     metrics_file: Option<PathBuf>,
+    debug_hold: Option<crate::hold::DebugHoldFile>,
     #[serde(default)]
     plugin_dirs: Vec<PathBuf>,
     #[serde(default)]
@@ -151,6 +152,8 @@ pub struct Config {
     pub image: Option<String>,
     /// Where Prometheus metrics are written (`metrics_file`); `None`: no metrics.
     pub metrics_file: Option<PathBuf>,
+    /// `[debug_hold]`: failed jobs' VMs may be kept for debugging; `None`: never.
+    pub debug_hold: Option<crate::hold::DebugHold>,
     /// Directories whose `*.so` plugin libraries are loaded.
     pub plugin_dirs: Vec<PathBuf>,
     /// Plugin libraries loaded by path.
@@ -258,6 +261,11 @@ impl Config {
             },
         )
         .map_err(invalid)?;
+        let debug_hold = file
+            .debug_hold
+            .map(crate::hold::DebugHold::from_file)
+            .transpose()
+            .map_err(invalid)?;
         let backend_table =
             plugin_table(&file.backends, "backends", &file.backend).map_err(invalid)?;
         let transport_table =
@@ -275,6 +283,7 @@ impl Config {
             images,
             image: None,
             metrics_file: file.metrics_file,
+            debug_hold,
             plugin_dirs: file.plugin_dirs,
             plugins: file.plugins,
             deadline_margin_secs: file

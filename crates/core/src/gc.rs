@@ -42,6 +42,8 @@ pub enum Verdict {
     Gone,
     /// cleanup halted its VM and handed the removal to a background process that is gone.
     CleanupUnfinished,
+    /// Its VM was held for debugging ([`crate::hold`]) and the hold has expired.
+    HoldExpired,
 }
 
 impl Verdict {
@@ -58,6 +60,7 @@ impl Verdict {
             Verdict::CleanupUnfinished => {
                 "its cleanup began and its background teardown is gone".to_string()
             }
+            Verdict::HoldExpired => "its debug hold has expired".to_string(),
         }
     }
 }
@@ -86,10 +89,25 @@ pub struct Observed {
     /// Whether the recorded runner still runs; `None`: none recorded, or it cannot be told.
     pub runner_alive: Option<bool>,
     pub vm: VmSeen,
+    /// When the job's debug hold expires (under the config of now), if its phase is `held`
+    /// (granted at a failure, the hold begins once cleanup kept the VM: until then the job is
+    /// judged as any other, its runner's death included).
+    pub held_until: Option<u64>,
 }
 
 /// The rule, as a pure function of what gc observed.
 pub fn judge(seen: &Observed) -> Verdict {
+    // A held job's hold is its deadline, and its runner has finished the job: neither the
+    // runner rule nor the job's deadline applies.
+    if let (Some(until), false) = (seen.held_until, seen.active) {
+        return if seen.now > until {
+            Verdict::HoldExpired
+        } else if seen.vm == VmSeen::Absent {
+            Verdict::Gone
+        } else {
+            Verdict::Keep
+        };
+    }
     if seen.deadline.is_some_and(|deadline| seen.now > deadline) {
         return Verdict::DeadlinePassed;
     }
@@ -302,6 +320,11 @@ impl<'a> Collector<'a> {
                 .and_then(|state| state.runner.as_ref())
                 .and_then(|runner| crate::runner::is_alive(Path::new("/proc"), runner)),
             vm: VmSeen::Absent,
+            held_until: state
+                .as_ref()
+                .filter(|state| state.phase == Phase::Held)
+                .and_then(|state| state.hold.as_ref())
+                .map(|hold| hold.expires_unix(self.config.debug_hold.as_ref())),
         };
         // Each name is looked up now, not taken from the listing made before.
         let mut refusals = BTreeMap::new();

@@ -12,6 +12,7 @@ fn running_job() -> Observed {
         phase: Some(Phase::Ready),
         runner_alive: Some(true),
         vm: VmSeen::Exists,
+        held_until: None,
     }
 }
 
@@ -106,6 +107,42 @@ fn a_job_whose_runner_is_gone_is_gone() {
         ..running_job()
     };
     assert_eq!(judge(&seen), Verdict::RunnerGone);
+}
+
+#[test]
+fn a_held_vm_is_kept_until_its_hold_expires_whatever_its_runner_and_deadline() {
+    let held = Observed {
+        now: 500,
+        phase: Some(Phase::Held),
+        runner_alive: Some(false),
+        held_until: Some(600),
+        ..running_job()
+    };
+    assert_eq!(judge(&held), Verdict::Keep);
+    let expired = Observed { now: 601, ..held };
+    assert_eq!(judge(&expired), Verdict::HoldExpired);
+    assert_eq!(
+        crate::metrics::removal_reason(&Verdict::HoldExpired.reason(None)),
+        "hold_expired"
+    );
+    let vm_removed_by_hand = Observed {
+        vm: VmSeen::Absent,
+        ..held
+    };
+    assert_eq!(judge(&vm_removed_by_hand), Verdict::Gone);
+    let not_ours = Observed {
+        vm: VmSeen::NotOurs,
+        ..expired
+    };
+    assert_eq!(judge(&not_ours), Verdict::HoldExpired);
+    // `hyperjob hold release` or a new prepare of the job id holds its lock.
+    let busy = Observed {
+        active: true,
+        ..expired
+    };
+    assert_eq!(judge(&busy), Verdict::DeadlinePassed);
+    let busy_in_time = Observed { now: 60, ..busy };
+    assert_eq!(judge(&busy_in_time), Verdict::Keep);
 }
 
 #[test]

@@ -71,6 +71,8 @@ pub struct JobIdentity {
     pub job_id: u64,
     /// `runner_info.timeout`, the job timeout in seconds.
     pub timeout_secs: u64,
+    /// `job_info.project_id`, when the response file has one.
+    pub project_id: Option<u64>,
 }
 
 impl JobIdentity {
@@ -117,9 +119,14 @@ impl JobIdentity {
                 _ => return Err(invalid("`runner_info.timeout` is not an integer")),
             },
         };
+        let project_id = value
+            .pointer("/job_info/project_id")
+            .and_then(Value::as_u64)
+            .filter(|id| *id > 0);
         Ok(Self {
             job_id,
             timeout_secs,
+            project_id,
         })
     }
 
@@ -156,9 +163,20 @@ mod tests {
             job,
             JobIdentity {
                 job_id: 4242,
-                timeout_secs: 600
+                timeout_secs: 600,
+                project_id: None,
             }
         );
+    }
+
+    #[test]
+    fn reads_the_project_id_from_job_info_only() {
+        let job = parse(r#"{"id":7,"job_info":{"project_id":12},"variables":[{"key":"CI_PROJECT_ID","value":"99"}]}"#)
+            .expect("valid");
+        assert_eq!(job.project_id, Some(12));
+        for json in [r#"{"id":7}"#, r#"{"id":7,"job_info":{"project_id":"12"}}"#] {
+            assert_eq!(parse(json).expect(json).project_id, None, "{json}");
+        }
     }
 
     #[test]

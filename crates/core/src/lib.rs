@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod doctor;
 pub mod exec_plugin;
 pub mod exit;
+pub mod hold;
 pub mod job;
 pub mod lock;
 pub mod metrics;

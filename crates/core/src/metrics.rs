@@ -260,6 +260,7 @@ pub fn removal_reason(reason: &str) -> &'static str {
         ("prepare was killed", "prepare_killed"),
         ("runner", "runner_gone"),
         ("VM is gone", "vm_gone"),
+        ("debug hold has expired", "hold_expired"),
         ("temporary file", "stale_temporary_file"),
         ("idle in the pool", "pool_idle"),
         ("another base image", "pool_stale"),

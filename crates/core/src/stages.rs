@@ -1,7 +1,7 @@
 //! The four runner stages: `config`, `prepare`, `run` and `cleanup`.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
@@ -112,6 +112,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let earlier = match store.load(ctx.job.job_id) {
         Ok(Some(state)) => {
             crate::relay::stop(&store, ctx.job.job_id, state.relay.as_ref());
+            crate::hold::end_at_prepare(&progress, &state);
             Some(state.vm_name).filter(|name| *name != vm_name)
         }
         _ => None,
@@ -276,19 +277,36 @@ pub fn run(
         .run_script(&request, &mut stdout, &mut stderr)
         .with_context(|| format!("stage {stage_name} could not run in VM {vm_name}"))?;
     ctx.script_seconds.set(runner.script_seconds());
-    Ok(match exit {
+    let outcome = match exit {
         RemoteExit::Code(0) => StageOutcome::Success,
         RemoteExit::Code(exit_code) => StageOutcome::ScriptFailed { exit_code },
         RemoteExit::Signal(signal) => StageOutcome::ScriptFailed {
             exit_code: 128 + signal_number(&signal),
         },
-    })
+    };
+    // A script the runner stopped did not fail: no hold for it.
+    if outcome != StageOutcome::Success && !ctx.cancel.load(Ordering::Relaxed) {
+        let requested = std::env::var(crate::hold::HOLD_ENV).ok();
+        crate::hold::Failure {
+            config: ctx.config,
+            store: &store,
+            state: &state,
+            endpoint: &endpoint,
+            transport: transport.as_ref(),
+            project_id: ctx.job.project_id,
+            stage: stage_name,
+            requested: requested.as_deref(),
+        }
+        .hold(&mut stdout);
+    }
+    Ok(outcome)
 }
 
 /// `cleanup_exec`: destroys the VM and the job's state. Idempotent, and it takes no lock: the
 /// runner may start it while a killed run of the same job is still dying. A VM of that name
 /// another installation owns is left alone (this job's state still goes). A backend that can
 /// halt its VMs gets the slow part of the destroy done in the background ([`crate::teardown`]).
+/// A failed job granted a debug hold keeps its VM running instead ([`crate::hold`]).
 pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let started = Instant::now();
     let backend = ctx.backend()?;
@@ -306,9 +324,16 @@ pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
         None => ctx.config.vm_name(ctx.job.job_id),
     };
     let me = crate::ownership::owner_of(&ctx.config.state_dir);
-    let handed_off = match crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
-        .with_context(|| format!("cannot destroy VM {vm_name}"))?
-    {
+    let refusal = crate::ownership::refusal(backend.as_ref(), &vm_name, &me)
+        .with_context(|| format!("cannot destroy VM {vm_name}"))?;
+    // A failed job's VM kept for debugging ([`crate::hold`]): its relay is ended, it stays.
+    if let (None, Some(state)) = (&refusal, &state) {
+        if crate::hold::keep_at_cleanup(ctx.config, &store, state)? {
+            cleanup_metric(ctx, failure.as_deref(), had_state, started);
+            return Ok(StageOutcome::Success);
+        }
+    }
+    let handed_off = match refusal {
         // Not this job's VM: nothing of the job is left to destroy.
         Some(why) => {
             tracing::warn!("left {vm_name} alone: {why}");
@@ -334,17 +359,27 @@ pub fn cleanup(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     if !handed_off {
         store.remove(ctx.job.job_id)?;
     }
+    cleanup_metric(ctx, failure.as_deref(), had_state, started);
+    Ok(StageOutcome::Success)
+}
+
+/// Counts a finished job and its cleanup's time.
+fn cleanup_metric(
+    ctx: &StageContext<'_>,
+    failure: Option<&str>,
+    had_state: bool,
+    started: Instant,
+) {
     if let Some(metrics_file) = &ctx.config.metrics_file {
         crate::metrics::record(
             metrics_file,
             &crate::metrics::Update {
-                job: Some(crate::metrics::job_outcome(failure.as_deref(), had_state)),
+                job: Some(crate::metrics::job_outcome(failure, had_state)),
                 cleanup_seconds: Some(started.elapsed().as_secs_f64()),
                 ..Default::default()
             },
         );
     }
-    Ok(StageOutcome::Success)
 }
 
 /// Counts a successful prepare, `cold` (booted) or `warm` (claimed from the pool).

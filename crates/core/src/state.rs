@@ -190,6 +190,9 @@ pub enum Phase {
     /// cleanup halted the VM and handed its removal to a background process
     /// ([`crate::teardown`]); `gc` finishes it if that process died.
     Destroying,
+    /// The job is over and cleanup kept its VM for debugging until its hold expires
+    /// ([`crate::hold`]); nothing runs in it for hyperjob any more.
+    Held,
 }
 
 /// What prepare records for the later stages of one job.
@@ -218,6 +221,9 @@ pub struct JobState {
     /// The job's relay ([`crate::relay`]), which `cleanup` and `gc` end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<crate::relay::RelayRecord>,
+    /// The debug hold the job was granted when its script failed ([`crate::hold`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<crate::hold::HoldRecord>,
 }
 
 impl JobState {
@@ -242,6 +248,7 @@ impl JobState {
             failure: None,
             image: None,
             relay: None,
+            hold: None,
         }
     }
 

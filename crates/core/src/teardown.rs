@@ -75,6 +75,20 @@ pub fn finish(config: &Config, registry: &Registry, job_id: u64) -> anyhow::Resu
         // Nothing of ours to finish.
         _ => return Ok(StageOutcome::Success),
     };
+    destroy_recorded(config, registry, &store, &state)?;
+    drop(lock);
+    Ok(StageOutcome::Success)
+}
+
+/// Destroys the VM `state` records (unless another installation owns one of its name) and
+/// removes the job's state. The caller holds the job's lock exclusively: the lock file goes
+/// too, while it is still held.
+pub fn destroy_recorded(
+    config: &Config,
+    registry: &Registry,
+    store: &StateStore,
+    state: &JobState,
+) -> anyhow::Result<()> {
     // The job's image decides where its VM's files are (its own images_dir, say).
     let config = config
         .for_image(state.image.as_deref())
@@ -90,8 +104,6 @@ pub fn finish(config: &Config, registry: &Registry, job_id: u64) -> anyhow::Resu
             .destroy(vm_name)
             .with_context(|| format!("cannot destroy VM {vm_name}"))?,
     }
-    // Removes the lock file too, while the lock is still held.
-    store.remove(job_id)?;
-    drop(lock);
-    Ok(StageOutcome::Success)
+    store.remove(state.job_id)?;
+    Ok(())
 }

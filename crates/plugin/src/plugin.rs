@@ -378,6 +378,19 @@ pub trait Transport: Send + Sync {
     ) -> Result<Box<dyn Connection>, PluginError> {
         Err(PluginError::Unsupported("connect"))
     }
+
+    /// Optional: the command (program and arguments) with which the host's administrator
+    /// reaches the guest at `endpoint` (a VM held for debugging, `[debug_hold]`): with the
+    /// credentials this transport already uses, never new ones, and the guest's host key
+    /// pinned. Files the command needs (a known_hosts file, say) go to `dir`, a private (0700)
+    /// directory of the job that is removed with the job.
+    fn access_command(
+        &self,
+        _endpoint: &Endpoint,
+        _dir: &std::path::Path,
+    ) -> Result<Vec<String>, PluginError> {
+        Err(PluginError::Unsupported("access_command"))
+    }
 }
 
 /// One open connection to a guest ([`Transport::connect`]), used by one process (the job's

@@ -2,6 +2,7 @@
 //! key verified against pinned keys, a bounded backoff wait for readiness, and scripts fed to
 //! the guest shell on stdin with stdout and stderr relayed live and separately.
 
+mod access;
 pub mod config;
 mod connect;
 mod connection;
@@ -365,6 +366,14 @@ impl Transport for SshTransport {
 
     fn login_user(&self) -> Option<String> {
         Some(self.config.user.clone())
+    }
+
+    fn access_command(
+        &self,
+        endpoint: &Endpoint,
+        dir: &std::path::Path,
+    ) -> Result<Vec<String>, PluginError> {
+        access::command(&self.config, &self.pinned, endpoint, dir)
     }
 
     fn doctor(&self) -> Vec<hyperjob_core::Check> {

@@ -123,6 +123,16 @@ impl Transport for GuardedTransport {
         let connection = guard("connecting", || self.0.connect(endpoint, cancel))??;
         Ok(Box::new(GuardedConnection(connection)))
     }
+
+    fn access_command(
+        &self,
+        endpoint: &Endpoint,
+        dir: &std::path::Path,
+    ) -> Result<Vec<String>, PluginError> {
+        guard("describing access to the guest", || {
+            self.0.access_command(endpoint, dir)
+        })?
+    }
 }
 
 /// A library transport's connection whose every call is guarded against panics.

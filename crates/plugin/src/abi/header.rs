@@ -26,8 +26,9 @@ pub const HEADER_VERSION: u32 = 2;
 /// `Backend::names_with_files`. 4: `Backend::relabel`, `Backend::fingerprint`. 5:
 /// `Backend::doctor`, `Transport::doctor`, `Check`. 6: `Backend::halt`. 7:
 /// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`. 8:
-/// the contract moved from hyperjob-core to hyperjob-plugin (`PluginRegistrar::into_parts`).
-pub const CORE_API_VERSION: u32 = 8;
+/// the contract moved from hyperjob-core to hyperjob-plugin (`PluginRegistrar::into_parts`). 9:
+/// `Transport::access_command`.
+pub const CORE_API_VERSION: u32 = 9;
 /// The rustc that built this hyperjob-plugin (`rustc --version`).
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The commit of that rustc (`rustc -vV`, `commit-hash`), or `unknown`.
