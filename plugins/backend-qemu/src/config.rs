@@ -2,8 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hyperjob_core::config::parse_plugin_table;
-use hyperjob_core::PluginError;
+use hyperjob_plugin::PluginError;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -70,21 +69,10 @@ pub fn default_images_dir(state_dir: &Path) -> PathBuf {
 }
 
 impl QemuConfig {
-    /// Parses the TOML text of the table (what a shared-library plugin receives).
+    /// Parses the TOML text of the table (what a shared-library plugin receives): one-line
+    /// errors naming the key.
     pub fn from_toml_text(text: &str, state_dir: &Path) -> Result<Self, PluginError> {
-        let table: toml::Table = toml::from_str(text).map_err(|err| {
-            PluginError::Config(
-                err.message()
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            )
-        })?;
-        Self::from_table(&table, state_dir)
-    }
-
-    pub fn from_table(table: &toml::Table, state_dir: &Path) -> Result<Self, PluginError> {
-        let file: QemuConfigFile = parse_plugin_table(table)?;
+        let file: QemuConfigFile = hyperjob_plugin::config::parse(text)?;
         let invalid = |message: String| PluginError::Config(message);
         let quoted = |path: &Path| format!("{:?}", path.display().to_string());
         let qemu = file

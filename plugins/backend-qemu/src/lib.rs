@@ -29,10 +29,10 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hyperjob_core::plugin::Progress;
-use hyperjob_core::registry::PluginContext;
-use hyperjob_core::{Backend, Endpoint, OwnedVm, PluginError, VmRequest};
 use hyperjob_image_tools::{console, overlay, seed};
+use hyperjob_plugin::{
+    Backend, Endpoint, OwnedVm, PluginContext, PluginError, Progress, VmRequest,
+};
 
 pub use argv::VmPaths;
 pub use config::QemuConfig;
@@ -50,7 +50,7 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
-hyperjob_core::export_plugin! {
+hyperjob_plugin::export_plugin! {
     backends: ["qemu" => build],
     transports: [],
 }

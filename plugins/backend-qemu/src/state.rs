@@ -11,7 +11,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use hyperjob_core::PluginError;
+use hyperjob_plugin::PluginError;
 use serde::{Deserialize, Serialize};
 
 /// File name suffix of a state file.
