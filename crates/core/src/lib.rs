@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod doctor;
 pub mod exec_plugin;
 pub mod exit;
+pub mod guest_runner;
 pub mod job;
 pub mod keys;
 pub mod lock;
@@ -34,7 +35,7 @@ pub mod wait;
 
 pub use plugin::{
     Backend, Check, Connection, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest,
-    Transport, VmPresence, VmRequest,
+    Transport, Upload, VmPresence, VmRequest,
 };
 pub mod gc;
 pub mod images;

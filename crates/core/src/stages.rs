@@ -159,6 +159,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             "Guest ready at {endpoint} in the pooled VM {pooled} after {:.2} s",
             started.elapsed().as_secs_f64()
         ));
+        crate::guest_runner::provide_for_claimed(ctx, transport.as_ref(), &endpoint, &store)?;
         prepared_metric(ctx, "warm", started);
         return Ok(StageOutcome::Success);
     }
@@ -177,7 +178,18 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let result = booted
         .boot(&request, &store.keys_dir(ctx.job.job_id), started)
         .and_then(|endpoint| {
-            let ready = record.ready(endpoint.clone());
+            let ready = JobState {
+                guest_path: crate::guest_runner::Provide {
+                    config: ctx.config,
+                    transport: transport.as_ref(),
+                    endpoint: &endpoint,
+                    runner: record.runner.as_ref(),
+                    progress: &progress,
+                    cancel: ctx.cancel,
+                }
+                .provide()?,
+                ..record.ready(endpoint.clone())
+            };
             crate::relay::save_ready(ctx.config, transport.as_ref(), &store, ready)?;
             Ok(endpoint)
         });
@@ -243,6 +255,11 @@ pub fn run(
             "no VM is prepared for job {} (prepare did not run or did not succeed)",
             ctx.job.job_id
         );
+    };
+    // gitlab-runner that prepare put where the scripts' PATH does not reach.
+    let script = match &state.guest_path {
+        Some(dir) => [crate::guest_runner::path_prefix(dir).as_bytes(), &script].concat(),
+        None => script,
     };
     // Only now: a run for a job that was never prepared must not leave a lock file behind.
     let _active = store.lock_activity(ctx.job.job_id)?;

@@ -218,6 +218,11 @@ pub struct JobState {
     /// The job's relay ([`crate::relay`]), which `cleanup` and `gc` end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<crate::relay::RelayRecord>,
+    /// A directory in the guest appended to every stage script's `PATH`: where prepare put
+    /// `gitlab-runner` for a login user who can write to no directory on it
+    /// ([`crate::guest_runner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_path: Option<String>,
 }
 
 impl JobState {
@@ -242,6 +247,7 @@ impl JobState {
             failure: None,
             image: None,
             relay: None,
+            guest_path: None,
         }
     }
 
