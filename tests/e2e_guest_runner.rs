@@ -204,6 +204,52 @@ fn a_runner_binary_for_another_machine_is_not_copied_and_the_job_goes_on() {
     ws.assert_nothing_left(&vm_name(id));
 }
 
+#[test]
+fn a_pooled_vm_gets_runner_binary_when_filled_and_the_claiming_job_finds_it() {
+    let env = TestEnv::load();
+    let ws = env.workspace("runner-pool");
+    let standin = support::runner_standin(&env);
+    // The fast guest, pooled under VM names of this test's own.
+    let config = support::with_runner_binary(&ws.default_config(), &standin);
+    ws.write_config(&format!(
+        "name_prefix = \"runner-pool-\"\n{config}\n[pool]\nsize = 1\n"
+    ));
+
+    let filled = support::hyperjob_ok(&env, &ws, &["pool", "fill"]);
+
+    assert!(
+        filled.contains(&format!("Copied runner_binary {} (", standin.display())),
+        "{filled}"
+    );
+    let id = unique_job_id();
+    let job = support::job_without_sources(
+        id,
+        "group/runner",
+        &[
+            "gitlab-runner --version",
+            "echo \"gitlab-runner is $(command -v gitlab-runner)\"",
+        ],
+    );
+    let report = run_job(&support::hyperjob_driver(&env, &ws), &job, &settings());
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    assert!(log.contains("Claimed the pooled VM"), "{log}");
+    // Found in the guest: nothing is copied while the job waits.
+    assert!(!log.contains("Copied"), "{log}");
+    assert!(log.contains(STANDIN_VERSION), "{log}");
+    assert!(
+        log.contains("gitlab-runner is /home/gitlab-runner/.local/bin/gitlab-runner"),
+        "{log}"
+    );
+    // The claim started a replacement: once it is ready (or failed), drain the pool.
+    support::wait_until("the pool's refill", Duration::from_secs(300), || {
+        let status = support::hyperjob_ok(&env, &ws, &["pool", "status"]);
+        !status.contains("booting")
+    });
+    support::hyperjob_ok(&env, &ws, &["pool", "drain"]);
+    ws.assert_nothing_left("runner-pool-");
+}
+
 /// A figure, not a check: how long prepare takes to copy an 80 MB runner (the size of GitLab
 /// Runner 19's binary) into the stock guest. The stand-in is padded to that size (an ELF file
 /// runs with bytes appended). Run by hand: `-- --ignored figure_`.
