@@ -178,16 +178,14 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let result = booted
         .boot(&request, &store.keys_dir(ctx.job.job_id), started)
         .and_then(|endpoint| {
+            let guest_path = crate::guest_runner::provide_for_job(
+                ctx,
+                transport.as_ref(),
+                &endpoint,
+                record.runner.as_ref(),
+            )?;
             let ready = JobState {
-                guest_path: crate::guest_runner::Provide {
-                    config: ctx.config,
-                    transport: transport.as_ref(),
-                    endpoint: &endpoint,
-                    runner: record.runner.as_ref(),
-                    progress: &progress,
-                    cancel: ctx.cancel,
-                }
-                .provide()?,
+                guest_path,
                 ..record.ready(endpoint.clone())
             };
             crate::relay::save_ready(ctx.config, transport.as_ref(), &store, ready)?;
@@ -256,11 +254,7 @@ pub fn run(
             ctx.job.job_id
         );
     };
-    // gitlab-runner that prepare put where the scripts' PATH does not reach.
-    let script = match &state.guest_path {
-        Some(dir) => [crate::guest_runner::path_prefix(dir).as_bytes(), &script].concat(),
-        None => script,
-    };
+    let script = crate::guest_runner::with_guest_path(state.guest_path.as_deref(), script);
     // Only now: a run for a job that was never prepared must not leave a lock file behind.
     let _active = store.lock_activity(ctx.job.job_id)?;
     let transport = ctx.transport()?;
