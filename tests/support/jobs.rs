@@ -254,3 +254,47 @@ pub fn nothing_of_the_script_left(session: &ExecutorSession) -> bool {
     assert!(said("no-job-process-left"), "{}", lines.join("\n"));
     said("script-had-started")
 }
+
+/// The stand-in for `gitlab-runner` (tests/runner-standin), built next to the hyperjob binary
+/// by `cargo build --workspace`.
+pub fn runner_standin(env: &TestEnv) -> PathBuf {
+    let path = env
+        .hyperjob
+        .parent()
+        .expect("binary dir")
+        .join("gitlab-runner");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build --workspace` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// hyperjob called through the `gitlab-runner` stand-in (`gitlab-runner spawn hyperjob STAGE`),
+/// so that, as under GitLab Runner, the process that calls hyperjob is `gitlab-runner`.
+pub fn standin_driver(env: &TestEnv, ws: &Workspace) -> Driver {
+    let standin = runner_standin(env);
+    let hyperjob = env.hyperjob.to_str().expect("utf-8").to_owned();
+    let through = |stage: &str| vec!["spawn".to_owned(), hyperjob.clone(), stage.to_owned()];
+    Driver {
+        config_exec: Some(standin.clone()),
+        config_args: through("config"),
+        prepare_exec: Some(standin.clone()),
+        prepare_args: through("prepare"),
+        run_exec: standin.clone(),
+        run_args: through("run"),
+        cleanup_exec: Some(standin),
+        cleanup_args: through("cleanup"),
+        ..hyperjob_driver(env, ws)
+    }
+}
+
+/// `config` with the top-level key `runner_binary = "<path>"`.
+pub fn with_runner_binary(config: &str, path: &std::path::Path) -> String {
+    config.replacen(
+        "state_dir = ",
+        &format!("runner_binary = \"{}\"\nstate_dir = ", path.display()),
+        1,
+    )
+}

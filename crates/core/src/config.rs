@@ -58,6 +58,7 @@ struct ConfigFile {
     resources: Option<toml::Table>,
     metrics_file: Option<PathBuf>,
     debug_hold: Option<crate::hold::DebugHoldFile>,
+    runner_binary: Option<PathBuf>,
     #[serde(default)]
     plugin_dirs: Vec<PathBuf>,
     #[serde(default)]
@@ -154,6 +155,9 @@ pub struct Config {
     pub metrics_file: Option<PathBuf>,
     /// `[debug_hold]`: failed jobs' VMs may be kept for debugging; `None`: never.
     pub debug_hold: Option<crate::hold::DebugHold>,
+    /// `runner_binary`: the `gitlab-runner` prepare copies into guests that lack one
+    /// ([`crate::guest_runner`]); `None`: the runner's own executable.
+    pub runner_binary: Option<PathBuf>,
     /// Directories whose `*.so` plugin libraries are loaded.
     pub plugin_dirs: Vec<PathBuf>,
     /// Plugin libraries loaded by path.
@@ -218,6 +222,12 @@ impl Config {
             guest_dir(file.builds_dir, DEFAULT_BUILDS_DIR, "builds_dir").map_err(invalid)?;
         let cache_dir =
             guest_dir(file.cache_dir, DEFAULT_CACHE_DIR, "cache_dir").map_err(invalid)?;
+        if let Some(path) = file.runner_binary.as_ref().filter(|p| !p.is_absolute()) {
+            return Err(invalid(format!(
+                "`runner_binary` must be an absolute path, not {:?}",
+                path.display().to_string()
+            )));
+        }
         for (key, paths) in [
             ("plugin_dirs", &file.plugin_dirs),
             ("plugins", &file.plugins),
@@ -284,6 +294,7 @@ impl Config {
             image: None,
             metrics_file: file.metrics_file,
             debug_hold,
+            runner_binary: file.runner_binary,
             plugin_dirs: file.plugin_dirs,
             plugins: file.plugins,
             deadline_margin_secs: file
@@ -526,6 +537,26 @@ mod tests {
             .to_string();
 
         assert!(message.contains("state_dir"), "{message}");
+    }
+
+    #[test]
+    fn runner_binary_is_an_absolute_path() {
+        assert_eq!(parse(MINIMAL).expect("valid").runner_binary, None);
+        let set = parse(&format!(
+            "{MINIMAL}runner_binary = \"/usr/bin/gitlab-runner\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            set.runner_binary,
+            Some(PathBuf::from("/usr/bin/gitlab-runner"))
+        );
+        let message = parse(&format!("{MINIMAL}runner_binary = \"gitlab-runner\"\n"))
+            .expect_err("relative")
+            .to_string();
+        assert!(
+            message.contains("`runner_binary` must be an absolute path"),
+            "{message}"
+        );
     }
 
     #[test]

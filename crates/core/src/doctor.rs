@@ -76,6 +76,9 @@ pub fn doctor(
         }
     };
     report.line(&state_dir_check(&config.state_dir))?;
+    if let Some(runner_binary) = &config.runner_binary {
+        report.line(&crate::guest_runner::doctor_check(runner_binary))?;
+    }
     if config.images.allowed.is_empty() {
         for check in backend.doctor().iter().chain(transport.doctor().iter()) {
             report.line(check)?;

@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod doctor;
 pub mod exec_plugin;
 pub mod exit;
+pub mod guest_runner;
 pub mod hold;
 pub mod job;
 pub mod lock;
@@ -37,7 +38,7 @@ pub use hyperjob_plugin::export_plugin;
 pub use hyperjob_plugin::{keys, plugin};
 pub use plugin::{
     Backend, Check, Connection, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest,
-    Transport, VmPresence, VmRequest,
+    Transport, Upload, VmPresence, VmRequest,
 };
 pub mod gc;
 pub mod images;

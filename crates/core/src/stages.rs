@@ -163,6 +163,7 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
             "Guest ready at {endpoint} in the pooled VM {pooled} after {:.2} s",
             started.elapsed().as_secs_f64()
         ));
+        crate::guest_runner::provide_for_claimed(ctx, transport.as_ref(), &endpoint, &store)?;
         prepared_metric(ctx, "warm", started);
         return Ok(StageOutcome::Success);
     }
@@ -181,7 +182,16 @@ pub fn prepare(ctx: &StageContext<'_>) -> anyhow::Result<StageOutcome> {
     let result = booted
         .boot(&request, &store.keys_dir(ctx.job.job_id), started)
         .and_then(|endpoint| {
-            let ready = record.ready(endpoint.clone());
+            let guest_path = crate::guest_runner::provide_for_job(
+                ctx,
+                transport.as_ref(),
+                &endpoint,
+                record.runner.as_ref(),
+            )?;
+            let ready = JobState {
+                guest_path,
+                ..record.ready(endpoint.clone())
+            };
             crate::relay::save_ready(ctx.config, transport.as_ref(), &store, ready)?;
             Ok(endpoint)
         });
@@ -248,6 +258,7 @@ pub fn run(
             ctx.job.job_id
         );
     };
+    let script = crate::guest_runner::with_guest_path(state.guest_path.as_deref(), script);
     // Only now: a run for a job that was never prepared must not leave a lock file behind.
     let _active = store.lock_activity(ctx.job.job_id)?;
     let transport = ctx.transport()?;

@@ -224,6 +224,11 @@ pub struct JobState {
     /// The debug hold the job was granted when its script failed ([`crate::hold`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<crate::hold::HoldRecord>,
+    /// A directory in the guest appended to every stage script's `PATH`: where prepare put
+    /// `gitlab-runner` for a login user who can write to no directory on it
+    /// ([`crate::guest_runner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_path: Option<String>,
 }
 
 impl JobState {
@@ -249,6 +254,7 @@ impl JobState {
             image: None,
             relay: None,
             hold: None,
+            guest_path: None,
         }
     }
 

@@ -31,7 +31,7 @@ pub mod prelude;
 pub use context::{GuestKeyMode, Kind, PluginContext};
 pub use plugin::{
     Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
-    ScriptRequest, Transport, VmPresence, VmRequest,
+    ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
 
 // Executable plugins (tier 3): `serve()` — runs a Rust type implementing the traits as an

@@ -319,6 +319,19 @@ pub struct ScriptRequest<'a> {
     pub cancel: &'a AtomicBool,
 }
 
+/// A file to copy into the guest ([`Transport::upload`]).
+#[derive(Debug)]
+pub struct Upload<'a> {
+    /// The file on this host. Its length when opened is what arrives.
+    pub local: &'a std::path::Path,
+    /// Absolute path in the guest; replaced if it exists, never left half-written.
+    pub remote: &'a str,
+    /// Permission bits of the file in the guest (`0o755`).
+    pub mode: u32,
+    /// Set when the driver was asked to stop (SIGTERM/SIGINT).
+    pub cancel: &'a AtomicBool,
+}
+
 /// How the remote script ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoteExit {
@@ -360,6 +373,14 @@ pub trait Transport: Send + Sync {
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<RemoteExit, PluginError>;
+
+    /// Optional: copies a file into the guest, streamed (it may be large), creating missing
+    /// parent directories. The file appears at `remote` only complete and with its full size
+    /// (written aside, checked, then renamed). prepare uses it to put `gitlab-runner` into
+    /// guests that lack it; without it, such guests go without.
+    fn upload(&self, _endpoint: &Endpoint, _upload: &Upload<'_>) -> Result<(), PluginError> {
+        Err(PluginError::Unsupported("upload"))
+    }
 
     /// Whether [`Transport::connect`] is implemented. prepare starts a job's relay (a process
     /// that keeps one connection open for all of the job's stages) only for a transport that

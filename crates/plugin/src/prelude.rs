@@ -69,7 +69,7 @@ pub use crate::export_plugin;
 pub use crate::keys::GuestKeys;
 pub use crate::plugin::{
     Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
-    ScriptRequest, Transport, VmPresence, VmRequest,
+    ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
 pub use std::io::Write;
 pub use std::sync::atomic::AtomicBool;

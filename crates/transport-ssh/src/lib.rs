@@ -10,6 +10,7 @@ mod doctor;
 pub mod known_hosts;
 mod relay;
 mod remote;
+mod upload;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use hyperjob_core::registry::{PluginContext, TransportFactory};
 use hyperjob_core::wait::Backoff;
-use hyperjob_core::{Connection, Endpoint, PluginError, RemoteExit, ScriptRequest, Transport};
+use hyperjob_core::{
+    Connection, Endpoint, PluginError, RemoteExit, ScriptRequest, Transport, Upload,
+};
 use ssh2::Session;
 
 pub use config::{HostKeyPolicy, SshConfig};
@@ -451,6 +454,27 @@ impl Transport for SshTransport {
                 }
             },
         )
+    }
+
+    fn upload(&self, endpoint: &Endpoint, upload: &Upload<'_>) -> Result<(), PluginError> {
+        let _deferred = hyperjob_core::signals::DeferSignals::new();
+        upload::check_remote(upload.remote).map_err(PluginError::Config)?;
+        let file = std::fs::File::open(upload.local).map_err(|err| {
+            PluginError::system(format!("cannot read {}", upload.local.display()), err)
+        })?;
+        let size = file
+            .metadata()
+            .map_err(|err| {
+                PluginError::system(format!("cannot read {}", upload.local.display()), err)
+            })?
+            .len();
+        let session = self
+            .open_session(endpoint, self.config.connect_timeout, upload.cancel)
+            .map_err(|err| interrupted_or(err, upload.cancel))?;
+        upload::send(&session, upload, file, size).map_err(|err| match err {
+            SshError::Interrupted(during) => PluginError::Interrupted(during.to_string()),
+            err => PluginError::msg(err.to_string()),
+        })
     }
 
     fn can_connect(&self) -> bool {

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::script::{Artifact, Cache};
+
 /// One CI/CD variable (`spec.Variable`). `internal` marks runner-computed
 /// variables; it is never serialised, exactly like the runner's `json:"-"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -155,6 +157,10 @@ pub struct Job {
     pub runner_id: i64,
     /// Sent by GitLab as a request header; shows up in get_sources.
     pub correlation_id: String,
+    /// `cache:` entries (restore_cache, archive_cache*).
+    pub cache: Vec<Cache>,
+    /// `artifacts:` entries (upload_artifacts_*).
+    pub artifacts: Vec<Artifact>,
 }
 
 impl Job {
@@ -186,6 +192,8 @@ impl Job {
             timeout_secs: 3600,
             runner_id: 7,
             correlation_id: format!("01HARNESSCORRELATION{id}"),
+            cache: Vec::new(),
+            artifacts: Vec::new(),
         }
     }
 
@@ -329,8 +337,8 @@ struct ResponsePayload<'a> {
     steps: Vec<StepJson>,
     image: ImageJson,
     services: Option<Vec<ImageJson>>,
-    artifacts: Option<Vec<serde_json::Value>>,
-    cache: Option<Vec<serde_json::Value>>,
+    artifacts: Option<&'a [Artifact]>,
+    cache: Option<&'a [Cache]>,
     credentials: Option<Vec<serde_json::Value>>,
     dependencies: Option<Vec<serde_json::Value>>,
     features: FeaturesJson,
@@ -516,8 +524,12 @@ impl<'a> ResponsePayload<'a> {
                 executor_opts: ExecutorOptsJson::default(),
             },
             services,
-            artifacts: None,
-            cache: None,
+            artifacts: Some(&job.artifacts)
+                .filter(|a| !a.is_empty())
+                .map(Vec::as_slice),
+            cache: Some(&job.cache)
+                .filter(|c| !c.is_empty())
+                .map(Vec::as_slice),
             credentials: None,
             dependencies: None,
             features: FeaturesJson {

@@ -60,10 +60,11 @@
 //!
 //! # What it leaves out, on purpose
 //!
-//! * Caches and artifacts: the payload never has any, so restore_cache,
-//!   download_artifacts, archive_cache* and upload_artifacts_* are skipped
-//!   exactly as the runner skips them when there is nothing to do (the flow
-//!   still visits them, so adding them is local to [`generate_script`]).
+//! * Caches and artifacts only in part: [`Job::cache`] and [`Job::artifacts`]
+//!   give restore_cache, archive_cache* and upload_artifacts_* their scripts
+//!   (local caches: no cache server URL; no artifacts metadata), which call
+//!   `gitlab-runner` in the environment as the runner's do; download_artifacts
+//!   is skipped (no dependencies), as the runner skips it without any.
 //! * PowerShell scripts, git submodules, `FF_GIT_URLS_WITHOUT_TOKENS`,
 //!   `FF_USE_GIT_NATIVE_CLONE`, TLS file variables, secrets, job hooks,
 //!   native steps: reported as errors or not generated. Feature flags are
@@ -102,8 +103,8 @@ pub use job::{Job, JobVariable, RefType, Service, Step};
 pub use log::{mask, LineKind, LogLine, LogStream};
 pub use runner::{run_job, run_job_with, JobReport, JobResult};
 pub use script::{
-    generate_script, wrap_script, wrap_script_as, GitSource, RunnerHooks, ScriptContext,
-    ScriptFormat, ScriptShell, Stage, UnsupportedStage,
+    generate_script, wrap_script, wrap_script_as, Artifact, Cache, GitSource, RunnerHooks,
+    ScriptContext, ScriptFormat, ScriptShell, Stage, UnsupportedStage,
 };
 pub use session::{Driver, ExecutorSession, JobError, RunnerSettings, RunningInvocation};
 pub use variables::{

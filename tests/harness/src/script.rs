@@ -2,6 +2,10 @@
 //! per stage (§7.2, §7.4–7.6) and the bash wrapper of runner 19.1+ or, on
 //! request, of runners 17.4–19.0 (§7.1).
 
+pub mod transfer;
+
+pub use transfer::{Artifact, Cache};
+
 use crate::compat::{path_join, UrlParts};
 use crate::escape::{double_quote, go_quote, regexp_quote_meta, shell_escape};
 use crate::job::{JobVariable, Step};
@@ -190,6 +194,15 @@ pub struct ScriptContext {
     pub hooks: RunnerHooks,
     /// The payload's `features.trace_sections`.
     pub trace_sections: bool,
+    /// The job's name (the default cache key is `<name>/<ref>`).
+    pub job_name: String,
+    /// The build's cache dir: `cache_dir` (from config_exec or `[[runners]]`) joined with
+    /// the project's unique dir, a path in the environment ("" = none).
+    pub cache_dir: String,
+    /// The payload's `cache` entries.
+    pub cache: Vec<Cache>,
+    /// The payload's `artifacts` entries.
+    pub artifacts: Vec<Artifact>,
 }
 
 /// A stage the harness cannot generate.
@@ -228,14 +241,15 @@ pub fn generate_script(
             write_clear_worktree(&mut writer, ctx);
             true
         }
-        // No cache/artifact support: the payload never carries any, so the
-        // runner would skip these stages.
-        Stage::RestoreCache
-        | Stage::DownloadArtifacts
-        | Stage::ArchiveCache
-        | Stage::ArchiveCacheOnFailure
-        | Stage::UploadArtifactsOnSuccess
-        | Stage::UploadArtifactsOnFailure => false,
+        Stage::RestoreCache => transfer::write_restore_cache(&mut writer, ctx),
+        Stage::ArchiveCache => transfer::write_archive_cache(&mut writer, ctx, true),
+        Stage::ArchiveCacheOnFailure => transfer::write_archive_cache(&mut writer, ctx, false),
+        Stage::UploadArtifactsOnSuccess => transfer::write_upload_artifacts(&mut writer, ctx, true),
+        Stage::UploadArtifactsOnFailure => {
+            transfer::write_upload_artifacts(&mut writer, ctx, false)
+        }
+        // No dependencies with artifacts: the runner skips the stage.
+        Stage::DownloadArtifacts => false,
         Stage::UserStep(_) => write_user_step(&mut writer, ctx, stage),
         Stage::AfterScript => write_after_script(&mut writer, ctx),
         Stage::CleanupFileVariables => {
@@ -1083,7 +1097,7 @@ mod tests {
         job
     }
 
-    fn example_context(variables: Vec<JobVariable>) -> ScriptContext {
+    pub(crate) fn example_context(variables: Vec<JobVariable>) -> ScriptContext {
         let job = example_job();
         let dirs = BuildDirs {
             builds_dir: "/builds".to_owned(),
@@ -1113,6 +1127,10 @@ mod tests {
             },
             hooks: RunnerHooks::default(),
             trace_sections: true,
+            job_name: "test".to_owned(),
+            cache_dir: "/cache/mygroup/myproject".to_owned(),
+            cache: Vec::new(),
+            artifacts: Vec::new(),
         }
     }
 

@@ -896,6 +896,21 @@ impl ExecutorSession {
             },
             hooks: self.shared.settings.hooks.clone(),
             trace_sections: true,
+            job_name: job.name.clone(),
+            cache_dir: state
+                .cache_dir
+                .clone()
+                .or_else(|| self.shared.settings.cache_dir.clone())
+                .filter(|dir| !dir.is_empty())
+                .map(|dir| {
+                    let unique = self
+                        .project_slug()
+                        .unwrap_or_else(|| format!("project-{}", job.project_id));
+                    path_join(&[&dir, &unique])
+                })
+                .unwrap_or_default(),
+            cache: job.cache.clone(),
+            artifacts: job.artifacts.clone(),
         }
     }
 

@@ -170,6 +170,17 @@ fn boot_one(
         .boot(&request, &pool.keys_dir(&vm_name), started)
     });
     let result = result.and_then(|endpoint| {
+        // With `runner_binary`, a pooled VM gets gitlab-runner now (the claiming prepare then
+        // finds it); the runner's own executable is only known to a prepare.
+        crate::guest_runner::Provide {
+            config,
+            transport,
+            endpoint: &endpoint,
+            runner: None,
+            progress: &progress,
+            cancel,
+        }
+        .provide()?;
         entry.phase = PoolPhase::Ready;
         entry.endpoint = Some(endpoint);
         pool.save(&entry)

@@ -31,6 +31,7 @@ pub const BOUNDARY: &[(&str, &[&str])] = &[
             "Progress",
             "Backend",
             "ScriptRequest",
+            "Upload",
             "RemoteExit",
             "Transport",
             "Connection",

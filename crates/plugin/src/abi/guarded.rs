@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::contain::guard;
 use crate::plugin::{
     Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
-    ScriptRequest, Transport, VmPresence, VmRequest,
+    ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
 
 /// A library backend whose every call is guarded against panics.
@@ -108,6 +108,12 @@ impl Transport for GuardedTransport {
     ) -> Result<RemoteExit, PluginError> {
         guard("running the script", || {
             self.0.run_script(endpoint, request, stdout, stderr)
+        })?
+    }
+
+    fn upload(&self, endpoint: &Endpoint, upload: &Upload<'_>) -> Result<(), PluginError> {
+        guard("copying a file into the guest", || {
+            self.0.upload(endpoint, upload)
         })?
     }
 
