@@ -84,7 +84,7 @@ use hyperjob_core::{{Backend, Endpoint, PluginError, VmRequest}};
 struct Gate;
 
 impl Backend for Gate {{
-    fn create(&self, _: &VmRequest, _: &dyn Progress) -> Result<(), PluginError> {{
+    fn create(&self, _: &VmRequest, _: &dyn Progress, _: Instant, _: &AtomicBool) -> Result<(), PluginError> {{
         Err(PluginError::Unsupported("create"))
     }}
 

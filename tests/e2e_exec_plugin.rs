@@ -1,6 +1,10 @@
-//! The Python executable transport plugin (plugins/transport-sshcli) through the real binary,
-//! against real libvirt guests: a job passes through it, a failing script keeps its exit code,
-//! and `hyperjob plugins` names it. Run with scripts/test.sh.
+//! Executable plugins (protocol 2) through the real binary, against real guests: the Python
+//! transport (plugins/transport-sshcli) with the libvirt backend — a job passes through it, a
+//! failing script keeps its exit code, a 20 MiB script arrives whole, `hyperjob plugins` names
+//! it — and a job whose backend *and* transport are executables: the QEMU backend served by
+//! hyperjob-core's `serve()` (tests/plugins/served) with the Python transport. Without a VM:
+//! `config` checks the capabilities the config needs, refuses a version 1 plugin, and starts
+//! plugins with a clean environment. Run with scripts/test.sh.
 
 mod support;
 
@@ -9,7 +13,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
-use support::{unique_job_id, TestEnv, Workspace};
+use support::{
+    job_without_sources, qemu_plugin_library, served_backend, stderr, unique_job_id, vm_name,
+    write_executable, PluginSetup, TestEnv, Workspace,
+};
 
 fn python_plugin() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -115,8 +122,252 @@ fn plugins_names_the_executable_plugin() {
     assert!(
         stdout.lines().any(|l| l.starts_with("transport")
             && l.contains("sshcli")
-            && l.contains("0.1.0")
+            && l.contains("0.2.0")
             && l.ends_with(&format!("executable {}", python_plugin().display()))),
         "{stdout}"
     );
+}
+
+/// A script of 20 MiB (the runner's wrapper around a command whose here-document pads it)
+/// goes to the guest in frames, whole: the v1 protocol's 4 MiB line cap would have refused it.
+#[test]
+fn a_20_mib_script_reaches_the_guest_whole_through_the_python_plugin() {
+    const PAD: usize = 20 << 20;
+    let env = TestEnv::load();
+    let ws = env.workspace("python-20mib");
+    // bash holds the runner's script several times over (read, unquoted, eval'd, the
+    // here-document): more than the default guest's 512 MiB.
+    ws.write_config(&python_transport_config(&ws).replace("memory_mib = 512", "memory_mib = 2048"));
+    let id = unique_job_id();
+    let line = "x".repeat(1023);
+    let lines = PAD / 1024;
+    let command = format!(
+        "n=$(wc -c <<'HYPERJOB_PAD'\n{}HYPERJOB_PAD\n); echo \"padding of $n bytes reached the guest\"",
+        format!("{line}\n").repeat(lines)
+    );
+    let job = job_without_sources(id, "group/python-big", &[&command]);
+    let started = std::time::Instant::now();
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    let build_script = report
+        .invocations
+        .iter()
+        .filter_map(|i| i.script.as_ref().map(String::len))
+        .find(|len| *len > PAD);
+    println!(
+        "job with a {:.1} MiB build script: {:.1} s",
+        build_script.unwrap_or(0) as f64 / f64::from(1 << 20),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(report.result, JobResult::Success, "{}", tail(&log));
+    assert!(
+        log.contains(&format!("padding of {PAD} bytes reached the guest")),
+        "{}",
+        tail(&log)
+    );
+    assert!(
+        build_script.is_some(),
+        "no build script over 20 MiB was run"
+    );
+    ws.assert_nothing_left(&format!("hyperjob-job-{id}"));
+}
+
+/// The end of a long log (the padding is not in it, but the runner's lines are).
+fn tail(log: &str) -> &str {
+    let mut start = log.len().saturating_sub(4000);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
+}
+
+/// The QEMU backend's library factory served as the executable backend `qemuexec` (Rust,
+/// `serve()`), with the Python transport: both plugins are executables. The job runs, create's
+/// progress reaches the job log, cleanup removes everything, and gc (the served `list_owned`)
+/// and `hyperjob plugins` work with it.
+#[test]
+fn a_job_runs_with_a_served_rust_backend_and_the_python_transport() {
+    let env = TestEnv::load();
+    let ws = env.workspace("served-backend");
+    let served = served_backend(&env.hyperjob);
+    let config = ws
+        .qemu_config(&qemu_plugin_library())
+        .replacen(
+            &format!("plugins = [\"{}\"]", qemu_plugin_library().display()),
+            &format!(
+                "plugins = [{:?}, {:?}]",
+                served.display().to_string(),
+                python_plugin().display().to_string()
+            ),
+            1,
+        )
+        .replace("backend = \"qemu\"", "backend = \"qemuexec\"")
+        .replace("[backends.qemu]", "[backends.qemuexec]")
+        .replace("transport = \"ssh\"", "transport = \"sshcli\"")
+        .replace("[transports.ssh]", "[transports.sshcli]");
+    ws.write_config(&config);
+    let id = unique_job_id();
+    let job = job_without_sources(
+        id,
+        "group/served",
+        &["echo \"served backend reached $(hostname)\""],
+    );
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+    let gc_after = Command::new(&env.hyperjob)
+        .arg("--config")
+        .arg(&ws.config_path)
+        .arg("gc")
+        .output()
+        .expect("run gc");
+    let listing = Command::new(&env.hyperjob)
+        .arg("--config")
+        .arg(&ws.config_path)
+        .arg("plugins")
+        .output()
+        .expect("run plugins");
+
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    assert!(
+        log.contains("served backend reached hyperjob-guest"),
+        "{log}"
+    );
+    assert!(
+        log.contains("starting QEMU"),
+        "create's progress is missing: {log}"
+    );
+    assert!(
+        gc_after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc_after.stderr)
+    );
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.lines().any(|l| l.starts_with("backend")
+            && l.contains("qemuexec")
+            && l.ends_with(&format!("executable {}", served.display()))),
+        "{listing}"
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+/// A shell backend `shell` speaking protocol `protocol` with `capabilities` (a JSON list):
+/// writes its environment to `env_file`, answers every request with `{}`.
+fn shell_backend(setup: &PluginSetup, protocol: u32, capabilities: &str) -> PathBuf {
+    let env_file = setup.path("plugin-env");
+    write_executable(
+        setup.dir.path(),
+        "hyperjob-backend-shell",
+        &format!(
+            r#"echo '{{"hello":{{"protocol":{protocol},"kind":"backend","name":"shell","version":"1","capabilities":{capabilities}}}}}'
+env > '{env}'
+while read line; do
+  id=$(echo "$line" | sed -n 's/^{{"id":\([0-9]*\).*/\1/p')
+  [ -n "$id" ] && echo "{{\"id\":$id,\"result\":{{}}}}"
+done"#,
+            env = env_file.display()
+        ),
+    )
+}
+
+#[test]
+fn config_fails_with_one_line_when_the_plugin_lacks_a_capability_the_config_needs() {
+    let setup = PluginSetup::new("libvirt", &[]);
+    let plugin = shell_backend(&setup, 2, r#"["list_owned"]"#);
+    setup.write("shell", &[&plugin], &[], "");
+    let plain = setup.run(&["config"]);
+    setup.edit_config(|c| {
+        c.replacen(
+            "transport = \"ssh\"\n",
+            "transport = \"ssh\"\nguest_keys = \"per-job\"\n",
+            1,
+        )
+    });
+    let per_job = setup.run(&["config"]);
+    setup.edit_config(|c| {
+        format!("{c}\n[pool]\nsize = 1\n").replace("guest_keys = \"per-job\"\n", "")
+    });
+    let pooled = setup.run(&["config"]);
+
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    for (output, expected) in [
+        (
+            &per_job,
+            "guest_keys = \"per-job\" needs the capability `per_job_keys`",
+        ),
+        (
+            &pooled,
+            "a warm pool ([pool] size > 0) needs the capability `relabel`",
+        ),
+    ] {
+        let err = stderr(output);
+        assert_eq!(output.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!(
+                "config file {} [backends.shell]: {expected}, which backend \"shell\" (executable plugin {}) does not declare",
+                setup.path("config.toml").display(),
+                plugin.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+}
+
+#[test]
+fn a_version_1_plugin_is_refused_naming_both_versions() {
+    let setup = PluginSetup::new("libvirt", &[]);
+    let plugin = shell_backend(&setup, 1, "[]");
+    setup.write("shell", &[&plugin], &[], "");
+
+    let output = setup.run(&["config"]);
+
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "executable plugin {} speaks protocol 1, hyperjob speaks 2 (see docs/plugin-protocol.md)",
+            plugin.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+/// The runner passes job variables as `CUSTOM_ENV_*` to every stage; a plugin gets none of
+/// them, nor anything else outside the allow-list, but the protocol range.
+#[test]
+fn a_plugin_gets_a_clean_environment_without_job_variables() {
+    let setup = PluginSetup::new("libvirt", &[]);
+    let plugin = shell_backend(&setup, 2, "[]");
+    setup.write("shell", &[&plugin], &[], "");
+
+    let output = std::process::Command::new(support::hyperjob())
+        .arg("--config")
+        .arg(setup.path("config.toml"))
+        .arg("config")
+        .env("JOB_RESPONSE_FILE", setup.path("response.json"))
+        .env("CUSTOM_ENV_DEPLOY_TOKEN", "secret-token-value")
+        .env("CUSTOM_ENV_CI_JOB_ID", "31337")
+        .env("SOME_OPERATOR_VARIABLE", "x")
+        .env("LANG", "C.UTF-8")
+        .output()
+        .expect("run hyperjob");
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    let env = std::fs::read_to_string(setup.path("plugin-env")).expect("the plugin's env");
+    assert!(!env.contains("CUSTOM_ENV_"), "{env}");
+    assert!(!env.contains("secret-token-value"), "{env}");
+    assert!(!env.contains("SOME_OPERATOR_VARIABLE"), "{env}");
+    for expected in [
+        "LANG=C.UTF-8\n",
+        "HYPERJOB_PROTOCOL_MIN=2\n",
+        "HYPERJOB_PROTOCOL_MAX=2\n",
+        "\nPATH=",
+    ] {
+        assert!(env.contains(expected), "{expected:?} missing in {env}");
+    }
 }

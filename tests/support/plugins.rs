@@ -40,6 +40,21 @@ pub fn fixture_library(hyperjob: &Path, name: &str) -> PathBuf {
     path
 }
 
+/// The QEMU backend served as the executable plugin `qemuexec` (tests/plugins/served), built
+/// next to the hyperjob binary `hyperjob` by `cargo build --workspace`.
+pub fn served_backend(hyperjob: &Path) -> PathBuf {
+    let path = hyperjob
+        .parent()
+        .expect("binary dir")
+        .join("hyperjob-backend-qemuexec");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build --workspace` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// Writes an executable shell script `name` with `body` into `dir`.
 pub fn write_executable(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);

@@ -48,7 +48,7 @@ impl Boot<'_> {
             }
         };
         self.backend
-            .create(&request, self.progress)
+            .create(&request, self.progress, deadline, self.cancel)
             .with_context(|| format!("cannot create VM {}", request.vm_name))?;
         interrupted(self.cancel)?;
         self.progress.say("Waiting for the guest address...");

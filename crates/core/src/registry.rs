@@ -21,6 +21,9 @@ pub struct PluginContext {
     /// Where guest SSH keys come from: with per-job keys a transport needs no configured
     /// client key or pinned host keys.
     pub guest_keys: crate::config::GuestKeyMode,
+    /// Whether the config keeps a warm pool (`[pool]` with a size): the backend must then
+    /// list, relabel and fingerprint its VMs.
+    pub pool: bool,
 }
 
 /// A compiled-in backend factory.

@@ -25,8 +25,9 @@ pub const HEADER_VERSION: u32 = 2;
 /// same (a changed meaning). 2: `VmRequest::owner`, `OwnedVm::owner`. 3: `Backend::inspect`,
 /// `Backend::names_with_files`. 4: `Backend::relabel`, `Backend::fingerprint`. 5:
 /// `Backend::doctor`, `Transport::doctor`, `Check`. 6: `Backend::halt`. 7:
-/// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`.
-pub const CORE_API_VERSION: u32 = 7;
+/// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`. 8:
+/// `Backend::create` gets a deadline and a cancel flag.
+pub const CORE_API_VERSION: u32 = 8;
 /// The rustc that built this hyperjob-core (`rustc --version`).
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The commit of that rustc (`rustc -vV`, `commit-hash`), or `unknown`.
