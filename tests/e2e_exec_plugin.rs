@@ -4,7 +4,8 @@
 //! it — and a job whose backend *and* transport are executables: the QEMU backend served by
 //! hyperjob-core's `serve()` (tests/plugins/served) with the Python transport. Without a VM:
 //! `config` checks the capabilities the config needs, refuses a version 1 plugin, and starts
-//! plugins with a clean environment. Run with scripts/test.sh.
+//! plugins with a clean environment. A SIGTERM to `run` reaches the plugin, which runs in a
+//! process group of its own, as a cancel. Run with scripts/test.sh.
 
 mod support;
 
@@ -12,10 +13,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
+use hyperjob_test_harness::{
+    run_job, Driver, ExitInfo, Job, JobResult, JobVariable, RunnerSettings, Stage, Step,
+};
 use support::{
-    job_without_sources, qemu_plugin_library, served_backend, stderr, unique_job_id, vm_name,
-    write_executable, PluginSetup, TestEnv, Workspace,
+    job_without_sources, prepared_session_of, qemu_plugin_library, served_backend, session_log,
+    stderr, stoppable_job, unique_job_id, vm_name, wait_until, write_executable, PluginSetup,
+    TestEnv, Workspace,
 };
 
 fn python_plugin() -> PathBuf {
@@ -370,4 +374,85 @@ fn a_plugin_gets_a_clean_environment_without_job_variables() {
     ] {
         assert!(env.contains(expected), "{expected:?} missing in {env}");
     }
+}
+
+/// Field `index` (1-based, after the command name) of /proc/PID/stat.
+fn stat_field(pid: u32, index: usize) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(") ")
+        .next()?
+        .split(' ')
+        .nth(index - 2)?
+        .parse()
+        .ok()
+}
+
+/// Whether process `pid` descends from process `ancestor`.
+fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut current = pid;
+    for _ in 0..32 {
+        match stat_field(current, 4) {
+            Some(parent) if parent == ancestor => return true,
+            Some(parent) if parent > 1 => current = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The Python plugin processes below process `driver`.
+fn plugin_children(driver: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| descends_from(*pid, driver))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("hyperjob-transport-sshcli"))
+        })
+        .collect()
+}
+
+/// The runner's SIGTERM goes to the stage's process group; the plugin is in a group of its own
+/// and hears of it as a `cancel`: `run` ends as a system failure, and the plugin is gone.
+#[test]
+fn a_sigterm_to_run_cancels_the_script_in_the_plugin_and_ends_the_plugin() {
+    let env = TestEnv::load();
+    let ws = env.workspace("python-sigterm");
+    ws.write_config(&python_transport_config(&ws));
+    let id = unique_job_id();
+    let session = prepared_session_of(&driver(&env, &ws), &stoppable_job(id, "python-sigterm"));
+    let running = session
+        .spawn_stage(&Stage::UserStep("script".into()))
+        .expect("start build_script");
+    let hyperjob = running.pid().expect("running");
+    wait_until(
+        "the line \"started\" in the job log",
+        Duration::from_secs(300),
+        || session.log().iter().any(|line| line.text == "started"),
+    );
+    let plugins = plugin_children(hyperjob);
+    let groups: Vec<Option<u32>> = plugins.iter().map(|pid| stat_field(*pid, 5)).collect();
+
+    let sent = std::time::Instant::now();
+    running.signal_group(15).expect("SIGTERM");
+    let run = running.wait_timeout(Duration::from_secs(60));
+    let took = sent.elapsed();
+    let plugin_left = plugins.iter().any(|pid| descends_from(*pid, hyperjob));
+    let log = session_log(&session);
+    session.cleanup();
+
+    println!("run exited {:.2} s after SIGTERM", took.as_secs_f64());
+    let run = run.unwrap_or_else(|_| panic!("run still runs 60 s after SIGTERM\n{log}"));
+    assert_eq!(plugins.len(), 1, "{plugins:?}");
+    assert_eq!(
+        groups,
+        [Some(plugins[0])],
+        "the plugin is not in a process group of its own"
+    );
+    assert_eq!(run.exit, ExitInfo::Exited(2), "{log}");
+    assert!(log.contains("interrupted"), "{log}");
+    assert!(!plugin_left, "the plugin outlived run");
+    ws.assert_nothing_left(&vm_name(id));
 }

@@ -161,6 +161,15 @@ impl Cancels {
         }
     }
 
+    /// hyperjob went away: whatever runs is cancelled.
+    fn cancel_current(&self) {
+        if let Ok(current) = self.current.lock() {
+            if let Some((_, flag)) = &*current {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn start(&self, id: u64) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
         if let Ok(mut current) = self.current.lock() {
@@ -233,7 +242,9 @@ fn spawn_reader(
         loop {
             let mut line = Vec::new();
             match Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line) {
-                Ok(0) => return,
+                // hyperjob closed stdin (or died): the plugin is in a process group of its own
+                // and gets no signal, so what runs stops now.
+                Ok(0) => return cancels.cancel_current(),
                 Ok(_) if line.len() > MAX_LINE => {
                     let _ = sender.send(Err("hyperjob sent a line that is too long".into()));
                     return;
