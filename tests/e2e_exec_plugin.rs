@@ -376,13 +376,14 @@ fn a_plugin_gets_a_clean_environment_without_job_variables() {
     }
 }
 
-/// Field `index` (1-based, after the command name) of /proc/PID/stat.
+/// Field `index` of /proc/PID/stat (1-based as in proc(5): 4 is the parent, 5 the group).
 fn stat_field(pid: u32, index: usize) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses come the fields from 3 (the state) on.
     stat.rsplit(") ")
         .next()?
         .split(' ')
-        .nth(index - 2)?
+        .nth(index - 3)?
         .parse()
         .ok()
 }
