@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -187,17 +187,10 @@ fn tail(log: &str) -> &str {
     &log[start..]
 }
 
-/// The QEMU backend's library factory served as the executable backend `qemuexec` (Rust,
-/// `serve()`), with the Python transport: both plugins are executables. The job runs, create's
-/// progress reaches the job log, cleanup removes everything, and gc (the served `list_owned`)
-/// and `hyperjob plugins` work with it.
-#[test]
-fn a_job_runs_with_a_served_rust_backend_and_the_python_transport() {
-    let env = TestEnv::load();
-    let ws = env.workspace("served-backend");
-    let served = served_backend(&env.hyperjob);
-    let config = ws
-        .qemu_config(&qemu_plugin_library())
+/// `config` (a QEMU-plugin config) with the backend served by `served` as `qemuexec` and the
+/// Python transport as `sshcli`.
+fn served_config(config: &str, served: &Path) -> String {
+    config
         .replacen(
             &format!("plugins = [\"{}\"]", qemu_plugin_library().display()),
             &format!(
@@ -210,8 +203,22 @@ fn a_job_runs_with_a_served_rust_backend_and_the_python_transport() {
         .replace("backend = \"qemu\"", "backend = \"qemuexec\"")
         .replace("[backends.qemu]", "[backends.qemuexec]")
         .replace("transport = \"ssh\"", "transport = \"sshcli\"")
-        .replace("[transports.ssh]", "[transports.sshcli]");
-    ws.write_config(&config);
+        .replace("[transports.ssh]", "[transports.sshcli]")
+}
+
+/// The QEMU backend's library factory served as the executable backend `qemuexec` (Rust,
+/// `serve()`), with the Python transport: both plugins are executables. The job runs, create's
+/// progress reaches the job log, cleanup removes everything, and gc (the served `list_owned`)
+/// and `hyperjob plugins` work with it.
+#[test]
+fn a_job_runs_with_a_served_rust_backend_and_the_python_transport() {
+    let env = TestEnv::load();
+    let ws = env.workspace("served-backend");
+    let served = served_backend(&env.hyperjob);
+    ws.write_config(&served_config(
+        &ws.qemu_config(&qemu_plugin_library()),
+        &served,
+    ));
     let id = unique_job_id();
     let job = job_without_sources(
         id,
@@ -254,6 +261,56 @@ fn a_job_runs_with_a_served_rust_backend_and_the_python_transport() {
             && l.contains("qemuexec")
             && l.ends_with(&format!("executable {}", served.display()))),
         "{listing}"
+    );
+    ws.assert_nothing_left(&vm_name(id));
+}
+
+/// Per-job keys through two executables: the served backend gets the job's keys in `create`
+/// (its cloud-init seed puts them into the guest), the Python transport logs in with the job's
+/// key and accepts only the job's host key. The config has no client key and no known_hosts.
+#[test]
+fn per_job_keys_pass_through_a_served_backend_and_the_python_transport() {
+    let env = TestEnv::load();
+    let ws = env.workspace("served-per-job");
+    let base = ws
+        .qemu_config(&qemu_plugin_library())
+        .replacen(
+            "transport = \"ssh\"\n",
+            "transport = \"ssh\"\nguest_keys = \"per-job\"\n",
+            1,
+        )
+        .replace(
+            &format!("base_image = \"{}\"", env.base_image.display()),
+            &format!("base_image = \"{}\"", env.cloudinit_image.display()),
+        )
+        .replace(
+            &format!("cmdline = \"{}\"", env.cmdline),
+            &format!("cmdline = \"{}\"", env.cloudinit_cmdline),
+        );
+    let base: String = base
+        .lines()
+        .filter(|line| !line.starts_with("identity_file") && !line.starts_with("known_hosts"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    ws.write_config(&served_config(&base, &served_backend(&env.hyperjob)));
+    let id = unique_job_id();
+    let job = job_without_sources(
+        id,
+        "group/served-keys",
+        &["echo \"logged in as $(id -un)\""],
+    );
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    assert!(
+        log.contains("cloud-init seed with the job's SSH keys created"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("logged in as {}", env.guest_user)),
+        "{log}"
     );
     ws.assert_nothing_left(&vm_name(id));
 }
