@@ -82,7 +82,7 @@ use hyperjob_plugin::prelude::*;
 struct Gate;
 
 impl Backend for Gate {{
-    fn create(&self, _: &VmRequest, _: &dyn Progress) -> Result<(), PluginError> {{
+    fn create(&self, _: &VmRequest, _: &dyn Progress, _: Instant, _: &AtomicBool) -> Result<(), PluginError> {{
         Err(PluginError::Unsupported("create"))
     }}
 

@@ -102,7 +102,7 @@ fn unselected_broken_plugins_affect_no_stage_and_plugins_lists_each_with_its_rea
     write_executable(
         &dir,
         "hyperjob-backend-liar",
-        r#"echo '{"hello":{"protocol":1,"kind":"backend","name":"libvirt","version":"6.6.6"}}'; read line"#,
+        r#"echo '{"hello":{"protocol":2,"kind":"backend","name":"libvirt","version":"6.6.6"}}'; read line"#,
     );
     let misnamed = write_executable(setup.dir.path(), "my-plugin", "exec sleep 600");
     let missing = setup.path("libgone.so");

@@ -43,19 +43,27 @@ pub fn fixture_library(hyperjob: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// The template backend plugin (plugins/template-backend), built next to the hyperjob binary
-/// `hyperjob` by `cargo build --workspace`.
-pub fn template_library(hyperjob: &Path) -> PathBuf {
-    let path = hyperjob
-        .parent()
-        .expect("binary dir")
-        .join("libhyperjob_backend_template.so");
+/// A file `cargo build --workspace` puts next to the hyperjob binary `hyperjob`.
+fn built_beside(hyperjob: &Path, file: &str) -> PathBuf {
+    let path = hyperjob.parent().expect("binary dir").join(file);
     assert!(
         path.is_file(),
-        "{} is missing: build it with `cargo build --workspace`",
+        "{} is missing: build it with `cargo build --workspace` (scripts/test.sh does)",
         path.display()
     );
     path
+}
+
+/// The template backend plugin (plugins/template-backend), built next to the hyperjob binary
+/// `hyperjob` by `cargo build --workspace`.
+pub fn template_library(hyperjob: &Path) -> PathBuf {
+    built_beside(hyperjob, "libhyperjob_backend_template.so")
+}
+
+/// The QEMU backend served as the executable plugin `qemuexec` (tests/plugins/served), built
+/// next to the hyperjob binary `hyperjob` by `cargo build --workspace`.
+pub fn served_backend(hyperjob: &Path) -> PathBuf {
+    built_beside(hyperjob, "hyperjob-backend-qemuexec")
 }
 
 /// Writes an executable shell script `name` with `body` into `dir`.

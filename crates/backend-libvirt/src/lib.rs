@@ -179,7 +179,16 @@ impl LibvirtBackend {
 }
 
 impl Backend for LibvirtBackend {
-    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
+    fn create(
+        &self,
+        request: &VmRequest,
+        progress: &dyn Progress,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError> {
+        let started = Instant::now();
+        let what = format!("creating VM {}", request.vm_name);
+        hyperjob_core::wait::still_wanted(&what, started, deadline, cancel)?;
         nic::check_nwfilter(&self.connect()?, &self.config)?;
         if let Some(boot) = &self.config.direct_boot {
             for path in std::iter::once(&boot.kernel).chain(boot.initrd.iter()) {
@@ -211,7 +220,9 @@ impl Backend for LibvirtBackend {
             self.config.vcpus,
             self.config.memory_mib
         ));
-        if let Err(err) = self.start_domain(request, progress) {
+        let started_domain = hyperjob_core::wait::still_wanted(&what, started, deadline, cancel)
+            .and_then(|()| self.start_domain(request, progress));
+        if let Err(err) = started_domain {
             for file in self.files_of(&request.vm_name) {
                 let _ = overlay::remove_file(&file);
             }

@@ -38,7 +38,7 @@ impl Boot<'_> {
         let deadline = started + self.transport.ready_timeout();
         let (request, identity_file) = self.with_keys(request, key_dir)?;
         self.backend
-            .create(&request, self.progress)
+            .create(&request, self.progress, deadline, self.cancel)
             .with_context(|| format!("cannot create VM {}", request.vm_name))?;
         interrupted(self.cancel)?;
         self.progress.say("Waiting for the guest address...");

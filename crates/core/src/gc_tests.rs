@@ -188,6 +188,8 @@ impl Backend for Listed {
         &self,
         _request: &crate::VmRequest,
         _progress: &dyn crate::plugin::Progress,
+        _: std::time::Instant,
+        _: &std::sync::atomic::AtomicBool,
     ) -> Result<(), PluginError> {
         Err(PluginError::Unsupported("create"))
     }

@@ -302,7 +302,10 @@ impl Checker<'_> {
             }
         };
         let created = Instant::now();
-        let result = self.backend.create(&request, &Indented);
+        let deadline = created + self.transport.ready_timeout();
+        let result = self
+            .backend
+            .create(&request, &Indented, deadline, self.cancel);
         let keys = if request.keys.is_some() {
             " with per-job keys"
         } else {

@@ -377,6 +377,8 @@ mod tests {
             &self,
             _: &crate::VmRequest,
             _: &dyn crate::plugin::Progress,
+            _: std::time::Instant,
+            _: &std::sync::atomic::AtomicBool,
         ) -> Result<(), PluginError> {
             Err(PluginError::Unsupported("create"))
         }

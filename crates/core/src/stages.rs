@@ -47,6 +47,7 @@ fn plugin_context(config: &Config) -> PluginContext {
     PluginContext {
         state_dir: config.state_dir.clone(),
         guest_keys: config.guest_keys,
+        pool: config.pool.size > 0,
     }
 }
 

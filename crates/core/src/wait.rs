@@ -3,6 +3,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// The plugin contract's bound check for the steps of a `Backend::create`.
+pub use hyperjob_plugin::wait::still_wanted;
+
 /// Exponential backoff: starts at `initial`, multiplies by 3/2 each step, never above `max`.
 #[derive(Debug, Clone)]
 pub struct Backoff {

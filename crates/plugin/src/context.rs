@@ -13,6 +13,9 @@ pub struct PluginContext {
     /// Where guest SSH keys come from: with per-job keys a transport needs no configured
     /// client key or pinned host keys.
     pub guest_keys: GuestKeyMode,
+    /// Whether the config keeps a warm pool (`[pool]` with a size): the backend must then
+    /// list, relabel and fingerprint its VMs.
+    pub pool: bool,
 }
 
 /// Where the guest's SSH keys come from (`guest_keys` of the config file).

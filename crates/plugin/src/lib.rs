@@ -27,19 +27,15 @@ pub mod context;
 pub mod keys;
 pub mod plugin;
 pub mod prelude;
+pub mod protocol;
+pub mod serve;
+pub mod wait;
 
 pub use context::{GuestKeyMode, Kind, PluginContext};
 pub use plugin::{
     Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
     ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
-
-// Executable plugins (tier 3): `serve()` — runs a Rust type implementing the traits as an
-// executable plugin speaking protocol v2 over stdio — is written in hyperjob-core's
-// `exec_plugin/` by issue 10 §3. TO WIRE AT MERGE: move its plugin side (framing, the hello,
-// the request loop; std + serde_json only) into this crate as `pub mod serve;`, re-export it
-// here (`pub use serve::serve;`) and in the prelude, and have hyperjob-core's host side use it
-// from here (this crate cannot depend on hyperjob-core).
 
 /// Version of this crate, recorded in every plugin header (`core_version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -235,8 +235,16 @@ pub trait Progress {
 
 /// VM lifecycle, keyed by a stable VM name.
 pub trait Backend: Send + Sync {
-    /// Creates and boots the VM. On error the backend removes whatever it created.
-    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError>;
+    /// Creates and boots the VM, by `deadline` at the latest ([`PluginError::Timeout`] after
+    /// it); a set `cancel` (SIGTERM/SIGINT) ends the attempt early
+    /// ([`PluginError::Interrupted`]). On error the backend removes whatever it created.
+    fn create(
+        &self,
+        request: &VmRequest,
+        progress: &dyn Progress,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError>;
 
     /// Waits until the guest has an address, or `deadline` passes.
     fn wait_address(

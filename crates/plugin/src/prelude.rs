@@ -55,7 +55,7 @@
 //! }
 //! # fn main() {
 //! #     let echo = build(
-//! #         &PluginContext { state_dir: "/tmp".into(), guest_keys: GuestKeyMode::Pinned },
+//! #         &PluginContext { state_dir: "/tmp".into(), guest_keys: GuestKeyMode::Pinned, pool: false },
 //! #         "ready_timeout_secs = 5\n",
 //! #     )
 //! #     .expect("valid");
@@ -71,7 +71,8 @@ pub use crate::plugin::{
     Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
     ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
+pub use crate::serve::{serve, Served};
+pub use crate::wait::still_wanted;
 pub use std::io::Write;
 pub use std::sync::atomic::AtomicBool;
 pub use std::time::{Duration, Instant};
-// TO WIRE AT MERGE: `pub use crate::serve::serve;` (executable plugins, see lib.rs).

@@ -221,8 +221,10 @@ impl QemuBackend {
         request: &VmRequest,
         paths: &VmPaths,
         progress: &dyn Progress,
+        wanted: &Wanted<'_>,
     ) -> Result<(), PluginError> {
         for attempt in 1..=PORT_ATTEMPTS {
+            wanted.check()?;
             let host_port = process::pick_free_port()
                 .map_err(|err| PluginError::system("cannot find a free loopback port", err))?;
             let mut record = self.record(request, paths, host_port);
@@ -342,12 +344,38 @@ impl QemuBackend {
     }
 }
 
+/// The bounds of one `create`.
+struct Wanted<'a> {
+    what: String,
+    started: Instant,
+    deadline: Instant,
+    cancel: &'a AtomicBool,
+}
+
+impl Wanted<'_> {
+    fn check(&self) -> Result<(), PluginError> {
+        hyperjob_plugin::wait::still_wanted(&self.what, self.started, self.deadline, self.cancel)
+    }
+}
+
 impl Backend for QemuBackend {
-    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
+    fn create(
+        &self,
+        request: &VmRequest,
+        progress: &dyn Progress,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError> {
         let paths = self.paths(&request.vm_name);
         self.check_inputs(&paths)?;
         self.ensure_images_dir()?;
-        if let Err(err) = self.try_create(request, &paths, progress) {
+        let wanted = Wanted {
+            what: format!("creating VM {}", request.vm_name),
+            started: Instant::now(),
+            deadline,
+            cancel,
+        };
+        if let Err(err) = self.try_create(request, &paths, progress, &wanted) {
             // Whatever got created goes, the QEMU (if it came up after all) included.
             if let Err(destroy_err) = self.destroy(&request.vm_name) {
                 warn(&format!(
@@ -464,6 +492,10 @@ mod tests {
     use super::*;
     use crate::process::test_support::{kill_and_reap, qemu_lookalike};
 
+    fn far_deadline() -> Instant {
+        Instant::now() + Duration::from_secs(600)
+    }
+
     fn backend_in(images_dir: &Path) -> QemuBackend {
         QemuBackend::new(
             QemuConfig::from_toml_text(
@@ -536,7 +568,7 @@ mod tests {
         let backend = QemuBackend::new(config);
 
         backend
-            .create(&request(5), &Quiet)
+            .create(&request(5), &Quiet, far_deadline(), &AtomicBool::new(false))
             .expect("second attempt starts");
 
         let log = fs::read_to_string(dir.path().join("fake.log")).expect("log");
@@ -604,7 +636,9 @@ mod tests {
         let images = dir.path().join("images");
         let backend = backend_in(&images);
 
-        let err = backend.create(&request(5), &Quiet).expect_err("no base");
+        let err = backend
+            .create(&request(5), &Quiet, far_deadline(), &AtomicBool::new(false))
+            .expect_err("no base");
 
         assert_eq!(
             err.to_string(),
@@ -621,7 +655,9 @@ mod tests {
         let images = dir.path().join("x".repeat(100));
         let backend = backend_in(&images);
 
-        let err = backend.create(&request(5), &Quiet).expect_err("too long");
+        let err = backend
+            .create(&request(5), &Quiet, far_deadline(), &AtomicBool::new(false))
+            .expect_err("too long");
 
         assert!(
             err.to_string().starts_with("`images_dir` is too long"),

@@ -49,11 +49,20 @@ impl TemplateBackend {
 }
 
 impl Backend for TemplateBackend {
-    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
+    fn create(
+        &self,
+        request: &VmRequest,
+        progress: &dyn Progress,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError> {
         if request.keys.is_some() {
             // This backend cannot put keys into the guest: say so, as the contract asks.
             return Err(PluginError::Unsupported("per-job guest keys"));
         }
+        // Starting QEMU takes a moment and cannot be interrupted: check the bounds before.
+        let what = format!("creating VM {}", request.vm_name);
+        hyperjob_plugin::wait::still_wanted(&what, Instant::now(), deadline, cancel)?;
         let vm = self.vm(&request.vm_name);
         vm.create_record(request)?;
         progress.say(&format!("Starting QEMU for {}", request.vm_name));
@@ -179,7 +188,10 @@ mod tests {
             },
         });
 
-        let err = backend.create(&with_keys, &Quiet).expect_err("unsupported");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let err = backend
+            .create(&with_keys, &Quiet, deadline, &AtomicBool::new(false))
+            .expect_err("unsupported");
 
         assert_eq!(
             err.to_string(),

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{connect_and_configure, start_checked, ExecBackend, ExecTransport, Hello};
+use super::backend::ExecBackend;
+use super::transport::ExecTransport;
+use super::{connect_and_configure, start_checked, Hello};
 use crate::plugin::{Backend, PluginError, Transport};
 use crate::registry::{Entry, Kind, Origin, Registry, RegistryError};
 
@@ -208,7 +210,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let plugin = script_plugin(
             &dir,
-            r#"echo '{"hello":{"protocol":1,"kind":"transport","name":"other","version":"1"}}'; read line"#,
+            r#"echo '{"hello":{"protocol":2,"kind":"transport","name":"other","version":"1"}}'; read line"#,
         );
 
         let err = probe(&plugin, Kind::Backend, "test", PROBE_TIMEOUT).expect_err("lies");
@@ -226,13 +228,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let plugin = script_plugin(
             &dir,
-            r#"echo '{"hello":{"protocol":1,"kind":"backend","name":"test","version":"1"}}'; read line; echo 'this is not json'; read line"#,
+            r#"echo '{"hello":{"protocol":2,"kind":"backend","name":"test","version":"1"}}'; read line; echo 'this is not json'; read line"#,
         );
         let mut registry = Registry::default();
         register(&plugin, Kind::Backend, "test", "", &mut registry).expect("registered");
         let ctx = PluginContext {
             state_dir: dir.path().to_path_buf(),
             guest_keys: GuestKeyMode::Pinned,
+            pool: false,
         };
 
         let entry = registry.backend("test").expect("registered");

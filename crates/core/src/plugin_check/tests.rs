@@ -7,7 +7,13 @@ use crate::registry::{Entry, Origin, PluginContext};
 struct Unused;
 
 impl Backend for Unused {
-    fn create(&self, _: &VmRequest, _: &dyn crate::plugin::Progress) -> Result<(), PluginError> {
+    fn create(
+        &self,
+        _: &VmRequest,
+        _: &dyn crate::plugin::Progress,
+        _: Instant,
+        _: &AtomicBool,
+    ) -> Result<(), PluginError> {
         Err(PluginError::Unsupported("create"))
     }
 

@@ -148,7 +148,13 @@ fn drop_guarded<T: ?Sized>(what: &str, object: Box<T>) {
 struct Released;
 
 impl Backend for Released {
-    fn create(&self, _: &VmRequest, _: &dyn Progress) -> Result<(), PluginError> {
+    fn create(
+        &self,
+        _: &VmRequest,
+        _: &dyn Progress,
+        _: Instant,
+        _: &AtomicBool,
+    ) -> Result<(), PluginError> {
         Err(PluginError::msg("the plugin backend was released"))
     }
 
@@ -243,7 +249,13 @@ mod tests {
     }
 
     impl Backend for PanicsOnDrop {
-        fn create(&self, _: &VmRequest, _: &dyn Progress) -> Result<(), PluginError> {
+        fn create(
+            &self,
+            _: &VmRequest,
+            _: &dyn Progress,
+            _: Instant,
+            _: &AtomicBool,
+        ) -> Result<(), PluginError> {
             Ok(())
         }
 

@@ -15,8 +15,16 @@ use crate::plugin::{
 pub(super) struct GuardedBackend(pub(super) Box<dyn Backend>);
 
 impl Backend for GuardedBackend {
-    fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
-        guard("creating the VM", || self.0.create(request, progress))?
+    fn create(
+        &self,
+        request: &VmRequest,
+        progress: &dyn Progress,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<(), PluginError> {
+        guard("creating the VM", || {
+            self.0.create(request, progress, deadline, cancel)
+        })?
     }
 
     fn wait_address(

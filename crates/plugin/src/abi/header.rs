@@ -27,8 +27,9 @@ pub const HEADER_VERSION: u32 = 2;
 /// `Backend::doctor`, `Transport::doctor`, `Check`. 6: `Backend::halt`. 7:
 /// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`. 8:
 /// the contract moved from hyperjob-core to hyperjob-plugin (`PluginRegistrar::into_parts`). 9:
-/// `Transport::access_command`. 10: `Transport::upload`, `Upload`.
-pub const CORE_API_VERSION: u32 = 10;
+/// `Transport::access_command`. 10: `Transport::upload`, `Upload`. 11: `Backend::create` gets a
+/// deadline and a cancel flag; `PluginContext::pool`.
+pub const CORE_API_VERSION: u32 = 11;
 /// The rustc that built this hyperjob-plugin (`rustc --version`).
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The commit of that rustc (`rustc -vV`, `commit-hash`), or `unknown`.

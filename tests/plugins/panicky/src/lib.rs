@@ -11,7 +11,13 @@ use hyperjob_core::{Backend, Endpoint, PluginError, VmRequest};
 struct Panicky;
 
 impl Backend for Panicky {
-    fn create(&self, _request: &VmRequest, _progress: &dyn Progress) -> Result<(), PluginError> {
+    fn create(
+        &self,
+        _request: &VmRequest,
+        _progress: &dyn Progress,
+        _deadline: Instant,
+        _cancel: &AtomicBool,
+    ) -> Result<(), PluginError> {
         panic!("panicky backend: create is broken on purpose")
     }
 
