@@ -21,8 +21,8 @@ use serde_json::{json, Value};
 
 use crate::config::GuestKeyMode;
 use crate::plugin::{
-    Backend, Endpoint, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest, Transport,
-    VmRequest,
+    Backend, Endpoint, EndpointKind, OwnedVm, PluginError, Progress, RemoteExit, ScriptRequest,
+    Transport, VmRequest,
 };
 use crate::registry::{Kind, PluginContext};
 
@@ -47,6 +47,9 @@ pub struct Hello {
     pub kind: Kind,
     pub name: String,
     pub version: String,
+    /// `endpoints`: the kinds of endpoint a backend hands out or a transport reaches (absent:
+    /// TCP only).
+    pub endpoint_kinds: Vec<EndpointKind>,
 }
 
 /// Parses the hello line; every deviation is a reason.
@@ -82,7 +85,30 @@ pub fn parse_hello(line: &str) -> Result<Hello, String> {
         kind,
         name: text("name")?,
         version: text("version")?,
+        endpoint_kinds: hello_endpoint_kinds(hello)?,
     })
+}
+
+/// The hello's optional `endpoints` list (`["tcp", "unix"]`); TCP only without one.
+fn hello_endpoint_kinds(hello: &Value) -> Result<Vec<EndpointKind>, String> {
+    let Some(list) = hello.get("endpoints") else {
+        return Ok(vec![EndpointKind::Tcp]);
+    };
+    let bad = || {
+        format!(
+            "hello `endpoints` must be a non-empty list of endpoint kinds ({})",
+            EndpointKind::list(&EndpointKind::ALL)
+        )
+    };
+    let names = list.as_array().filter(|l| !l.is_empty()).ok_or_else(bad)?;
+    names
+        .iter()
+        .map(|name| {
+            name.as_str()
+                .and_then(EndpointKind::from_name)
+                .ok_or_else(bad)
+        })
+        .collect()
 }
 
 /// One message from the plugin, as far as the host cares.
@@ -392,8 +418,8 @@ fn connect_and_configure(
     name: &str,
     ctx: &PluginContext,
     table: &toml::Table,
-) -> Result<Shared, PluginError> {
-    let (connection, _) = start_checked(path, kind, name, HELLO_TIMEOUT)?;
+) -> Result<(Shared, Vec<EndpointKind>), PluginError> {
+    let (connection, hello) = start_checked(path, kind, name, HELLO_TIMEOUT)?;
     let shared = Shared(Mutex::new(connection));
     let config = toml::to_string(table).map_err(|err| PluginError::Config(err.to_string()))?;
     shared.call(
@@ -405,7 +431,7 @@ fn connect_and_configure(
         }),
         REQUEST_TIMEOUT,
     )?;
-    Ok(shared)
+    Ok((shared, hello.endpoint_kinds))
 }
 
 fn endpoint_json(endpoint: &Endpoint) -> Value {
@@ -461,9 +487,13 @@ fn owned_vm(vm: &Value) -> Result<OwnedVm, PluginError> {
     }
 }
 
-struct ExecBackend(Shared);
+struct ExecBackend(Shared, Vec<EndpointKind>);
 
 impl Backend for ExecBackend {
+    fn endpoint_kinds(&self) -> Vec<EndpointKind> {
+        self.1.clone()
+    }
+
     fn create(&self, request: &VmRequest, progress: &dyn Progress) -> Result<(), PluginError> {
         let keys = request.keys.as_ref().map(|keys| {
             json!({
@@ -547,9 +577,13 @@ impl Backend for ExecBackend {
     }
 }
 
-struct ExecTransport(Shared);
+struct ExecTransport(Shared, Vec<EndpointKind>);
 
 impl Transport for ExecTransport {
+    fn endpoint_kinds(&self) -> Vec<EndpointKind> {
+        self.1.clone()
+    }
+
     fn ready_timeout(&self) -> Duration {
         self.0
             .call("ready_timeout", json!({}), REQUEST_TIMEOUT)
@@ -657,9 +691,34 @@ mod tests {
             Hello {
                 kind: Kind::Transport,
                 name: "ssh-cli".into(),
-                version: "0.1.0".into()
+                version: "0.1.0".into(),
+                endpoint_kinds: vec![EndpointKind::Tcp],
             }
         );
+    }
+
+    #[test]
+    fn a_hello_may_declare_endpoint_kinds() {
+        let hello = |endpoints: &str| {
+            parse_hello(&format!(
+                r#"{{"hello":{{"protocol":1,"kind":"backend","name":"b","version":"1"{endpoints}}}}}"#
+            ))
+        };
+        assert_eq!(
+            hello(r#","endpoints":["unix","tcp"]"#).map(|h| h.endpoint_kinds),
+            Ok(vec![EndpointKind::Unix, EndpointKind::Tcp])
+        );
+        for bad in [
+            r#","endpoints":[]"#,
+            r#","endpoints":["udp"]"#,
+            r#","endpoints":"tcp""#,
+        ] {
+            assert_eq!(
+                hello(bad).map(|h| h.endpoint_kinds),
+                Err("hello `endpoints` must be a non-empty list of endpoint kinds (tcp, unix, vsock)".into()),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -24,14 +24,15 @@
 pub mod abi;
 pub mod config;
 pub mod context;
+pub mod endpoint;
 pub mod keys;
 pub mod plugin;
 pub mod prelude;
 
 pub use context::{GuestKeyMode, Kind, PluginContext};
 pub use plugin::{
-    Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
-    ScriptRequest, Transport, VmPresence, VmRequest,
+    Address, Backend, Check, Connection, Endpoint, EndpointKind, OwnedVm, PluginError, Progress,
+    RemoteExit, ScriptRequest, Transport, VmPresence, VmRequest,
 };
 
 // Executable plugins (tier 3): `serve()` — runs a Rust type implementing the traits as an

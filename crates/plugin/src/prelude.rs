@@ -68,8 +68,8 @@ pub use crate::context::{GuestKeyMode, PluginContext};
 pub use crate::export_plugin;
 pub use crate::keys::GuestKeys;
 pub use crate::plugin::{
-    Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
-    ScriptRequest, Transport, VmPresence, VmRequest,
+    Address, Backend, Check, Connection, Endpoint, EndpointKind, OwnedVm, PluginError, Progress,
+    RemoteExit, ScriptRequest, Transport, VmPresence, VmRequest,
 };
 pub use std::io::Write;
 pub use std::sync::atomic::AtomicBool;

@@ -285,3 +285,57 @@ fn a_run_stopped_during_the_handshake_is_interrupted_not_a_connection_failure() 
         "{err}"
     );
 }
+
+#[test]
+fn a_unix_socket_that_never_greets_times_out_with_a_reason() {
+    use std::os::unix::net::UnixListener;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = transport(&dir);
+    let path = dir.path().join("silent.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(10).collect();
+        thread::sleep(Duration::from_secs(30));
+        drop(held);
+    });
+
+    let err = transport
+        .run_script(
+            &Endpoint::unix(&path),
+            &hyperjob_core::ScriptRequest {
+                interpreter: "sh",
+                script: b"true",
+                cancel: &AtomicBool::new(false),
+            },
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .expect_err("silent");
+
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "SSH handshake with unix:{} failed",
+            path.display()
+        )),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "{message}");
+}
+
+#[test]
+fn a_vsock_endpoint_is_refused_as_unsupported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = transport(&dir)
+        .wait_ready(
+            &Endpoint::vsock(3, 22),
+            Instant::now() + Duration::from_secs(1),
+            &AtomicBool::new(false),
+        )
+        .expect_err("vsock");
+    assert_eq!(
+        err.to_string(),
+        "vsock endpoints are not supported by the ssh transport"
+    );
+}

@@ -77,8 +77,9 @@ pub fn register(
             version: version.to_string(),
             origin,
             build: Arc::new(move |ctx, table| {
-                let shared = connect_and_configure(&owned, Kind::Backend, &plugin, ctx, table)?;
-                Ok(Box::new(ExecBackend(shared)) as Box<dyn Backend>)
+                let (shared, kinds) =
+                    connect_and_configure(&owned, Kind::Backend, &plugin, ctx, table)?;
+                Ok(Box::new(ExecBackend(shared, kinds)) as Box<dyn Backend>)
             }),
         }),
         Kind::Transport => registry.add_transport(Entry {
@@ -86,8 +87,9 @@ pub fn register(
             version: version.to_string(),
             origin,
             build: Arc::new(move |ctx, table| {
-                let shared = connect_and_configure(&owned, Kind::Transport, &plugin, ctx, table)?;
-                Ok(Box::new(ExecTransport(shared)) as Box<dyn Transport>)
+                let (shared, kinds) =
+                    connect_and_configure(&owned, Kind::Transport, &plugin, ctx, table)?;
+                Ok(Box::new(ExecTransport(shared, kinds)) as Box<dyn Transport>)
             }),
         }),
     }

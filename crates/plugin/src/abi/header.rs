@@ -27,8 +27,9 @@ pub const HEADER_VERSION: u32 = 2;
 /// `Backend::doctor`, `Transport::doctor`, `Check`. 6: `Backend::halt`. 7:
 /// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`. 8:
 /// the contract moved from hyperjob-core to hyperjob-plugin (`PluginRegistrar::into_parts`). 9:
-/// `Transport::access_command`.
-pub const CORE_API_VERSION: u32 = 9;
+/// `Transport::access_command`. 10: endpoints beyond TCP (`Endpoint::address`, `Address`,
+/// `EndpointKind`; `Backend::endpoint_kinds`, `Transport::endpoint_kinds`).
+pub const CORE_API_VERSION: u32 = 10;
 /// The rustc that built this hyperjob-plugin (`rustc --version`).
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The commit of that rustc (`rustc -vV`, `commit-hash`), or `unknown`.
