@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
 use support::{
-    assert_nothing_left_of_qemu_vm, qemu_plugin_library, qemu_processes_of, unique_job_id,
-    wait_until, GitServer, TestEnv, Workspace,
+    assert_nothing_left_of_qemu_vm, qemu_plugin_library, qemu_processes_of,
+    qemu_unix_endpoint_config, unique_job_id, wait_until, GitServer, TestEnv, Workspace,
 };
 
 /// The guest reaches the host's loopback at this address (QEMU user networking).
@@ -320,28 +320,11 @@ fn cleanup_without_a_prepare_succeeds_and_repeats() {
     assert_nothing_left_of_qemu_vm(&ws, &vm_name(id));
 }
 
-/// The qemu config with `endpoint = "unix"`: the guest's SSH on a virtio-serial port, reached
-/// through a UNIX socket in the images dir. The test image's guests serve SSH on that port
-/// (scripts/lib/guest-image.sh, `guest_vport_ssh`).
-fn unix_endpoint_config(ws: &Workspace, relay: bool) -> String {
-    ws.qemu_config(&qemu_plugin_library())
-        .replacen(
-            "[backends.qemu]\n",
-            "[backends.qemu]\nendpoint = \"unix\"\n",
-            1,
-        )
-        .replacen(
-            "[transports.ssh]\n",
-            &format!("[transports.ssh]\nrelay = {relay}\n"),
-            1,
-        )
-}
-
 #[test]
 fn job_runs_over_a_unix_socket_endpoint_through_the_relay_and_keeps_the_exit_code() {
     let env = TestEnv::load();
     let ws = workspace(&env, "qemu-unix-relay");
-    ws.write_config(&unix_endpoint_config(&ws, true));
+    ws.write_config(&qemu_unix_endpoint_config(&ws, true));
     let id = unique_job_id();
     let mut job = Job::new(
         id,
@@ -391,7 +374,7 @@ fn job_runs_over_a_unix_socket_endpoint_through_the_relay_and_keeps_the_exit_cod
 fn every_stage_opens_its_own_session_over_a_unix_socket_endpoint() {
     let env = TestEnv::load();
     let ws = workspace(&env, "qemu-unix-direct");
-    ws.write_config(&unix_endpoint_config(&ws, false));
+    ws.write_config(&qemu_unix_endpoint_config(&ws, false));
     let id = unique_job_id();
     let mut job = Job::new(id, "group/unix", "", "", &["echo build-$((6 * 7))"]);
     for step in ["one", "two", "three"] {
@@ -417,7 +400,7 @@ fn every_stage_opens_its_own_session_over_a_unix_socket_endpoint() {
 fn config_refuses_a_transport_that_cannot_reach_the_unix_endpoint() {
     let env = TestEnv::load();
     let ws = workspace(&env, "qemu-unix-sshcli");
-    let config = unix_endpoint_config(&ws, true)
+    let config = qemu_unix_endpoint_config(&ws, true)
         .replacen(
             "transport = \"ssh\"",
             &format!(

@@ -208,9 +208,10 @@ guest_trim() {
 # socket on the host. Each host connection is bridged (busybox nc) to the guest's own dropbear
 # on 127.0.0.1:22, one session each (dropbear's inetd mode needs a socket on stdin). The port
 # stays open here between sessions (closing it discards what the next client already sent).
-# A bridge starts only once a host client is connected (the port's debugfs file says so) and
-# has spoken (SSH clients send their version first): dropbear's greeting to nobody, or to a
-# client that is just leaving, would be lost. Without the port (every other VM) it sleeps.
+# A bridge starts only while a host client is connected (the port's debugfs file says so):
+# dropbear's greeting to nobody would be lost. hyperjob's SSH transport sends nothing over a
+# UNIX socket before that greeting, so a client's bytes never reach the bridge of the session
+# before it. Without the port (every other VM) it sleeps: nothing to serve.
 guest_vport_ssh() {
     local root=$1
     cat >"$root/etc/hyperjob/vport-ssh" <<EOF
@@ -241,8 +242,7 @@ connected() {
 echo "vport-ssh: serving SSH on /dev/\$port (\$name)" >/dev/console
 exec 3<>"/dev/\$port"
 while :; do
-    # read -t 0: whether input waits, without reading it.
-    until connected && read -r -t 0 <&3; do busybox sleep 0.1; done
+    until connected; do busybox sleep 0.1; done
     busybox nc 127.0.0.1 22 <&3 >&3
 done
 EOF

@@ -273,8 +273,20 @@ impl SshTransport {
                 let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(DEAD_PEER));
                 session.set_tcp_stream(tcp);
             }
-            // libssh2 only needs the file descriptor of a connected stream socket.
-            Stream::Unix(unix) => session.set_tcp_stream(unix),
+            // libssh2 only needs the file descriptor of a connected stream socket. The server
+            // speaks first; until it has, send nothing: behind a socket that outlives its
+            // sessions (a virtio-serial port) a session only exists once it greets us, and
+            // what we sent earlier could reach the one before, still ending.
+            Stream::Unix(unix) => {
+                greeted(&unix, timeout, cancel).map_err(|err| match err.kind() {
+                    ErrorKind::Interrupted => SshError::Interrupted("while connecting"),
+                    _ => SshError::Handshake {
+                        addr: addr_text.clone(),
+                        message: err.to_string(),
+                    },
+                })?;
+                session.set_tcp_stream(unix);
+            }
         }
         session.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
         let expected = self.expected_host_keys(endpoint);
@@ -564,6 +576,46 @@ impl Transport for SshTransport {
             self.config.connect_timeout,
             warning,
         )))
+    }
+}
+
+/// Waits until the server's first bytes can be read from `stream` (without reading them), in
+/// slices so a set `cancel` is seen.
+fn greeted(stream: &UnixStream, timeout: Duration, cancel: &AtomicBool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(std::io::Error::new(ErrorKind::Interrupted, "interrupted"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                format!("no greeting within {} s", timeout.as_secs()),
+            ));
+        }
+        let mut fd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = i32::try_from(left.min(Duration::from_millis(100)).as_millis()).unwrap_or(100);
+        // SAFETY: one valid pollfd that lives across the call, for a socket that stays open
+        // meanwhile; poll(2) only writes its revents.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::poll(&mut fd, 1, millis) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if rc > 0 {
+            // Readable: the greeting, or the end (which the handshake then reports).
+            return Ok(());
+        }
     }
 }
 

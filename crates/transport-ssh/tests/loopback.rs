@@ -286,6 +286,52 @@ fn a_run_stopped_during_the_handshake_is_interrupted_not_a_connection_failure() 
     );
 }
 
+/// Over a UNIX socket the client sends nothing before the server's greeting: a server behind a
+/// socket that outlives its sessions (a virtio-serial port) may still be finishing the last one.
+#[test]
+fn over_a_unix_socket_the_client_waits_for_the_greeting_before_it_speaks() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = transport(&dir);
+    let path = dir.path().join("guest.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let mut early = [0u8; 64];
+        let before = stream.read(&mut early).unwrap_or(0);
+        stream.write_all(b"SSH-2.0-test\r\n").expect("greet");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut banner = [0u8; 64];
+        let after = stream.read(&mut banner).unwrap_or(0);
+        tx.send((before, banner[..after].to_vec())).expect("send");
+    });
+
+    let err = transport
+        .wait_ready(
+            &Endpoint::unix(&path),
+            Instant::now() + Duration::from_secs(2),
+            &AtomicBool::new(false),
+        )
+        .expect_err("not a real SSH server");
+    let (before, after) = rx.recv_timeout(Duration::from_secs(10)).expect("served");
+
+    assert_eq!(before, 0, "the client spoke before the server");
+    assert!(after.starts_with(b"SSH-2.0-"), "{after:?}");
+    assert!(
+        err.to_string()
+            .contains(&format!("unix:{}", path.display())),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_unix_socket_that_never_greets_times_out_with_a_reason() {
     use std::os::unix::net::UnixListener;

@@ -240,9 +240,13 @@ impl QemuBackend {
                 if request.keys.is_some() {
                     progress.say("cloud-init seed with the job's SSH keys created");
                 }
+                let ssh = match self.config.endpoint {
+                    EndpointKind::Unix => format!("unix:{}", paths.ssh_socket.display()),
+                    _ => format!("127.0.0.1:{host_port}"),
+                };
                 progress.say(&format!(
                     "Overlay {} on {} created; starting QEMU ({}, {} vCPU, {} MiB, SSH on \
-                     127.0.0.1:{host_port})...",
+                     {ssh})...",
                     paths.overlay.display(),
                     self.config.base_image.display(),
                     self.config.accel.as_str(),
