@@ -207,11 +207,12 @@ guest_trim() {
 # org.hyperjob.ssh, which the QEMU plugin adds with `endpoint = "unix"` and exposes as a UNIX
 # socket on the host. Each host connection is bridged (busybox nc) to the guest's own dropbear
 # on 127.0.0.1:22, one session each (dropbear's inetd mode needs a socket on stdin). The port
-# stays open here between sessions (closing it discards what the next client already sent).
-# A bridge starts only while a host client is connected (the port's debugfs file says so):
-# dropbear's greeting to nobody would be lost. hyperjob's SSH transport sends nothing over a
-# UNIX socket before that greeting, so a client's bytes never reach the bridge of the session
-# before it. Without the port (every other VM) it sleeps: nothing to serve.
+# stays open here between sessions (closing it discards what the next client already sent, and
+# tells the host nothing). A bridge starts only while a host client is connected (the port's
+# debugfs file says so): dropbear's greeting to nobody would be lost. hyperjob's SSH transport
+# sends nothing over a UNIX socket before the server's version line and skips lines before it
+# (RFC 4253 allows them), so a client's bytes never reach the bridge of the session before,
+# and the notice below reaches a client whose server went away. Without the port: it sleeps.
 guest_vport_ssh() {
     local root=$1
     cat >"$root/etc/hyperjob/vport-ssh" <<EOF
@@ -244,6 +245,14 @@ exec 3<>"/dev/\$port"
 while :; do
     until connected; do busybox sleep 0.1; done
     busybox nc 127.0.0.1 22 <&3 >&3
+    # The session is over. A client still connected is the session's own, whose server went
+    # away (nothing else tells it: told, it gives up at once), or the next one, waiting for a
+    # greeting (it skips this line): let the first leave before the next bridge starts.
+    if connected; then
+        echo "hyperjob vport-ssh: session over" >&3
+        i=0
+        while connected && [ "\$i" -lt 10 ]; do busybox sleep 0.1; i=\$((i + 1)); done
+    fi
 done
 EOF
     chmod 0755 "$root/etc/hyperjob/vport-ssh"
