@@ -10,6 +10,7 @@ mod doctor;
 pub mod known_hosts;
 mod relay;
 mod remote;
+mod stream;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -28,12 +29,7 @@ use ssh2::Session;
 pub use config::{HostKeyPolicy, SshConfig};
 use relay::RelayError;
 pub use remote::{kill_command, new_run_id, remote_command, PidCapture, RUN_ID_VAR};
-
-/// An open connection to the guest, before SSH.
-enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
+use stream::{greeted, Stream};
 
 /// A connection whose sent data stays unacknowledged this long is dead (`TCP_USER_TIMEOUT`):
 /// a guest that died or hung cannot keep a stage waiting until the job timeout.
@@ -576,92 +572,6 @@ impl Transport for SshTransport {
             self.config.connect_timeout,
             warning,
         )))
-    }
-}
-
-/// Waits until the server's version line (`SSH-…`) can be read from `stream`, without reading
-/// it, in slices so a set `cancel` is seen. Lines before it are read and dropped, as RFC 4253
-/// (4.2) allows a server to send them (a guest's bridge on a virtio-serial port says so when a
-/// session ended while a client was still connected).
-fn greeted(stream: &UnixStream, timeout: Duration, cancel: &AtomicBool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let deadline = Instant::now() + timeout;
-    let mut skipped = 0usize;
-    loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(std::io::Error::new(ErrorKind::Interrupted, "interrupted"));
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                ErrorKind::TimedOut,
-                format!("no greeting within {} s", timeout.as_secs()),
-            ));
-        }
-        let mut fd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let millis = i32::try_from(left.min(Duration::from_millis(100)).as_millis()).unwrap_or(100);
-        // SAFETY: one valid pollfd that lives across the call, for a socket that stays open
-        // meanwhile; poll(2) only writes its revents.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::poll(&mut fd, 1, millis) };
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if rc == 0 {
-            continue;
-        }
-        let mut peeked = [0u8; 256];
-        // SAFETY: `peeked` is a writable buffer of its length; MSG_PEEK leaves the data queued.
-        #[allow(unsafe_code)]
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                peeked.as_mut_ptr().cast(),
-                peeked.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        let Ok(n) = usize::try_from(n) else {
-            let err = std::io::Error::last_os_error();
-            if matches!(err.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) {
-                continue;
-            }
-            return Err(err);
-        };
-        let data = &peeked[..n];
-        // The end, the version line (or the start of one), or more than a line: the
-        // handshake reads and judges it.
-        let line_end = data.iter().position(|b| *b == b'\n');
-        if n == 0 || data.starts_with(b"SSH-") || skipped >= 16 {
-            return Ok(());
-        }
-        if b"SSH-".starts_with(data) {
-            // Only part of "SSH-" so far: wait for the rest.
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        }
-        let Some(end) = line_end else {
-            if n == peeked.len() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        };
-        let mut line = vec![0u8; end + 1];
-        std::io::Read::read_exact(&mut &*stream, &mut line)?;
-        tracing::debug!(
-            "dropped a line before the server's version: {:?}",
-            String::from_utf8_lossy(&line).trim_end()
-        );
-        skipped += 1;
     }
 }
 
