@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{TestEnv, Workspace};
+use support::{assert_nothing_left_of_qemu_vm, qemu_unix_endpoint_config, TestEnv, Workspace};
 
 /// Runs `hyperjob doctor` with the workspace's config; its exit success and its report.
 fn doctor(env: &TestEnv, ws: &Workspace, runner_config: &Path, extra: &[&str]) -> (bool, String) {
@@ -89,6 +89,37 @@ fn doctor_passes_on_a_healthy_setup_and_boots_a_vm_end_to_end() {
     assert!(report.contains("✓ --boot: VM "), "{report}");
     std::fs::remove_file(runner).expect("remove runner config");
     ws.assert_nothing_left("hyperjob-job-doctor-");
+}
+
+/// `--boot` over a UNIX socket endpoint: the QEMU plugin's virtio-serial port.
+#[test]
+fn doctor_boot_logs_in_over_a_unix_endpoint_of_the_qemu_plugin() {
+    let env = TestEnv::load();
+    let ws = env.workspace("doctor-unix");
+    ws.write_config(&qemu_unix_endpoint_config(&ws, true));
+    let runner = runner_config(&env, &ws, "\"run\"");
+
+    let (ok, report) = doctor(&env, &ws, &runner, &["--boot"]);
+    println!("hyperjob doctor --boot (unix endpoint):\n{report}");
+
+    assert!(ok, "{report}");
+    let boot = report
+        .lines()
+        .find(|line| line.starts_with("✓ --boot: VM "))
+        .unwrap_or_else(|| panic!("no --boot line: {report}"));
+    assert!(boot.contains(".ssh.sock"), "{boot}");
+    std::fs::remove_file(runner).expect("remove runner config");
+    let vm = format!("hyperjob-job-doctor-{}", boot_pid(boot));
+    assert_nothing_left_of_qemu_vm(&ws, &vm);
+}
+
+/// The pid in `--boot: VM hyperjob-job-doctor-<pid> …`.
+fn boot_pid(line: &str) -> String {
+    line.split("doctor-")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 
 use support::{
     assert_nothing_left_of_qemu_vm, fixture_library, python_plugin, python_transport_config,
-    qemu_plugin_library, TestEnv, Workspace,
+    qemu_plugin_library, qemu_unix_endpoint_config, TestEnv, Workspace,
 };
 
 /// The clauses every shipped plugin pair passes, as their lines begin.
@@ -131,6 +131,29 @@ fn the_qemu_library_with_the_ssh_transport_passes_plugin_check() {
         .expect("cancel");
     assert!(cancel.contains("are gone"), "{}", checked.stdout);
     // The SSH transport keeps one connection for many scripts.
+    assert!(
+        checked
+            .clause("✓ ", "connect: scripts over one connection")
+            .is_some(),
+        "{}",
+        checked.stdout
+    );
+    assert_nothing_left_of_qemu_vm(&ws, &checked.vm_name);
+}
+
+/// The same over a UNIX socket endpoint (a virtio-serial port): every clause, the cancelled
+/// script's processes checked over a session of their own, scripts over one connection.
+#[test]
+fn the_qemu_library_with_a_unix_endpoint_passes_plugin_check() {
+    let env = TestEnv::load();
+    let ws = env.workspace("check-qemu-unix");
+    ws.write_config(&qemu_unix_endpoint_config(&ws, true));
+
+    let checked = plugin_check(&env, &ws);
+
+    checked.assert_passed();
+    let address = checked.clause("✓ ", "wait_address").expect("wait_address");
+    assert!(address.contains(".ssh.sock after "), "{}", checked.stdout);
     assert!(
         checked
             .clause("✓ ", "connect: scripts over one connection")

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use hyperjob_test_harness::{run_job, Driver, Job, JobResult, JobVariable, RunnerSettings, Step};
 use support::{
-    assert_nothing_left_of_qemu_vm, qemu_plugin_library, qemu_processes_of, unique_job_id,
-    wait_until, GitServer, TestEnv, Workspace,
+    assert_nothing_left_of_qemu_vm, qemu_plugin_library, qemu_processes_of,
+    qemu_unix_endpoint_config, unique_job_id, wait_until, GitServer, TestEnv, Workspace,
 };
 
 /// The guest reaches the host's loopback at this address (QEMU user networking).
@@ -318,4 +318,114 @@ fn cleanup_without_a_prepare_succeeds_and_repeats() {
         );
     }
     assert_nothing_left_of_qemu_vm(&ws, &vm_name(id));
+}
+
+#[test]
+fn job_runs_over_a_unix_socket_endpoint_through_the_relay_and_keeps_the_exit_code() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-unix-relay");
+    ws.write_config(&qemu_unix_endpoint_config(&ws, true));
+    let id = unique_job_id();
+    let mut job = Job::new(
+        id,
+        "group/unix",
+        "",
+        "",
+        &[
+            "echo \"stdout over the socket from $(hostname)\"",
+            "echo stderr-over-the-socket >&2",
+        ],
+    );
+    job.steps.push(Step::new(
+        "release",
+        &["echo release runs", "exit 7", "echo never printed"],
+    ));
+    job.after_script = vec!["echo \"after_script sees $CI_JOB_STATUS\"".to_string()];
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(
+        report.result,
+        JobResult::BuildFailure { exit_code: 7 },
+        "{log}"
+    );
+    let socket = ws.images_dir.join(format!("{}.ssh.sock", vm_name(id)));
+    assert!(
+        log.contains(&format!("Guest ready at unix:{}", socket.display())),
+        "{log}"
+    );
+    assert!(
+        log.contains("stdout over the socket from hyperjob-guest"),
+        "{log}"
+    );
+    assert!(log.contains("stderr-over-the-socket"), "{log}");
+    assert!(log.contains("release runs"), "{log}");
+    assert!(!log.contains("never printed"), "{log}");
+    assert!(log.contains("after_script sees failed"), "{log}");
+    assert_eq!(report.invocations_of("cleanup").len(), 1);
+    assert_nothing_left_of_qemu_vm(&ws, &vm_name(id));
+}
+
+/// Without the relay every stage opens its own session: one connection after another through
+/// the same socket (and the same virtio-serial port), each a fresh SSH session.
+#[test]
+fn every_stage_opens_its_own_session_over_a_unix_socket_endpoint() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-unix-direct");
+    ws.write_config(&qemu_unix_endpoint_config(&ws, false));
+    let id = unique_job_id();
+    let mut job = Job::new(id, "group/unix", "", "", &["echo build-$((6 * 7))"]);
+    for step in ["one", "two", "three"] {
+        job.steps
+            .push(Step::new(step, &[&format!("echo step-{step} >&2")]));
+    }
+    job.variables.push(JobVariable::new("GIT_STRATEGY", "none"));
+
+    let report = run_job(&driver(&env, &ws), &job, &settings());
+
+    let log = report.log_text();
+    assert_eq!(report.result, JobResult::Success, "{log}");
+    assert!(log.contains("build-42"), "{log}");
+    for step in ["one", "two", "three"] {
+        assert!(log.contains(&format!("step-{step}")), "{log}");
+    }
+    assert_nothing_left_of_qemu_vm(&ws, &vm_name(id));
+}
+
+/// `hyperjob config` refuses a transport that cannot reach what the backend hands out: the
+/// Python sshcli transport reaches TCP only.
+#[test]
+fn config_refuses_a_transport_that_cannot_reach_the_unix_endpoint() {
+    let env = TestEnv::load();
+    let ws = workspace(&env, "qemu-unix-sshcli");
+    let config = qemu_unix_endpoint_config(&ws, true)
+        .replacen(
+            "transport = \"ssh\"",
+            &format!(
+                "transport = \"sshcli\"\nplugins = [{:?}, {:?}]",
+                qemu_plugin_library().display().to_string(),
+                support::python_plugin().display().to_string()
+            ),
+            1,
+        )
+        .lines()
+        .filter(|line| !line.starts_with("plugins = [") || line.contains("sshcli"))
+        .map(|line| format!("{line}\n"))
+        .collect::<String>()
+        .replace("[transports.ssh]\nrelay = true\n", "[transports.sshcli]\n");
+    ws.write_config(&config);
+
+    let output = Stage::new(&env, &ws, unique_job_id(), &["config"]).output();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "backend \"qemu\" hands out unix endpoints, but transport \"sshcli\" reaches only tcp"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }

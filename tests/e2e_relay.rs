@@ -18,9 +18,9 @@ use hyperjob_test_harness::{
 };
 use support::{
     configured_session_of, configured_session_with, hyperjob_driver, is_running,
-    nothing_of_the_script_left, prepared_session, prepared_session_of, recorded_relay,
-    relay_socket, session_log, stoppable_job, unique_job_id, virsh, vm_name, wait_until, TestEnv,
-    Workspace,
+    nothing_of_the_script_left, prepared_session, prepared_session_of, qemu_unix_endpoint_config,
+    recorded_relay, relay_socket, session_log, stoppable_job, unique_job_id, virsh, vm_name,
+    wait_until, TestEnv, Workspace,
 };
 
 const SIGTERM: i32 = 15;
@@ -328,6 +328,17 @@ fn stages_run_through_the_relay_on_the_test_guest() {
     let env = TestEnv::load();
     let ws = env.workspace("relay");
     stages_through_the_relay(&env, &ws, "relay");
+}
+
+/// The same over the QEMU plugin's UNIX socket endpoint (the guest's SSH on a virtio-serial
+/// port, one session at a time): the relay's connection, its reconnects after a stopped
+/// script, and the stage's own connection once the relay was killed without a goodbye.
+#[test]
+fn stages_run_through_the_relay_over_a_unix_socket_endpoint() {
+    let env = TestEnv::load();
+    let ws = env.workspace("relay-unix");
+    ws.write_config(&qemu_unix_endpoint_config(&ws, true));
+    stages_through_the_relay(&env, &ws, "relay over a unix socket");
 }
 
 #[test]

@@ -203,6 +203,61 @@ guest_trim() {
         "$root/var/cache/debconf/"*-old "$root/var/lib/dpkg/"*-old
 }
 
+# /etc/hyperjob/vport-ssh (base.qcow2's inittab respawns it): SSH on the virtio-serial port
+# org.hyperjob.ssh, which the QEMU plugin adds with `endpoint = "unix"` and exposes as a UNIX
+# socket on the host. Each host connection is bridged (busybox nc) to the guest's own dropbear
+# on 127.0.0.1:22, one session each (dropbear's inetd mode needs a socket on stdin). The port
+# stays open here between sessions (closing it discards what the next client already sent, and
+# tells the host nothing). A bridge starts only while a host client is connected (the port's
+# debugfs file says so): dropbear's greeting to nobody would be lost. hyperjob's SSH transport
+# sends nothing over a UNIX socket before the server's version line and skips lines before it
+# (RFC 4253 allows them), so a client's bytes never reach the bridge of the session before,
+# and the notice below reaches a client whose server went away. Without the port: it sleeps.
+guest_vport_ssh() {
+    local root=$1
+    cat >"$root/etc/hyperjob/vport-ssh" <<EOF
+#!/bin/busybox sh
+# Run (and respawned) by busybox init; see guest_vport_ssh in scripts/lib/guest-image.sh.
+name=org.hyperjob.ssh
+idle() { exec busybox sleep 2147483647; }
+# virtio-console's PCI id is 1af4:1003 (legacy) or 1af4:1043 (modern).
+grep -qsx -e 0x1003 -e 0x1043 /sys/bus/pci/devices/*/device || idle
+modprobe -q virtio_console || idle
+port=
+i=0
+while [ -z "\$port" ] && [ "\$i" -lt 100 ]; do
+    for dir in /sys/class/virtio-ports/*; do
+        [ "\$(cat "\$dir/name" 2>/dev/null)" = "\$name" ] && port=\${dir##*/}
+    done
+    [ -n "\$port" ] || { busybox sleep 0.1; i=\$((i + 1)); }
+done
+[ -n "\$port" ] || { echo "vport-ssh: no virtio-serial port \$name" >/dev/console; idle; }
+grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug || idle
+state=/sys/kernel/debug/virtio-ports/\$port
+connected() {
+    while read -r key value; do
+        [ "\$key" = host_connected: ] && [ "\$value" = 1 ] && return 0
+    done <"\$state"
+    return 1
+}
+echo "vport-ssh: serving SSH on /dev/\$port (\$name)" >/dev/console
+exec 3<>"/dev/\$port"
+while :; do
+    until connected; do busybox sleep 0.1; done
+    busybox nc 127.0.0.1 22 <&3 >&3
+    # The session is over. A client still connected is the session's own, whose server went
+    # away (nothing else tells it: told, it gives up at once), or the next one, waiting for a
+    # greeting (it skips this line): let the first leave before the next bridge starts.
+    if connected; then
+        echo "hyperjob vport-ssh: session over" >&3
+        i=0
+        while connected && [ "\$i" -lt 10 ]; do busybox sleep 0.1; i=\$((i + 1)); done
+    fi
+done
+EOF
+    chmod 0755 "$root/etc/hyperjob/vport-ssh"
+}
+
 # base.qcow2. Runs with the chroot's /proc, /sys and /dev mounted, after all packages are
 # installed. $2 is the build's work directory: the client public key is read from it and the
 # host public key is written to it.
@@ -213,9 +268,12 @@ customize_hook() {
     cat >"$root/etc/inittab" <<EOF
 # busybox init, hyperjob test guest. Setup happens in /etc/hyperjob/init before this.
 ::respawn:/usr/sbin/dropbear -F -E -s -p 22 -r $HOST_KEY
+::respawn:/etc/hyperjob/vport-ssh
 ::ctrlaltdel:/bin/busybox poweroff
 ::shutdown:/bin/sync
 EOF
+
+    guest_vport_ssh "$root"
 
     # --- SSH host key (baked: every guest from this image presents exactly this key) --------
     install -d -m 0755 "$root/etc/dropbear"

@@ -221,6 +221,31 @@ pub fn python_transport_config(ws: &Workspace) -> String {
         .replace("[transports.ssh]", "[transports.sshcli]")
 }
 
+/// The qemu config (from the plugin library) with `endpoint = "unix"`: the guest's SSH on a
+/// virtio-serial port, reached through a UNIX socket in the images dir (the test image serves
+/// SSH on that port: scripts/lib/guest-image.sh, `guest_vport_ssh`); `relay` for the SSH
+/// transport's table. The connect timeout is the default's (10 s), not the other tests' 2 s: a
+/// session through the port starts only once the guest's bridge saw the last one end (up to a
+/// second, more on a loaded host).
+pub fn qemu_unix_endpoint_config(ws: &Workspace, relay: bool) -> String {
+    ws.qemu_config(&qemu_plugin_library())
+        .replacen(
+            "connect_timeout_secs = 2\n",
+            "connect_timeout_secs = 10\n",
+            1,
+        )
+        .replacen(
+            "[backends.qemu]\n",
+            "[backends.qemu]\nendpoint = \"unix\"\n",
+            1,
+        )
+        .replacen(
+            "[transports.ssh]\n",
+            &format!("[transports.ssh]\nrelay = {relay}\n"),
+            1,
+        )
+}
+
 /// Live processes whose command line names `overlay` (however QEMU was started).
 pub fn processes_naming(overlay: &Path) -> Vec<u32> {
     let needle = overlay.as_os_str().as_encoded_bytes();

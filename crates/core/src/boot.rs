@@ -46,6 +46,7 @@ impl Boot<'_> {
             .backend
             .wait_address(&request.vm_name, deadline, self.cancel)
             .with_context(|| format!("VM {} got no address", request.vm_name))?;
+        crate::endpoints::check_endpoint(self.config, self.backend, self.transport, &endpoint)?;
         let endpoint = attach_keys(endpoint, &request, identity_file);
         self.progress.say(&format!(
             "Guest address {endpoint} after {:.1} s; waiting for the {} transport...",

@@ -14,6 +14,7 @@ pub mod config;
 pub mod detach;
 pub mod discovery;
 pub mod doctor;
+pub mod endpoints;
 pub mod exec_plugin;
 pub mod exit;
 pub mod guest_runner;
@@ -37,8 +38,8 @@ pub mod wait;
 pub use hyperjob_plugin::export_plugin;
 pub use hyperjob_plugin::{keys, plugin};
 pub use plugin::{
-    Backend, Check, Connection, Endpoint, OwnedVm, PluginError, RemoteExit, ScriptRequest,
-    Transport, Upload, VmPresence, VmRequest,
+    Address, Backend, Check, Connection, Endpoint, EndpointKind, OwnedVm, PluginError, RemoteExit,
+    ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
 pub mod gc;
 pub mod images;

@@ -390,7 +390,10 @@ impl Checker<'_> {
         let vm_name = &vm.request.vm_name;
         let result = self.backend.wait_address(vm_name, deadline, self.cancel);
         let mut address = None;
+        let (config, backend, transport) = (self.config, self.backend, self.transport);
         let verdict = judge(result, |endpoint| {
+            crate::endpoints::check_endpoint(config, backend, transport, &endpoint)
+                .map_err(|err| err.to_string())?;
             let found = format!(
                 "{endpoint} after {:.1} s",
                 vm.created.elapsed().as_secs_f64()

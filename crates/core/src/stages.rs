@@ -87,8 +87,12 @@ pub fn config(ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
     // Build the selected plugins from their tables now, so a broken selection or table fails
     // before a VM is asked for. Building only parses and checks: it creates nothing and
     // touches no VM (the libvirt backend does not even connect).
-    drop(ctx.backend()?);
-    drop(ctx.transport()?);
+    let backend = ctx.backend()?;
+    let transport = ctx.transport()?;
+    // ...and refuse a pair whose transport cannot reach what the backend hands out.
+    crate::endpoints::check_pair(ctx.config, backend.as_ref(), transport.as_ref())?;
+    drop(backend);
+    drop(transport);
     Ok(json!({
         "driver": { "name": "hyperjob", "version": crate::VERSION },
         "builds_dir": ctx.config.builds_dir,

@@ -24,6 +24,7 @@
 pub mod abi;
 pub mod config;
 pub mod context;
+pub mod endpoint;
 pub mod keys;
 pub mod plugin;
 pub mod prelude;
@@ -33,8 +34,8 @@ pub mod wait;
 
 pub use context::{GuestKeyMode, Kind, PluginContext};
 pub use plugin::{
-    Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
-    ScriptRequest, Transport, Upload, VmPresence, VmRequest,
+    Address, Backend, Check, Connection, Endpoint, EndpointKind, OwnedVm, PluginError, Progress,
+    RemoteExit, ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
 
 /// Version of this crate, recorded in every plugin header (`core_version`).

@@ -6,12 +6,11 @@
 //! required surface.
 
 use std::error::Error as StdError;
-use std::fmt;
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+pub use crate::endpoint::{Address, Endpoint, EndpointKind};
 
 /// The error every plugin operation returns. Its variant is its class; the stage logic turns all
 /// of them into a system failure, with the message as the reason.
@@ -100,48 +99,6 @@ impl PluginError {
 impl PartialEq for PluginError {
     fn eq(&self, other: &Self) -> bool {
         self.to_string() == other.to_string()
-    }
-}
-
-/// Where and how the transport reaches a guest: an address the backend discovered, optionally a
-/// port (a backend that forwards the guest's port to the host sets it), and with per-job keys
-/// the job's own client key and the guest's expected host key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Endpoint {
-    /// The guest's address as the transport connects to it: an IP address or a host name.
-    pub host: String,
-    /// The port, if not the transport's default (SSH: `port` of its table, 22).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    /// The job's private key file (0600), overriding the transport's configured key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity_file: Option<std::path::PathBuf>,
-    /// The one host key the guest may present (`ssh-ed25519 AAAA…`), overriding pinned keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_key: Option<String>,
-}
-
-impl Endpoint {
-    /// An address without credentials attached: `Endpoint::new("192.168.122.5", None)`, or a
-    /// forwarded port, `Endpoint::new("127.0.0.1", Some(40022))`. hyperjob attaches the job's
-    /// keys itself with `guest_keys = "per-job"`.
-    pub fn new(host: impl Into<String>, port: Option<u16>) -> Self {
-        Self {
-            host: host.into(),
-            port,
-            identity_file: None,
-            host_key: None,
-        }
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.port {
-            Some(port) if self.host.contains(':') => write!(f, "[{}]:{port}", self.host),
-            Some(port) => write!(f, "{}:{port}", self.host),
-            None => f.write_str(&self.host),
-        }
     }
 }
 
@@ -254,6 +211,13 @@ pub trait Backend: Send + Sync {
         cancel: &AtomicBool,
     ) -> Result<Endpoint, PluginError>;
 
+    /// The kinds of [`Endpoint`] [`Backend::wait_address`] may return, as configured (the
+    /// default: TCP only). `hyperjob config` refuses a transport that reaches none of them, and
+    /// prepare fails an endpoint of a kind not listed here.
+    fn endpoint_kinds(&self) -> Vec<EndpointKind> {
+        vec![EndpointKind::Tcp]
+    }
+
     /// Destroys the VM and everything it owns. Idempotent: "already gone" is success, and it
     /// must work from the name alone (prepare may have died before recording anything).
     fn destroy(&self, vm_name: &str) -> Result<(), PluginError>;
@@ -363,6 +327,12 @@ pub trait Transport: Send + Sync {
     /// Optional: checks of what this transport needs (`hyperjob doctor`): keys, files.
     fn doctor(&self) -> Vec<Check> {
         Vec::new()
+    }
+
+    /// The kinds of [`Endpoint`] this transport can reach (the default: TCP only). Every
+    /// method taking an endpoint fails one of another kind with [`PluginError::Unsupported`].
+    fn endpoint_kinds(&self) -> Vec<EndpointKind> {
+        vec![EndpointKind::Tcp]
     }
 
     /// Waits until the guest accepts a login and runs a command, or `deadline` passes.

@@ -68,8 +68,8 @@ pub use crate::context::{GuestKeyMode, PluginContext};
 pub use crate::export_plugin;
 pub use crate::keys::GuestKeys;
 pub use crate::plugin::{
-    Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
-    ScriptRequest, Transport, Upload, VmPresence, VmRequest,
+    Address, Backend, Check, Connection, Endpoint, EndpointKind, OwnedVm, PluginError, Progress,
+    RemoteExit, ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
 pub use crate::serve::{serve, Served};
 pub use crate::wait::still_wanted;

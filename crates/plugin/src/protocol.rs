@@ -6,6 +6,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::context::Kind;
+use crate::endpoint::EndpointKind;
 use crate::plugin::{Check, OwnedVm, PluginError, VmPresence};
 
 /// The oldest protocol version this hyperjob speaks (version 1 plugins are refused).
@@ -53,6 +54,9 @@ pub struct Hello {
     pub version: String,
     /// The known capabilities it declared.
     pub capabilities: Vec<String>,
+    /// `endpoints`: the kinds of endpoint a backend hands out or a transport reaches (absent
+    /// from the hello: TCP only).
+    pub endpoint_kinds: Vec<EndpointKind>,
 }
 
 impl Hello {
@@ -69,6 +73,7 @@ impl Hello {
             "name": self.name,
             "version": self.version,
             "capabilities": self.capabilities,
+            "endpoints": self.endpoint_kinds.iter().map(|kind| kind.name()).collect::<Vec<_>>(),
         }})
     }
 }
@@ -133,7 +138,30 @@ pub fn parse_hello(line: &str, min: u64, max: u64) -> Result<Hello, String> {
         name: text("name")?,
         version: text("version")?,
         capabilities,
+        endpoint_kinds: hello_endpoint_kinds(hello)?,
     })
+}
+
+/// The hello's optional `endpoints` list (`["tcp", "unix"]`); TCP only without one.
+fn hello_endpoint_kinds(hello: &Value) -> Result<Vec<EndpointKind>, String> {
+    let Some(list) = hello.get("endpoints") else {
+        return Ok(vec![EndpointKind::Tcp]);
+    };
+    let bad = || {
+        format!(
+            "hello `endpoints` must be a non-empty list of endpoint kinds ({})",
+            EndpointKind::list(&EndpointKind::ALL)
+        )
+    };
+    let names = list.as_array().filter(|l| !l.is_empty()).ok_or_else(bad)?;
+    names
+        .iter()
+        .map(|name| {
+            name.as_str()
+                .and_then(EndpointKind::from_name)
+                .ok_or_else(bad)
+        })
+        .collect()
 }
 
 /// The protocol version a plugin that speaks `min..=max` picks when the host offers the range

@@ -22,6 +22,7 @@ fn a_valid_hello_is_accepted_with_its_known_capabilities() {
             name: "ssh-cli".into(),
             version: "0.1.0".into(),
             capabilities: vec!["list_owned".into(), "console_tail".into()],
+            endpoint_kinds: vec![EndpointKind::Tcp],
         }
     );
     assert!(hello.has("console_tail") && !hello.has("halt"));
@@ -240,4 +241,35 @@ fn records_presences_and_checks_round_trip() {
         Check::fail("qemu-img", "install qemu-utils"),
     ];
     assert_eq!(checks(&checks_json(&list)).expect("checks"), list);
+}
+
+#[test]
+fn a_hello_may_declare_endpoint_kinds() {
+    let hello = |endpoints: &str| {
+        parse_hello(
+            &format!(
+                r#"{{"hello":{{"protocol":2,"kind":"backend","name":"b","version":"1"{endpoints}}}}}"#
+            ),
+            2,
+            2,
+        )
+    };
+    assert_eq!(
+        hello(r#","endpoints":["unix","tcp"]"#).map(|h| h.endpoint_kinds),
+        Ok(vec![EndpointKind::Unix, EndpointKind::Tcp])
+    );
+    for bad in [
+        r#","endpoints":[]"#,
+        r#","endpoints":["udp"]"#,
+        r#","endpoints":"tcp""#,
+    ] {
+        assert_eq!(
+            hello(bad).map(|h| h.endpoint_kinds),
+            Err(
+                "hello `endpoints` must be a non-empty list of endpoint kinds (tcp, unix, vsock)"
+                    .into()
+            ),
+            "{bad}"
+        );
+    }
 }

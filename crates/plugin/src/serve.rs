@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::context::{GuestKeyMode, Kind, PluginContext};
+use crate::endpoint::EndpointKind;
 use crate::keys::{GuestKeys, KeyPair, Secret};
 use crate::plugin::{
     Backend, Endpoint, PluginError, Progress, RemoteExit, ScriptRequest, Transport, VmRequest,
@@ -54,6 +55,7 @@ pub struct Served {
     name: String,
     version: String,
     capabilities: Vec<String>,
+    endpoint_kinds: Vec<EndpointKind>,
     factory: Factory,
 }
 
@@ -95,8 +97,16 @@ impl Served {
             name: name.to_string(),
             version: version.to_string(),
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+            endpoint_kinds: vec![EndpointKind::Tcp],
             factory,
         }
+    }
+
+    /// The kinds of endpoint the plugin hands out (a backend) or reaches (a transport), as its
+    /// `Backend::endpoint_kinds` / `Transport::endpoint_kinds` say; TCP only unless set.
+    pub fn endpoints(mut self, kinds: &[EndpointKind]) -> Self {
+        self.endpoint_kinds = kinds.to_vec();
+        self
     }
 
     fn hello(&self) -> Hello {
@@ -115,6 +125,7 @@ impl Served {
             name: self.name.clone(),
             version: self.version.clone(),
             capabilities: self.capabilities.clone(),
+            endpoint_kinds: self.endpoint_kinds.clone(),
         }
     }
 }

@@ -54,7 +54,7 @@ impl Transport for Echo {
                 .write_all(chunk)
                 .map_err(|e| PluginError::system("write", e))?;
         }
-        write!(stderr, "{} via {}", request.interpreter, endpoint.host)
+        write!(stderr, "{} via {}", request.interpreter, endpoint.address)
             .map_err(|e| PluginError::system("write", e))?;
         Ok(RemoteExit::Code(3))
     }

@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use base64::Engine as _;
-use hyperjob_core::{Endpoint, PluginError};
+use hyperjob_core::{Address, Endpoint, PluginError};
 
 use crate::config::{HostKeyPolicy, SshConfig};
 use crate::known_hosts::HostKey;
@@ -23,7 +23,14 @@ pub fn command(
     endpoint: &Endpoint,
     dir: &Path,
 ) -> Result<Vec<String>, PluginError> {
-    let port = endpoint.port.unwrap_or(config.port);
+    // OpenSSH reaches a UNIX socket or vsock only through a helper program (socat), which
+    // hyperjob does not require.
+    let Address::Tcp { host, port } = &endpoint.address else {
+        return Err(PluginError::Unsupported(
+            "access_command for an endpoint other than TCP",
+        ));
+    };
+    let port = port.unwrap_or(config.port);
     let identity = endpoint
         .identity_file
         .as_ref()
@@ -48,12 +55,15 @@ pub fn command(
             ))
         }
     };
-    let host = if port == 22 {
-        endpoint.host.clone()
+    let known_as = if port == 22 {
+        host.clone()
     } else {
-        format!("[{}]:{port}", endpoint.host)
+        format!("[{host}]:{port}")
     };
-    let text: String = keys.iter().map(|key| format!("{host} {key}\n")).collect();
+    let text: String = keys
+        .iter()
+        .map(|key| format!("{known_as} {key}\n"))
+        .collect();
     let path = dir.join(KNOWN_HOSTS_FILE);
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::OpenOptions::new()
@@ -81,7 +91,7 @@ pub fn command(
         identity.display().to_string(),
         "-p".into(),
         port.to_string(),
-        format!("{}@{}", config.user, endpoint.host),
+        format!("{}@{host}", config.user),
     ])
 }
 
@@ -164,5 +174,20 @@ mod tests {
 
         assert!(err.to_string().contains("not pinned"), "{err}");
         assert!(!dir.path().join("known_hosts").exists());
+    }
+
+    #[test]
+    fn a_unix_endpoint_has_no_openssh_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config("", GuestKeyMode::PerJob);
+        let endpoint = Endpoint {
+            host_key: Some("ssh-ed25519 AAAA".into()),
+            ..Endpoint::unix("/run/vm.ssh.sock")
+        };
+
+        let err = command(&config, &[], &endpoint, dir.path()).expect_err("unix");
+
+        assert!(matches!(err, PluginError::Unsupported(_)), "{err}");
+        assert!(!dir.path().join(KNOWN_HOSTS_FILE).exists());
     }
 }

@@ -10,10 +10,12 @@ mod doctor;
 pub mod known_hosts;
 mod relay;
 mod remote;
+mod stream;
 mod upload;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -21,13 +23,15 @@ use std::time::{Duration, Instant};
 use hyperjob_core::registry::{PluginContext, TransportFactory};
 use hyperjob_core::wait::Backoff;
 use hyperjob_core::{
-    Connection, Endpoint, PluginError, RemoteExit, ScriptRequest, Transport, Upload,
+    Address, Connection, Endpoint, EndpointKind, PluginError, RemoteExit, ScriptRequest, Transport,
+    Upload,
 };
 use ssh2::Session;
 
 pub use config::{HostKeyPolicy, SshConfig};
 use relay::RelayError;
 pub use remote::{kill_command, new_run_id, remote_command, PidCapture, RUN_ID_VAR};
+use stream::{greeted, Stream};
 
 /// A connection whose sent data stays unacknowledged this long is dead (`TCP_USER_TIMEOUT`):
 /// a guest that died or hung cannot keep a stage waiting until the job timeout.
@@ -57,6 +61,13 @@ enum SshError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("connection to {addr} failed: {source}")]
+    ConnectSocket {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0} endpoints are not supported by the ssh transport")]
+    Kind(EndpointKind),
     #[error("SSH handshake with {addr} failed: {message}")]
     Handshake { addr: String, message: String },
     #[error("host key of {addr} ({key_type} {fingerprint}) is not in {known_hosts}")]
@@ -94,7 +105,7 @@ impl SshError {
     fn is_permanent(&self) -> bool {
         matches!(
             self,
-            SshError::HostKeyMismatch { .. } | SshError::NoPinnedKeyType { .. }
+            SshError::HostKeyMismatch { .. } | SshError::NoPinnedKeyType { .. } | SshError::Kind(_)
         )
     }
 }
@@ -152,13 +163,17 @@ impl SshTransport {
         Ok(Self { config, pinned })
     }
 
-    fn port(&self, endpoint: &Endpoint) -> u16 {
-        endpoint.port.unwrap_or(self.config.port)
+    /// How messages name the endpoint: `host:port` (the default port filled in), a socket.
+    fn addr_text(&self, endpoint: &Endpoint) -> String {
+        match &endpoint.address {
+            Address::Tcp { host, port } => format!("{host}:{}", port.unwrap_or(self.config.port)),
+            other => other.to_string(),
+        }
     }
 
     /// Connects, verifies the host key and logs in. Every blocking step is bounded by
-    /// `timeout`, so a port that accepts TCP but never speaks SSH cannot hang us; after each
-    /// step a set `cancel` ends it.
+    /// `timeout`, so a socket that accepts connections but never speaks SSH cannot hang us;
+    /// after each step a set `cancel` ends it.
     fn open_session(
         &self,
         endpoint: &Endpoint,
@@ -166,20 +181,39 @@ impl SshTransport {
         cancel: &AtomicBool,
     ) -> Result<Session, SshError> {
         interrupted(cancel, "before connecting")?;
-        let (addr, addr_text) = self.resolve(endpoint)?;
-        let tcp =
-            TcpStream::connect_timeout(&addr, timeout).map_err(|source| SshError::Connect {
-                addr: addr_text.clone(),
-                source,
-            })?;
-        self.session_over(tcp, endpoint, timeout, cancel)
+        let stream = match &endpoint.address {
+            Address::Tcp { .. } => {
+                let (addr, addr_text) = self.resolve(endpoint)?;
+                Stream::Tcp(
+                    TcpStream::connect_timeout(&addr, timeout).map_err(|source| {
+                        SshError::Connect {
+                            addr: addr_text,
+                            source,
+                        }
+                    })?,
+                )
+            }
+            Address::Unix { path } => {
+                Stream::Unix(UnixStream::connect(path).map_err(|source| {
+                    SshError::ConnectSocket {
+                        addr: self.addr_text(endpoint),
+                        source,
+                    }
+                })?)
+            }
+            Address::Vsock { .. } => return Err(SshError::Kind(EndpointKind::Vsock)),
+        };
+        self.session_over(stream, endpoint, timeout, cancel)
     }
 
-    /// The endpoint's socket address, and how errors name it.
+    /// A TCP endpoint's socket address, and how errors name it.
     fn resolve(&self, endpoint: &Endpoint) -> Result<(SocketAddr, String), SshError> {
-        let port = self.port(endpoint);
-        let addr_text = format!("{}:{port}", endpoint.host);
-        let addr = (endpoint.host.as_str(), port)
+        let Address::Tcp { host, port } = &endpoint.address else {
+            return Err(SshError::Kind(endpoint.kind()));
+        };
+        let port = port.unwrap_or(self.config.port);
+        let addr_text = format!("{host}:{port}");
+        let addr = (host.as_str(), port)
             .to_socket_addrs()
             .ok()
             .and_then(|mut addrs| addrs.next())
@@ -187,25 +221,71 @@ impl SshTransport {
         Ok((addr, addr_text))
     }
 
-    /// The SSH session over an open TCP connection: handshake, host key check, login.
+    /// One connection attempt of [`Transport::wait_ready`]: TCP by probing (connect.rs), a
+    /// UNIX socket by one connect (it is local: it either exists and listens, or not yet).
+    fn first_stream(
+        &self,
+        endpoint: &Endpoint,
+        window: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<Stream, SshError> {
+        if let Address::Unix { path } = &endpoint.address {
+            return UnixStream::connect(path)
+                .map(Stream::Unix)
+                .map_err(|source| SshError::ConnectSocket {
+                    addr: self.addr_text(endpoint),
+                    source,
+                });
+        }
+        let (addr, addr_text) = self.resolve(endpoint)?;
+        connect::first_connection(addr, window, cancel)
+            .map(Stream::Tcp)
+            .map_err(|source| match source.kind() {
+                ErrorKind::Interrupted => SshError::Interrupted("before connecting"),
+                _ => SshError::Connect {
+                    addr: addr_text,
+                    source,
+                },
+            })
+    }
+
+    /// The SSH session over an open connection: handshake, host key check, login.
     fn session_over(
         &self,
-        tcp: TcpStream,
+        stream: Stream,
         endpoint: &Endpoint,
         timeout: Duration,
         cancel: &AtomicBool,
     ) -> Result<Session, SshError> {
         let interrupted = |during: &'static str| interrupted(cancel, during);
-        let addr_text = format!("{}:{}", endpoint.host, self.port(endpoint));
-        tracing::debug!("TCP connection to {addr_text} open");
+        let addr_text = self.addr_text(endpoint);
+        tracing::debug!("connection to {addr_text} open");
         interrupted("while connecting")?;
-        let _ = tcp.set_nodelay(true);
-        let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(DEAD_PEER));
         let mut session = Session::new().map_err(|err| SshError::Handshake {
             addr: addr_text.clone(),
             message: err.message().to_string(),
         })?;
-        session.set_tcp_stream(tcp);
+        match stream {
+            Stream::Tcp(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(DEAD_PEER));
+                session.set_tcp_stream(tcp);
+            }
+            // libssh2 only needs the file descriptor of a connected stream socket. The server
+            // speaks first; until it has, send nothing: behind a socket that outlives its
+            // sessions (a virtio-serial port) a session only exists once it greets us, and
+            // what we sent earlier could reach the one before, still ending.
+            Stream::Unix(unix) => {
+                greeted(&unix, timeout, cancel).map_err(|err| match err.kind() {
+                    ErrorKind::Interrupted => SshError::Interrupted("while connecting"),
+                    _ => SshError::Handshake {
+                        addr: addr_text.clone(),
+                        message: err.to_string(),
+                    },
+                })?;
+                session.set_tcp_stream(unix);
+            }
+        }
         session.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
         let expected = self.expected_host_keys(endpoint);
         // Ask for a host key we can check, as OpenSSH's client does: a server with several
@@ -313,6 +393,13 @@ impl SshTransport {
     }
 
     /// Runs `true` to prove the guest executes commands for us.
+    /// Ends a session with a goodbye, so the server ends it at once rather than when it sees
+    /// the connection close (a server behind a UNIX socket, such as one on a virtio-serial
+    /// port, may never see that before the next connection arrives).
+    fn close(session: &Session) {
+        let _ = session.disconnect(None, "done", None);
+    }
+
     fn probe(session: &Session) -> Result<(), SshError> {
         let mut channel = session
             .channel_session()
@@ -371,6 +458,11 @@ impl Transport for SshTransport {
         Some(self.config.user.clone())
     }
 
+    /// TCP and UNIX sockets; vsock is not reached (nothing here could test it).
+    fn endpoint_kinds(&self) -> Vec<EndpointKind> {
+        vec![EndpointKind::Tcp, EndpointKind::Unix]
+    }
+
     fn access_command(
         &self,
         endpoint: &Endpoint,
@@ -395,24 +487,22 @@ impl Transport for SshTransport {
         let mut attempts = 0u32;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let attempt_timeout = attempt_timeout(attempts, self.config.connect_timeout, remaining);
+            // Short first attempts get past a lost first SYN; a UNIX socket has none, and a
+            // server behind it may take long to answer the first connection (a guest that
+            // starts its SSH server on a virtio-serial port once a client is there).
+            let attempts_so_far = match endpoint.address {
+                Address::Tcp { .. } => attempts,
+                _ => u32::MAX,
+            };
+            let attempt_timeout =
+                attempt_timeout(attempts_so_far, self.config.connect_timeout, remaining);
             attempts = attempts.saturating_add(1);
             // A new connection attempt every 50 ms until one gets through (connect.rs).
             let attempt = self
-                .resolve(endpoint)
-                .and_then(|(addr, addr_text)| {
-                    connect::first_connection(addr, attempt_timeout, cancel).map_err(|source| {
-                        match source.kind() {
-                            ErrorKind::Interrupted => SshError::Interrupted("before connecting"),
-                            _ => SshError::Connect {
-                                addr: addr_text,
-                                source,
-                            },
-                        }
-                    })
-                })
-                .and_then(|tcp| self.session_over(tcp, endpoint, attempt_timeout, cancel))
-                .and_then(|session| Self::probe(&session));
+                .first_stream(endpoint, attempt_timeout, cancel)
+                .and_then(|stream| self.session_over(stream, endpoint, attempt_timeout, cancel))
+                .and_then(|session| Self::probe(&session).map(|()| session))
+                .map(|session| Self::close(&session));
             let err = match attempt {
                 Ok(()) => return Ok(()),
                 Err(err) if err.is_permanent() => return Err(PluginError::msg(err.to_string())),
@@ -445,15 +535,15 @@ impl Transport for SshTransport {
         let session = self
             .open_session(endpoint, self.config.connect_timeout, request.cancel)
             .map_err(|err| interrupted_or(err, request.cancel))?;
-        relay::relay(&session, request, self.config.umask, stdout, stderr).map_err(
-            |err| match err {
-                RelayError::Ssh(SshError::Interrupted(during)) => not_started(during),
-                RelayError::Ssh(err) => PluginError::msg(err.to_string()),
-                RelayError::Interrupted => {
-                    PluginError::Interrupted("while the script was running".into())
-                }
-            },
-        )
+        let outcome = relay::relay(&session, request, self.config.umask, stdout, stderr);
+        Self::close(&session);
+        outcome.map_err(|err| match err {
+            RelayError::Ssh(SshError::Interrupted(during)) => not_started(during),
+            RelayError::Ssh(err) => PluginError::msg(err.to_string()),
+            RelayError::Interrupted => {
+                PluginError::Interrupted("while the script was running".into())
+            }
+        })
     }
 
     fn upload(&self, endpoint: &Endpoint, upload: &Upload<'_>) -> Result<(), PluginError> {

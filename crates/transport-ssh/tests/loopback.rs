@@ -285,3 +285,110 @@ fn a_run_stopped_during_the_handshake_is_interrupted_not_a_connection_failure() 
         "{err}"
     );
 }
+
+/// Over a UNIX socket the client sends nothing before the server's greeting: a server behind a
+/// socket that outlives its sessions (a virtio-serial port) may still be finishing the last one.
+#[test]
+fn over_a_unix_socket_the_client_waits_for_the_greeting_before_it_speaks() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = transport(&dir);
+    let path = dir.path().join("guest.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let mut early = [0u8; 64];
+        let before = stream.read(&mut early).unwrap_or(0);
+        // RFC 4253 lets a server send other lines before its version: they are skipped.
+        stream
+            .write_all(b"hyperjob vport-ssh: session over\r\n")
+            .expect("notice");
+        thread::sleep(Duration::from_millis(100));
+        stream.write_all(b"SSH-2.0-test\r\n").expect("greet");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut banner = [0u8; 64];
+        let after = stream.read(&mut banner).unwrap_or(0);
+        tx.send((before, banner[..after].to_vec())).expect("send");
+    });
+
+    let err = transport
+        .wait_ready(
+            &Endpoint::unix(&path),
+            Instant::now() + Duration::from_secs(2),
+            &AtomicBool::new(false),
+        )
+        .expect_err("not a real SSH server");
+    let (before, after) = rx.recv_timeout(Duration::from_secs(10)).expect("served");
+
+    assert_eq!(before, 0, "the client spoke before the server");
+    assert!(after.starts_with(b"SSH-2.0-"), "{after:?}");
+    // The client got past the line before the version: the handshake failed only later.
+    assert!(!err.to_string().contains("banner"), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("unix:{}", path.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_unix_socket_that_never_greets_times_out_with_a_reason() {
+    use std::os::unix::net::UnixListener;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = transport(&dir);
+    let path = dir.path().join("silent.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(10).collect();
+        thread::sleep(Duration::from_secs(30));
+        drop(held);
+    });
+
+    let err = transport
+        .run_script(
+            &Endpoint::unix(&path),
+            &hyperjob_core::ScriptRequest {
+                interpreter: "sh",
+                script: b"true",
+                cancel: &AtomicBool::new(false),
+            },
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .expect_err("silent");
+
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "SSH handshake with unix:{} failed",
+            path.display()
+        )),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "{message}");
+}
+
+#[test]
+fn a_vsock_endpoint_is_refused_as_unsupported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = transport(&dir)
+        .wait_ready(
+            &Endpoint::vsock(3, 22),
+            Instant::now() + Duration::from_secs(1),
+            &AtomicBool::new(false),
+        )
+        .expect_err("vsock");
+    assert_eq!(
+        err.to_string(),
+        "vsock endpoints are not supported by the ssh transport"
+    );
+}

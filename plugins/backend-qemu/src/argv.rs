@@ -11,6 +11,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::QemuConfig;
+use hyperjob_plugin::EndpointKind;
 
 /// Every file a VM owns, all in `images_dir` and named after the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +21,8 @@ pub struct VmPaths {
     pub console_log: PathBuf,
     pub pidfile: PathBuf,
     pub qmp_socket: PathBuf,
+    /// The UNIX socket of the guest's SSH port (`endpoint = "unix"`).
+    pub ssh_socket: PathBuf,
     pub state: PathBuf,
     /// Where the state file is written before it is renamed into place.
     pub state_tmp: PathBuf,
@@ -34,19 +37,21 @@ impl VmPaths {
             console_log: file(".console.log"),
             pidfile: file(".pid"),
             qmp_socket: file(".qmp"),
+            ssh_socket: file(".ssh.sock"),
             state: file(crate::state::STATE_SUFFIX),
             state_tmp: images_dir.join(format!(".{vm_name}{}.tmp", crate::state::STATE_SUFFIX)),
         }
     }
 
     /// Every file, in the order destroy removes them (the state file last).
-    pub fn all(&self) -> [&Path; 7] {
+    pub fn all(&self) -> [&Path; 8] {
         [
             &self.overlay,
             &self.seed,
             &self.console_log,
             &self.pidfile,
             &self.qmp_socket,
+            &self.ssh_socket,
             &self.state_tmp,
             &self.state,
         ]
@@ -81,6 +86,9 @@ pub fn overlay_drive(overlay: &Path) -> OsString {
         ",if=virtio,format=qcow2,discard=unmap",
     )
 }
+
+/// The name of the virtio-serial port the guest serves SSH on (`endpoint = "unix"`).
+pub const SSH_PORT_NAME: &str = "org.hyperjob.ssh";
 
 /// What one VM's QEMU is started with.
 #[derive(Debug, Clone, Copy)]
@@ -163,6 +171,24 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
         "-device".as_ref(),
         "virtio-rng-pci".as_ref(),
     ]);
+    if config.endpoint == EndpointKind::Unix {
+        // The guest's SSH server on a virtio-serial port: every connection to the socket is
+        // one session (the guest runs its SSH server in inetd mode on the port, see
+        // scripts/lib/guest-image.sh); one connection at a time, later ones wait their turn.
+        let chardev = option(
+            "socket,id=sshport,path=",
+            paths.ssh_socket.as_os_str(),
+            ",server=on,wait=off",
+        );
+        push(&[
+            "-device".as_ref(),
+            "virtio-serial-pci,id=vserial0".as_ref(),
+            "-chardev".as_ref(),
+            &chardev,
+            "-device".as_ref(),
+            format!("virtserialport,bus=vserial0.0,chardev=sshport,name={SSH_PORT_NAME}").as_ref(),
+        ]);
+    }
     match &config.direct_boot {
         Some(boot) => {
             push(&["-kernel".as_ref(), boot.kernel.as_os_str()]);
@@ -241,6 +267,26 @@ mod tests {
             PathBuf::from("/run/hj/hyperjob-job-7.qemu.json")
         );
         assert_eq!(*paths.all().last().expect("last"), paths.state.as_path());
+    }
+
+    #[test]
+    fn a_unix_endpoint_adds_the_virtio_serial_port_and_its_socket() {
+        let tcp = args_of(&config("accel = \"tcg\""), false);
+        let unix = args_of(&config("accel = \"tcg\"\nendpoint = \"unix\""), false);
+
+        assert!(!tcp.iter().any(|a| a.contains("virtserialport")), "{tcp:?}");
+        assert_eq!(
+            values_of(&unix, "-chardev").last().copied(),
+            Some("socket,id=sshport,path=/run/hj/hyperjob-job-7.ssh.sock,server=on,wait=off")
+        );
+        let devices = values_of(&unix, "-device");
+        assert!(
+            devices.contains(&"virtio-serial-pci,id=vserial0")
+                && devices.contains(
+                    &"virtserialport,bus=vserial0.0,chardev=sshport,name=org.hyperjob.ssh"
+                ),
+            "{devices:?}"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hyperjob_plugin::PluginError;
+use hyperjob_plugin::{EndpointKind, PluginError};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -19,6 +19,7 @@ struct QemuConfigFile {
     cmdline: Option<String>,
     guest_port: Option<u16>,
     restrict_network: Option<bool>,
+    endpoint: Option<String>,
 }
 
 /// Hardware virtualisation (`kvm`) or software emulation (`tcg`).
@@ -61,6 +62,10 @@ pub struct QemuConfig {
     pub guest_port: u16,
     /// `restrict=on` for QEMU's user-mode network: the guest reaches nothing outside QEMU.
     pub restrict_network: bool,
+    /// How the guest's SSH server is handed out: `tcp`, the forwarded loopback port; `unix`, a
+    /// UNIX socket of a virtio-serial port (`org.hyperjob.ssh`) the guest bridges to its SSH
+    /// server.
+    pub endpoint: EndpointKind,
 }
 
 /// `images_dir` when the table names none: a directory below hyperjob's state directory.
@@ -154,6 +159,15 @@ impl QemuConfig {
                 return Err(invalid("`cmdline` must not contain NUL".to_string()));
             }
         }
+        let endpoint = match file.endpoint.as_deref().unwrap_or("tcp") {
+            "tcp" => EndpointKind::Tcp,
+            "unix" => EndpointKind::Unix,
+            other => {
+                return Err(invalid(format!(
+                    "`endpoint` must be \"tcp\" or \"unix\", not {other:?}"
+                )))
+            }
+        };
         Ok(Self {
             qemu,
             accel,
@@ -164,6 +178,7 @@ impl QemuConfig {
             direct_boot,
             guest_port,
             restrict_network: file.restrict_network.unwrap_or(false),
+            endpoint,
         })
     }
 }
@@ -187,6 +202,17 @@ mod tests {
         assert_eq!(config.guest_port, 22);
         assert_eq!(config.direct_boot, None);
         assert!(!config.restrict_network);
+        assert_eq!(config.endpoint, EndpointKind::Tcp);
+    }
+
+    #[test]
+    fn unknown_endpoint_is_rejected_naming_the_key() {
+        let err = parse("base_image = \"/b\"\nendpoint = \"vsock\"").expect_err("vsock");
+
+        assert_eq!(
+            err.to_string(),
+            "`endpoint` must be \"tcp\" or \"unix\", not \"vsock\""
+        );
     }
 
     #[test]
@@ -194,7 +220,8 @@ mod tests {
         let config = parse(
             "qemu = \"/opt/qemu/bin/qemu-system-x86_64\"\naccel = \"tcg\"\nbase_image = \"/b\"\n\
              images_dir = \"/i\"\nvcpus = 1\nmemory_mib = 512\nkernel = \"/k\"\ninitrd = \"/r\"\n\
-             cmdline = \"root=/dev/vda\"\nguest_port = 2222\nrestrict_network = true",
+             cmdline = \"root=/dev/vda\"\nguest_port = 2222\nrestrict_network = true\n\
+             endpoint = \"unix\"",
         )
         .expect("valid");
 
@@ -214,6 +241,7 @@ mod tests {
                 }),
                 guest_port: 2222,
                 restrict_network: true,
+                endpoint: EndpointKind::Unix,
             }
         );
     }

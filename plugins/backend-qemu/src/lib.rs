@@ -15,6 +15,7 @@
 //! | `<vm>.console.log` | the serial console (0600) |
 //! | `<vm>.pid` | QEMU's pid file |
 //! | `<vm>.qmp` | QEMU's QMP socket |
+//! | `<vm>.ssh.sock` | the guest's SSH on a virtio-serial port, only with `endpoint = "unix"` |
 
 pub mod argv;
 pub mod config;
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use hyperjob_image_tools::{console, overlay, seed};
 use hyperjob_plugin::{
-    Backend, Endpoint, OwnedVm, PluginContext, PluginError, Progress, VmRequest,
+    Backend, Endpoint, EndpointKind, OwnedVm, PluginContext, PluginError, Progress, VmRequest,
 };
 
 pub use argv::VmPaths;
@@ -89,13 +90,19 @@ impl QemuBackend {
                 }
             }
         }
-        let socket_len = paths.qmp_socket.as_os_str().len();
-        if socket_len > MAX_SOCKET_PATH {
-            return Err(PluginError::Config(format!(
-                "`images_dir` is too long: the QMP socket {} would be {socket_len} bytes, unix \
-                 sockets allow {MAX_SOCKET_PATH}",
-                paths.qmp_socket.display()
-            )));
+        let mut sockets = vec![("QMP socket", &paths.qmp_socket)];
+        if self.config.endpoint == EndpointKind::Unix {
+            sockets.push(("SSH socket", &paths.ssh_socket));
+        }
+        for (what, socket) in sockets {
+            let socket_len = socket.as_os_str().len();
+            if socket_len > MAX_SOCKET_PATH {
+                return Err(PluginError::Config(format!(
+                    "`images_dir` is too long: the {what} {} would be {socket_len} bytes, unix \
+                     sockets allow {MAX_SOCKET_PATH}",
+                    socket.display()
+                )));
+            }
         }
         Ok(())
     }
@@ -235,9 +242,13 @@ impl QemuBackend {
                 if request.keys.is_some() {
                     progress.say("cloud-init seed with the job's SSH keys created");
                 }
+                let ssh = match self.config.endpoint {
+                    EndpointKind::Unix => format!("unix:{}", paths.ssh_socket.display()),
+                    _ => format!("127.0.0.1:{host_port}"),
+                };
                 progress.say(&format!(
                     "Overlay {} on {} created; starting QEMU ({}, {} vCPU, {} MiB, SSH on \
-                     127.0.0.1:{host_port})...",
+                     {ssh})...",
                     paths.overlay.display(),
                     self.config.base_image.display(),
                     self.config.accel.as_str(),
@@ -387,6 +398,10 @@ impl Backend for QemuBackend {
         Ok(())
     }
 
+    fn endpoint_kinds(&self) -> Vec<EndpointKind> {
+        vec![self.config.endpoint]
+    }
+
     fn wait_address(
         &self,
         vm_name: &str,
@@ -417,9 +432,13 @@ impl Backend for QemuBackend {
                 "QEMU of VM {vm_name} is not running (it exited while booting){last}"
             )));
         }
-        // User-mode networking: the guest is reached through the forwarded loopback port;
-        // there is no address to wait for.
-        Ok(Endpoint::new("127.0.0.1", Some(record.host_port)))
+        Ok(match self.config.endpoint {
+            // The virtio-serial port's socket: QEMU made it before it daemonized.
+            EndpointKind::Unix => Endpoint::unix(&paths.ssh_socket),
+            // User-mode networking: the guest is reached through the forwarded loopback port;
+            // there is no address to wait for.
+            _ => Endpoint::new("127.0.0.1", Some(record.host_port)),
+        })
     }
 
     fn destroy(&self, vm_name: &str) -> Result<(), PluginError> {

@@ -14,6 +14,10 @@ use crate::plugin::{
 pub(super) struct ExecBackend(pub(super) Shared);
 
 impl Backend for ExecBackend {
+    fn endpoint_kinds(&self) -> Vec<crate::EndpointKind> {
+        self.0.hello.endpoint_kinds.clone()
+    }
+
     fn create(
         &self,
         request: &VmRequest,

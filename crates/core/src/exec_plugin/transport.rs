@@ -22,6 +22,10 @@ fn endpoint_json(endpoint: &Endpoint) -> Value {
 }
 
 impl Transport for ExecTransport {
+    fn endpoint_kinds(&self) -> Vec<crate::EndpointKind> {
+        self.0.hello.endpoint_kinds.clone()
+    }
+
     fn ready_timeout(&self) -> Duration {
         self.0
             .call("ready_timeout", json!({}))

@@ -173,6 +173,28 @@ impl Drop for OwnSocket {
     }
 }
 
+/// The place of a connection that was lost, while the next is made.
+struct Lost;
+
+impl Connection for Lost {
+    fn run_script(
+        &mut self,
+        _: &ScriptRequest<'_>,
+        _: &mut dyn Write,
+        _: &mut dyn Write,
+    ) -> Result<crate::plugin::RemoteExit, PluginError> {
+        Err(PluginError::NotStarted(
+            "the relay's connection to the guest was lost".into(),
+        ))
+    }
+
+    fn idle(&mut self) -> Result<(), PluginError> {
+        Err(PluginError::NotStarted(
+            "the relay's connection to the guest was lost".into(),
+        ))
+    }
+}
+
 /// What a client's watcher hands the relay.
 enum Incoming {
     Script(&'static str, Vec<u8>),
@@ -228,6 +250,9 @@ impl Relay {
             return Ok(());
         };
         tracing::debug!("the relay's connection is lost ({err}); connecting again");
+        // The lost one goes first: behind a socket that serves one session at a time (a
+        // virtio-serial port's) the new one would wait for it to close.
+        self.connection = Box::new(Lost);
         self.connection = connect(self.transport.as_ref(), &self.endpoint, stop)
             .context("the connection to the guest was lost")?;
         Ok(())

@@ -23,7 +23,6 @@ pub const BOUNDARY: &[(&str, &[&str])] = &[
         "plugin.rs",
         &[
             "PluginError",
-            "Endpoint",
             "VmRequest",
             "OwnedVm",
             "VmPresence",
@@ -37,6 +36,7 @@ pub const BOUNDARY: &[(&str, &[&str])] = &[
             "Connection",
         ],
     ),
+    ("endpoint.rs", &["EndpointKind", "Address", "Endpoint"]),
     ("context.rs", &["PluginContext", "GuestKeyMode"]),
     ("keys.rs", &["GuestKeys", "KeyPair", "Secret"]),
     (

@@ -74,6 +74,13 @@ impl Contained for Vec<crate::plugin::Check> {
     }
 }
 
+/// Endpoint kinds are plain `Copy` values.
+impl Contained for Vec<crate::plugin::EndpointKind> {
+    fn contained(self) -> Self {
+        self
+    }
+}
+
 /// An error's source chain as text: what a plugin-made source becomes before it leaves the
 /// plugin. Its `Display` and `Drop` are plain string handling.
 #[derive(Debug)]

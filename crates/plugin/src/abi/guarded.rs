@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::contain::guard;
 use crate::plugin::{
-    Backend, Check, Connection, Endpoint, OwnedVm, PluginError, Progress, RemoteExit,
+    Backend, Check, Connection, Endpoint, EndpointKind, OwnedVm, PluginError, Progress, RemoteExit,
     ScriptRequest, Transport, Upload, VmPresence, VmRequest,
 };
 
@@ -36,6 +36,11 @@ impl Backend for GuardedBackend {
         guard("waiting for the address", || {
             self.0.wait_address(vm_name, deadline, cancel)
         })?
+    }
+
+    fn endpoint_kinds(&self) -> Vec<EndpointKind> {
+        // A backend that cannot say declares nothing: `config` then refuses the pair.
+        guard("reporting its endpoint kinds", || self.0.endpoint_kinds()).unwrap_or_default()
     }
 
     fn destroy(&self, vm_name: &str) -> Result<(), PluginError> {
@@ -94,6 +99,10 @@ impl Transport for GuardedTransport {
     fn doctor(&self) -> Vec<Check> {
         guard("checking its setup", || self.0.doctor())
             .unwrap_or_else(|err| vec![Check::fail("the transport's own checks", err.to_string())])
+    }
+
+    fn endpoint_kinds(&self) -> Vec<EndpointKind> {
+        guard("reporting its endpoint kinds", || self.0.endpoint_kinds()).unwrap_or_default()
     }
 
     fn wait_ready(

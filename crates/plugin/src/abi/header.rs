@@ -28,8 +28,10 @@ pub const HEADER_VERSION: u32 = 2;
 /// `Transport::can_connect`, `Transport::connect`, `Connection`, `PluginError::NotStarted`. 8:
 /// the contract moved from hyperjob-core to hyperjob-plugin (`PluginRegistrar::into_parts`). 9:
 /// `Transport::access_command`. 10: `Transport::upload`, `Upload`. 11: `Backend::create` gets a
-/// deadline and a cancel flag; `PluginContext::pool`.
-pub const CORE_API_VERSION: u32 = 11;
+/// deadline and a cancel flag; `PluginContext::pool`. 12: endpoints beyond TCP
+/// (`Endpoint::address`, `Address`, `EndpointKind`; `Backend::endpoint_kinds`,
+/// `Transport::endpoint_kinds`).
+pub const CORE_API_VERSION: u32 = 12;
 /// The rustc that built this hyperjob-plugin (`rustc --version`).
 pub const RUSTC_VERSION: &str = env!("HYPERJOB_RUSTC_VERSION");
 /// The commit of that rustc (`rustc -vV`, `commit-hash`), or `unknown`.
