@@ -178,6 +178,7 @@ fn a_runner_binary_for_another_machine_is_not_copied_and_the_job_goes_on() {
     header[18..20].copy_from_slice(&183u16.to_le_bytes());
     let foreign = ws.dir.join("gitlab-runner-arm64");
     std::fs::write(&foreign, &header).expect("write the foreign binary");
+    let _remove = RemovedOnDrop(foreign.clone());
     // The fast guest (dropbear): the check happens before anything is copied.
     ws.write_config(&support::with_runner_binary(&ws.default_config(), &foreign));
     let id = unique_job_id();
@@ -262,6 +263,7 @@ fn figure_copy_of_an_80_mb_runner_into_the_stock_guest() {
     padded.resize(80_000_000, 0);
     let big = ws.dir.join("gitlab-runner-80mb");
     std::fs::write(&big, &padded).expect("write");
+    let _remove = RemovedOnDrop(big.clone());
     std::fs::set_permissions(&big, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
     for (name, config) in [("stock", ws.stock_config()), ("fast", ws.default_config())] {
@@ -278,5 +280,15 @@ fn figure_copy_of_an_80_mb_runner_into_the_stock_guest() {
             println!("80 MB runner, {name} guest: {line}");
         }
         ws.assert_nothing_left(&vm_name(id));
+    }
+}
+
+/// A file the test wrote into its workspace, removed however the test ends (before the
+/// workspace itself, which only removes empty directories).
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
