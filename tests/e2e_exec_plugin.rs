@@ -254,26 +254,7 @@ fn a_job_runs_with_a_served_rust_backend_and_the_python_transport() {
 fn per_job_keys_pass_through_a_served_backend_and_the_python_transport() {
     let env = TestEnv::load();
     let ws = env.workspace("served-per-job");
-    let base = ws
-        .qemu_config(&qemu_plugin_library())
-        .replacen(
-            "transport = \"ssh\"\n",
-            "transport = \"ssh\"\nguest_keys = \"per-job\"\n",
-            1,
-        )
-        .replace(
-            &format!("base_image = \"{}\"", env.base_image.display()),
-            &format!("base_image = \"{}\"", env.cloudinit_image.display()),
-        )
-        .replace(
-            &format!("cmdline = \"{}\"", env.cmdline),
-            &format!("cmdline = \"{}\"", env.cloudinit_cmdline),
-        );
-    let base: String = base
-        .lines()
-        .filter(|line| !line.starts_with("identity_file") && !line.starts_with("known_hosts"))
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let base = ws.qemu_per_job_keys_config(&qemu_plugin_library());
     ws.write_config(&served_config(&base, &served_backend(&env.hyperjob)));
     let id = unique_job_id();
     let job = job_without_sources(

@@ -28,31 +28,6 @@ fn workspace(env: &TestEnv, name: &str) -> Workspace {
     ws
 }
 
-/// The qemu config for the cloud-init image with `guest_keys = "per-job"`: no client key and
-/// no known_hosts, the seed brings the job's own.
-fn per_job_keys_config(env: &TestEnv, ws: &Workspace) -> String {
-    let config = ws
-        .qemu_config(&qemu_plugin_library())
-        .replacen(
-            "transport = \"ssh\"\n",
-            "transport = \"ssh\"\nguest_keys = \"per-job\"\n",
-            1,
-        )
-        .replace(
-            &format!("base_image = \"{}\"", env.base_image.display()),
-            &format!("base_image = \"{}\"", env.cloudinit_image.display()),
-        )
-        .replace(
-            &format!("cmdline = \"{}\"", env.cmdline),
-            &format!("cmdline = \"{}\"", env.cloudinit_cmdline),
-        );
-    config
-        .lines()
-        .filter(|line| !line.starts_with("identity_file") && !line.starts_with("known_hosts"))
-        .map(|line| format!("{line}\n"))
-        .collect()
-}
-
 fn driver(env: &TestEnv, ws: &Workspace) -> Driver {
     Driver::single_binary(&env.hyperjob)
         .with_env("HYPERJOB_CONFIG", ws.config_path.to_str().expect("utf-8"))
@@ -214,7 +189,7 @@ fn failing_script_is_a_build_failure_carrying_its_exit_code() {
 fn per_job_keys_reach_a_cloud_init_guest_through_the_seed_disk() {
     let env = TestEnv::load();
     let ws = workspace(&env, "qemu-per-job-keys");
-    let config = per_job_keys_config(&env, &ws);
+    let config = ws.qemu_per_job_keys_config(&qemu_plugin_library());
     assert!(
         config.contains("guest_keys = \"per-job\"")
             && config.contains(&env.cloudinit_image.display().to_string())

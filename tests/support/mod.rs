@@ -238,6 +238,30 @@ connect_timeout_secs = 2
         )
     }
 
+    /// [`Workspace::qemu_config`] with `guest_keys = "per-job"` on the cloud-init image: no
+    /// client key, no known_hosts.
+    pub fn qemu_per_job_keys_config(&self, plugin: &Path) -> String {
+        let env = &self.env;
+        self.qemu_config(plugin)
+            .replacen(
+                "transport = \"ssh\"\n",
+                "transport = \"ssh\"\nguest_keys = \"per-job\"\n",
+                1,
+            )
+            .replace(
+                &format!("base_image = \"{}\"", env.base_image.display()),
+                &format!("base_image = \"{}\"", env.cloudinit_image.display()),
+            )
+            .replace(
+                &format!("cmdline = \"{}\"", env.cmdline),
+                &format!("cmdline = \"{}\"", env.cloudinit_cmdline),
+            )
+            .lines()
+            .filter(|line| !line.starts_with("identity_file") && !line.starts_with("known_hosts"))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    }
+
     /// The default config, booting the image's own bootloader instead of a kernel file.
     pub fn bootloader_config(&self) -> String {
         let env = &self.env;
